@@ -1,0 +1,246 @@
+"""2:4 GEMM benchmark: cuBLAS vs PyTorch's semi-structured sparsity vs sparseflow, in one run.
+
+y = x @ W^T for square problems (M=N=K) and Llama-3-8B layers x M, fp16 and bf16. Each figure is
+the median over samples; a sample is one pass over a rotation of weight/input sets whose total
+size exceeds the L2 cache (so weights come from HBM, as in a real model). Writes
+``benchmarks/results/linear_<gpu>.json`` and a PNG of speedup over cuBLAS vs M per layer.
+
+    python benchmarks/bench_dense_vs_sparse.py            # full grid (~5 min on an H100/H200)
+    python benchmarks/bench_dense_vs_sparse.py --quick    # a few rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sparseflow as sf
+from sparseflow.nn import SparseLinear
+
+LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+MS = [1, 16, 64, 256, 1024, 4096, 16384]
+SQUARE = [2048, 4096, 8192, 16384]
+ROTATE_BYTES = 256 << 20  # several times the 50-60 MB L2
+
+
+def median_ms(fns, samples: int) -> float:
+    """Median over samples of (time of one pass over fns) / len(fns); CUDA events."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for f in fns:
+            f()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    return statistics.median(times)
+
+
+def torch_semi_structured(w: torch.Tensor):
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(w)
+
+
+def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
+    dense_bytes = n * k * 2 + m * k * 2
+    sets = max(2, min(32, math.ceil(ROTATE_BYTES / dense_bytes)))
+    ws = [sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype)) for _ in range(sets)]
+    xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(sets)]
+    row = {"name": name, "M": m, "N": n, "K": k, "dtype": str(dtype).replace("torch.", ""), "sets": sets}
+
+    row["cublas_ms"] = median_ms([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], samples)
+
+    comp = [sf.compress_2_4(w) for w in ws]
+    layers = [SparseLinear.from_compressed(c, None) for c in comp]
+    row["sparseflow_ms"] = median_ms([lambda sl=sl, x=x: sl(x) for sl, x in zip(layers, xs)], samples)
+    row["sparse_kernel_ms"] = median_ms(
+        [lambda c=c, x=x: sf.sparse_mm(x, c, backend="sparse") for c, x in zip(comp, xs)], samples
+    )
+    d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
+    row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
+    del layers, comp
+
+    row["torch_ms"], row["torch_error"] = None, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tw = [torch_semi_structured(w) for w in ws[: min(sets, 4)]]
+            t0 = time.perf_counter()
+            F.linear(xs[0], tw[0])
+            torch.cuda.synchronize()
+            first = (time.perf_counter() - t0) * 1e3
+            s = (
+                samples
+                if first * samples * len(tw) < torch_budget_ms
+                else max(1, int(torch_budget_ms / first / len(tw)))
+            )
+            row["torch_ms"] = median_ms([lambda w=w, x=x: F.linear(x, w) for w, x in zip(tw, xs)], s)
+    except Exception as exc:  # noqa: BLE001 -- report any PyTorch failure as such
+        row["torch_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    del ws, xs
+    torch.cuda.empty_cache()
+    return row
+
+
+def host_overhead_us() -> dict:
+    """Host time per call where the GPU is not the bottleneck (tiny layer, no sync per call)."""
+    x = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    w = sf.prune_2_4(torch.randn(256, 256, device="cuda", dtype=torch.float16))
+    sl = SparseLinear.from_compressed(sf.compress_2_4(w), None, backend="sparse")
+    out = {}
+    for label, f in (("F.linear", lambda: F.linear(x, w)), ("SparseLinear", lambda: sl(x))):
+        for _ in range(200):
+            f()
+        torch.cuda.synchronize()
+        n = 5000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        out[label] = (t1 - t0) / n * 1e6
+    out["overhead_vs_F.linear"] = out["SparseLinear"] - out["F.linear"]
+    return out
+
+
+def plot(rows, path: Path, gpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(LLAMA3_8B) + ["square"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
+    for ax, name in zip(axes, names):
+        for dtype, ls in (("float16", "-"), ("bfloat16", "--")):
+            sel = [
+                r
+                for r in rows
+                if (r["name"] == name or (name == "square" and r["name"].startswith("square"))) and r["dtype"] == dtype
+            ]
+            ms = [r["M"] for r in sel]
+            for key, color, label in (
+                ("sparse_kernel_ms", "C0", "2:4 kernel"),
+                ("sparseflow_ms", "C2", "SparseLinear"),
+                ("torch_ms", "C3", "torch semi-structured"),
+            ):
+                ys = [r["cublas_ms"] / r[key] if r.get(key) else float("nan") for r in sel]
+                ax.plot(ms, ys, ls, color=color, marker="o", ms=3, label=f"{label} {dtype[:4]}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(2.0, color="gray", lw=0.5, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_title(name if name != "square" else "square M=N=K")
+        ax.set_xlabel("M (tokens)")
+    axes[0].set_ylabel("speedup over cuBLAS")
+    axes[-1].legend(fontsize=6)
+    fig.suptitle(f"y = x W^T, 2:4 sparse W, {gpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few rows only")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_dense_vs_sparse: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if not sf.extension_available():
+        print("bench_dense_vs_sparse: the sparseflow CUDA extension is not built", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name()
+    found = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", gpu)
+    tag = (found.group(1) if found else re.sub(r"\W+", "_", gpu)).lower()
+    grid = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for s in SQUARE if not args.quick else [4096]:
+            grid.append((f"square{s}", s, s, s, dtype))
+        for name, (n, k) in LLAMA3_8B.items():
+            for m in MS if not args.quick else [1, 16, 4096]:
+                grid.append((name, m, n, k, dtype))
+    rows = []
+    hdr = f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>9} {'torch':>9} {'2:4 kern':>9} {'SparseLin':>9} | {'kern x':>6} {'SL x':>6} {'torch x':>7} choice"
+    print(hdr)
+    print("-" * len(hdr))
+    t_start = time.time()
+    for name, m, n, k, dtype in grid:
+        r = bench_row(name, m, n, k, dtype, args.samples)
+        rows.append(r)
+        tx = f"{r['cublas_ms'] / r['torch_ms']:7.2f}" if r["torch_ms"] else "   fail"
+        tm = f"{r['torch_ms']:9.4f}" if r["torch_ms"] else "     fail"
+        print(
+            f"{name:>11} {r['dtype']:>8} {m:6d} {n:6d} {k:6d} | {r['cublas_ms']:9.4f} {tm} {r['sparse_kernel_ms']:9.4f} "
+            f"{r['sparseflow_ms']:9.4f} | {r['cublas_ms'] / r['sparse_kernel_ms']:6.2f} {r['cublas_ms'] / r['sparseflow_ms']:6.2f} "
+            f"{tx} {r['choice']}",
+            flush=True,
+        )
+    host = host_overhead_us()
+    llama = [r for r in rows if not r["name"].startswith("square")]
+    summary = {
+        "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
+        "kernel_geomean_llama_m_ge_256": geomean(
+            [r["cublas_ms"] / r["sparse_kernel_ms"] for r in llama if r["M"] >= 256]
+        ),
+        "kernel_min_gate_up_down_m_le_16": min(
+            (
+                r["cublas_ms"] / r["sparse_kernel_ms"]
+                for r in llama
+                if r["name"] in ("gate_up", "down") and r["M"] <= 16
+            ),
+            default=float("nan"),
+        ),
+        "sparselinear_geomean_all": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows]),
+        "torch_failures": sum(1 for r in rows if r["torch_error"]),
+        "host_us_per_call": host,
+        "seconds": time.time() - t_start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "device": gpu,
+        "torch": torch.__version__,
+        "cusparselt": sf._ext._C.cslt_version(),
+        "rows": rows,
+        "summary": summary,
+    }
+    (args.out / f"linear_{tag}.json").write_text(json.dumps(data, indent=1))
+    try:
+        plot(rows, args.out / f"linear_{tag}.png", gpu)
+    except ImportError:
+        print("(matplotlib missing: no plot)")
+    errs = sorted({r["torch_error"] for r in rows if r["torch_error"]})
+    for e in errs:
+        print("torch semi-structured failure:", e)
+    print(
+        f"SUMMARY device={gpu} rows={len(rows)} "
+        f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x | "
+        f"2:4 kernel geomean (Llama, M>=256)={summary['kernel_geomean_llama_m_ge_256']:.2f}x | "
+        f"gate_up/down M<=16 min={summary['kernel_min_gate_up_down_m_le_16']:.2f}x | "
+        f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+// y = x @ W^T with W 2:4-sparse, through cuSPARSELt, planned once and reused.
+//
+// Layout: cuSPARSELt computes D = op(A) op(B) with A the structured (sparse) matrix. We take
+// A = W (N x K, row-major), B = x viewed as a K x M column-major matrix (x is M x K row-major,
+// so no copy), and D = N x M column-major, which is exactly y (M x N) row-major.
+//
+// Plans are cached per (device, dtype, N, K, M, algorithm config); creating them per call is what
+// makes PyTorch's _cslt_sparse_mm slow. M is padded to a multiple of 16 (cuSPARSELt's alignment
+// for 16-bit operands), so M=1 works.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cusparseLt.h>
+
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+namespace sparseflow {
+
+#define SF_CSLT_CHECK(expr)                                                                   \
+  do {                                                                                        \
+    cusparseStatus_t _st = (expr);                                                            \
+    TORCH_CHECK(_st == CUSPARSE_STATUS_SUCCESS, "sparseflow: cuSPARSELt call ", #expr,        \
+                " failed: ", cusparseLtGetErrorString(_st), " (", cusparseLtGetErrorName(_st), \
+                ")");                                                                         \
+  } while (0)
+
+constexpr int64_t kMAlign = 16;
+
+static cusparseLtHandle_t* handle_for(int device) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<cusparseLtHandle_t>> handles;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = handles.find(device);
+  if (it != handles.end()) return it->second.get();
+  auto h = std::make_unique<cusparseLtHandle_t>();
+  SF_CSLT_CHECK(cusparseLtInit(h.get()));
+  return handles.emplace(device, std::move(h)).first->second.get();
+}
+
+static cudaDataType cuda_type(const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return CUDA_R_16F;
+  if (t.scalar_type() == at::kBFloat16) return CUDA_R_16BF;
+  TORCH_CHECK(false, "sparseflow: cuSPARSELt path takes float16 or bfloat16, got ", t.scalar_type());
+}
+
+static void check_weight_shape(int64_t n, int64_t k) {
+  TORCH_CHECK(n % 32 == 0 && k % 32 == 0, "sparseflow: cuSPARSELt needs out_features and in_features to be ",
+              "multiples of 32, got N=", n, " K=", k);
+}
+
+// Algorithm configuration: config id (-1: library default), split-k, split-k mode, split-k buffers.
+using AlgConfig = std::array<int, 4>;
+
+struct Plan {
+  cusparseLtMatDescriptor_t a, b, d;
+  cusparseLtMatmulDescriptor_t mm;
+  cusparseLtMatmulAlgSelection_t sel;
+  cusparseLtMatmulPlan_t plan;
+  size_t workspace = 0;
+  const cusparseLtHandle_t* h = nullptr;
+  ~Plan() {
+    cusparseLtMatmulPlanDestroy(&plan);
+    cusparseLtMatmulAlgSelectionDestroy(&sel);
+    cusparseLtMatDescriptorDestroy(&a);
+    cusparseLtMatDescriptorDestroy(&b);
+    cusparseLtMatDescriptorDestroy(&d);
+  }
+};
+
+static void init_sparse_desc(const cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* a, int64_t n, int64_t k,
+                             cudaDataType t) {
+  SF_CSLT_CHECK(cusparseLtStructuredDescriptorInit(h, a, n, k, k, 16, t, CUSPARSE_ORDER_ROW,
+                                                   CUSPARSELT_SPARSITY_50_PERCENT));
+}
+
+static void set_alg(const cusparseLtHandle_t* h, cusparseLtMatmulAlgSelection_t* sel, const AlgConfig& c) {
+  if (c[0] < 0) return;
+  SF_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &c[0], sizeof(int)));
+  if (c[1] > 1) {
+    SF_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, sel, CUSPARSELT_MATMUL_SPLIT_K, &c[1], sizeof(int)));
+    cusparseLtSplitKMode_t mode = static_cast<cusparseLtSplitKMode_t>(c[2]);
+    SF_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode, sizeof(mode)));
+    if (c[3] > 0)
+      SF_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, sel, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS, &c[3], sizeof(int)));
+  }
+}
+
+static std::unique_ptr<Plan> make_plan(int device, cudaDataType t, int64_t n, int64_t k, int64_t m,
+                                       const AlgConfig& cfg) {
+  auto p = std::make_unique<Plan>();
+  p->h = handle_for(device);
+  init_sparse_desc(p->h, &p->a, n, k, t);
+  SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->b, k, m, k, 16, t, CUSPARSE_ORDER_COL));
+  SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->d, n, m, n, 16, t, CUSPARSE_ORDER_COL));
+  SF_CSLT_CHECK(cusparseLtMatmulDescriptorInit(p->h, &p->mm, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                               CUSPARSE_OPERATION_NON_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
+                                               CUSPARSE_COMPUTE_32F));
+  SF_CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(p->h, &p->sel, &p->mm, CUSPARSELT_MATMUL_ALG_DEFAULT));
+  set_alg(p->h, &p->sel, cfg);
+  SF_CSLT_CHECK(cusparseLtMatmulPlanInit(p->h, &p->plan, &p->mm, &p->sel));
+  SF_CSLT_CHECK(cusparseLtMatmulGetWorkspace(p->h, &p->plan, &p->workspace));
+  return p;
+}
+
+using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, AlgConfig>;
+static std::mutex g_plan_mu;
+static std::map<PlanKey, std::shared_ptr<Plan>> g_plans;
+static int64_t g_plans_created = 0;
+constexpr size_t kMaxPlans = 4096;
+
+static std::shared_ptr<Plan> get_plan(int device, cudaDataType t, int64_t n, int64_t k, int64_t m,
+                                      const AlgConfig& cfg) {
+  PlanKey key{device, static_cast<int>(t), n, k, m, cfg};
+  std::lock_guard<std::mutex> lock(g_plan_mu);
+  auto it = g_plans.find(key);
+  if (it != g_plans.end()) return it->second;
+  if (g_plans.size() >= kMaxPlans) g_plans.clear();  // plans in flight stay alive via shared_ptr
+  std::shared_ptr<Plan> p = make_plan(device, t, n, k, m, cfg);
+  ++g_plans_created;
+  g_plans.emplace(key, p);
+  return p;
+}
+
+static void check_inputs(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(x.is_cuda() && packed.is_cuda(), "sparseflow: cuSPARSELt path needs CUDA tensors");
+  TORCH_CHECK(x.device() == packed.device(), "sparseflow: x on ", x.device(), " but weight on ", packed.device());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sparseflow: x must be a contiguous 2-D tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1, "sparseflow: bad cuSPARSELt weight buffer");
+  check_weight_shape(n, x.size(1));
+  cuda_type(x);
+}
+
+// dense: N x K (already 2:4) -> cuSPARSELt's compressed buffer (uint8), independent of M.
+at::Tensor cslt_compress(const at::Tensor& dense) {
+  TORCH_CHECK(dense.is_cuda() && dense.dim() == 2 && dense.is_contiguous(),
+              "sparseflow: cslt_compress needs a contiguous 2-D CUDA tensor");
+  c10::cuda::CUDAGuard guard(dense.device());
+  const int64_t n = dense.size(0), k = dense.size(1);
+  check_weight_shape(n, k);
+  auto h = handle_for(dense.get_device());
+  cusparseLtMatDescriptor_t a;
+  init_sparse_desc(h, &a, n, k, cuda_type(dense));
+  size_t size = 0, buf_size = 0;
+  SF_CSLT_CHECK(cusparseLtSpMMACompressedSize2(h, &a, &size, &buf_size));
+  auto out = at::empty({static_cast<int64_t>(size)}, dense.options().dtype(at::kByte));
+  auto buf = at::empty({static_cast<int64_t>(std::max<size_t>(buf_size, 1))}, dense.options().dtype(at::kByte));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  SF_CSLT_CHECK(cusparseLtSpMMACompress2(h, &a, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, dense.data_ptr(),
+                                         out.data_ptr(), buf.data_ptr(), stream.stream()));
+  cusparseLtMatDescriptorDestroy(&a);
+  return out;
+}
+
+static at::Tensor pad_rows(const at::Tensor& x, int64_t m_pad) {
+  if (x.size(0) == m_pad) return x;
+  auto xp = at::zeros({m_pad, x.size(1)}, x.options());
+  xp.narrow(0, 0, x.size(0)).copy_(x);
+  return xp;
+}
+
+static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const at::Tensor& xp, at::Tensor& y,
+                bool search) {
+  auto ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, xp.options().dtype(at::kByte));
+  float alpha = 1.f, beta = 0.f;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  if (search) {
+    SF_CSLT_CHECK(cusparseLtMatmulSearch(p->h, &p->plan, &alpha, packed.data_ptr(), xp.data_ptr(), &beta,
+                                         y.data_ptr(), y.data_ptr(), ws.data_ptr(), &stream, 1));
+  } else {
+    SF_CSLT_CHECK(cusparseLtMatmul(p->h, &p->plan, &alpha, packed.data_ptr(), xp.data_ptr(), &beta, y.data_ptr(),
+                                   y.data_ptr(), ws.data_ptr(), &stream, 1));
+  }
+}
+
+// y (M x N) = x (M x K) @ W^T with W given as cuSPARSELt's compressed buffer.
+at::Tensor cslt_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n, std::vector<int64_t> cfg_in) {
+  check_inputs(x, packed, n);
+  TORCH_CHECK(cfg_in.size() == 4, "sparseflow: algorithm config must have 4 entries");
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t m_pad = (m + kMAlign - 1) / kMAlign * kMAlign;
+  AlgConfig cfg{(int)cfg_in[0], (int)cfg_in[1], (int)cfg_in[2], (int)cfg_in[3]};
+  auto p = get_plan(x.get_device(), cuda_type(x), n, k, m_pad, cfg);
+  auto xp = pad_rows(x, m_pad);
+  auto y = at::empty({m_pad, n}, x.options());
+  run(p, packed, xp, y, false);
+  return m_pad == m ? y : y.narrow(0, 0, m);
+}
+
+// Runs cusparseLtMatmulSearch for this shape and returns the winning config
+// [config id, split-k, split-k mode, split-k buffers, workspace bytes].
+std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  check_inputs(x, packed, n);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t m_pad = (m + kMAlign - 1) / kMAlign * kMAlign;
+  // A private plan: search mutates it, and cached plans must stay as they were built.
+  std::shared_ptr<Plan> p = make_plan(x.get_device(), cuda_type(x), n, k, m_pad, AlgConfig{-1, 1, 0, 0});
+  auto xp = pad_rows(x, m_pad);
+  auto y = at::empty({m_pad, n}, x.options());
+  run(p, packed, xp, y, true);
+  int alg = 0, split_k = 1, buffers = 0;
+  cusparseLtSplitKMode_t mode = CUSPARSELT_INVALID_MODE;
+  SF_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(p->h, &p->sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(int)));
+  SF_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(p->h, &p->sel, CUSPARSELT_MATMUL_SPLIT_K, &split_k, sizeof(int)));
+  SF_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(p->h, &p->sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode, sizeof(mode)));
+  SF_CSLT_CHECK(
+      cusparseLtMatmulAlgGetAttribute(p->h, &p->sel, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS, &buffers, sizeof(int)));
+  size_t ws = 0;
+  SF_CSLT_CHECK(cusparseLtMatmulGetWorkspace(p->h, &p->plan, &ws));
+  return {alg, split_k, static_cast<int64_t>(mode), buffers, static_cast<int64_t>(ws)};
+}
+
+int64_t cslt_version() {
+  int major = 0, minor = 0, patch = 0;
+  cusparseLtGetProperty(MAJOR_VERSION, &major);
+  cusparseLtGetProperty(MINOR_VERSION, &minor);
+  cusparseLtGetProperty(PATCH_LEVEL, &patch);
+  return major * 1000 + minor * 100 + patch;
+}
+
+std::vector<int64_t> plan_cache_stats() {
+  std::lock_guard<std::mutex> lock(g_plan_mu);
+  return {static_cast<int64_t>(g_plans.size()), g_plans_created};
+}
+
+}  // namespace sparseflow

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run all tests (GPU ones included), run the benchmark.
+# Logs and results go to $OUT (or ./gpu_check_out); a short summary is printed last.
+#   scripts/gpu_check.sh            # build + tests + full benchmark
+#   BENCH=quick scripts/gpu_check.sh
+#   BENCH=none  scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 SPARSEFLOW_CACHE_DIR="$OUT/cache"
+PY=${PYTHON:-python3}
+summary=()
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
+if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
+$PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
+
+t0=$(date +%s)
+$PY -m pytest -q -x -p no:cacheprovider tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
+summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
+
+if [ "${BENCH:-full}" != "none" ]; then
+  args=(); [ "${BENCH:-full}" = quick ] && args+=(--quick)
+  $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
+  summary+=("$(grep '^SUMMARY' "$OUT/bench.log")")
+fi
+echo "================ gpu_check summary ================"
+printf '%s\n' "${summary[@]}"

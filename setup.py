@@ -1,0 +1,93 @@
+"""Build: the CUDA extension where CUDA torch + nvcc + cuSPARSELt are present, else pure Python.
+
+Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
+you run (an isolated build env would fetch a different torch).
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+
+def _note(msg: str) -> None:
+    print(f"[sparseflow setup] {msg}", file=sys.stderr)
+
+
+def _find_cusparselt():
+    """cuSPARSELt ships with CUDA builds of torch as the nvidia-cusparselt wheel."""
+    roots = [os.environ.get("CUSPARSELT_ROOT", "")] + [os.path.join(p, "nvidia", "cusparselt") for p in sys.path]
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "include", "cusparseLt.h")):
+            libs = sorted(glob.glob(os.path.join(root, "lib", "libcusparseLt.so*")))
+            if libs:
+                return root, libs[0]
+    return None
+
+
+def _find_cuda_home():
+    """The toolkit behind ``nvcc`` (which may be a link or a wrapper script in /usr/local/bin)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(home, "include", "cuda_runtime_api.h")
+        ):
+            return home
+    return None
+
+
+def _extra_cuda_includes(cuda_home):
+    """torch's CUDA headers include cusparse.h/cublas_v2.h; a minimal toolkit may lack them, while
+    the nvidia-* wheels that came with torch carry them."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    for p in sys.path:
+        for sub in ("cu13", "cu12", "cusparse"):
+            inc = os.path.join(p, "nvidia", sub, "include")
+            if os.path.isfile(os.path.join(inc, "cusparse.h")):
+                return [inc]
+    return []
+
+
+def _extensions():
+    if os.environ.get("SPARSEFLOW_NO_EXT") == "1":
+        _note("SPARSEFLOW_NO_EXT=1: pure-Python install")
+        return [], {}
+    if "CUDA_HOME" not in os.environ:
+        home = _find_cuda_home()
+        if home:
+            os.environ["CUDA_HOME"] = home
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        _note("torch not importable at build time: pure-Python install (use --no-build-isolation)")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        _note(f"torch {torch.__version__} has no CUDA or nvcc not found: pure-Python install (CPU path)")
+        return [], {}
+    found = _find_cusparselt()
+    if found is None:
+        _note("cuSPARSELt (nvidia-cusparselt wheel) not found: pure-Python install")
+        return [], {}
+    root, lib = found
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    _note(f"building sparseflow._C for {os.environ['TORCH_CUDA_ARCH_LIST']} with cuSPARSELt at {root}")
+    ext = CUDAExtension(
+        name="sparseflow._C",
+        sources=["csrc/module.cpp", "csrc/cusparselt_gemm.cpp", "csrc/format_kernels.cu"],
+        include_dirs=[os.path.join(root, "include")] + _extra_cuda_includes(CUDA_HOME),
+        library_dirs=[os.path.join(root, "lib")],
+        libraries=[":" + os.path.basename(lib)],
+        extra_link_args=[f"-Wl,-rpath,{os.path.join(root, 'lib')}"],
+        extra_compile_args={"cxx": ["-O3", "-Wno-deprecated-declarations"], "nvcc": ["-O3", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

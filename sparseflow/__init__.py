@@ -1,0 +1,20 @@
+"""SparseFlow: 2:4 structured sparsity for PyTorch and Hugging Face models on NVIDIA GPUs."""
+
+from sparseflow._ext import extension_available
+from sparseflow.dispatch import DISPATCHER
+from sparseflow.format import Sparse24Weight, compress_2_4, decompress_2_4, is_2_4, prune_2_4
+from sparseflow.nn import SparseLinear
+from sparseflow.ops import sparse_mm
+
+__version__ = "0.1.0"
+__all__ = [
+    "DISPATCHER",
+    "Sparse24Weight",
+    "SparseLinear",
+    "compress_2_4",
+    "decompress_2_4",
+    "extension_available",
+    "is_2_4",
+    "prune_2_4",
+    "sparse_mm",
+]

@@ -1,0 +1,40 @@
+"""The compiled extension (``sparseflow._C``), if this install built it, and one-time warnings."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
+    from sparseflow import _C  # type: ignore[attr-defined]
+
+    EXT_ERROR: str | None = None
+except ImportError as exc:  # CPU-only install: the reference path serves every call
+    _C = None
+    EXT_ERROR = str(exc) or "sparseflow._C is not built"
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def extension_available() -> bool:
+    """True when the CUDA extension (cuSPARSELt GEMM, format kernels) was built and imports."""
+    return _C is not None
+
+
+def sparse_unavailable_reason(device: torch.device) -> str | None:
+    """Why the sparse GPU path cannot run on ``device``, or None when it can."""
+    if device.type != "cuda":
+        return f"tensors are on {device}, the 2:4 kernels run on CUDA GPUs"
+    if _C is None:
+        return f"the CUDA extension is not built ({EXT_ERROR}); reinstall with `pip install --no-build-isolation -e .`"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; 2:4 sparse tensor cores need sm_80 or newer"
+    return None

@@ -1,0 +1,135 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is stored 2:4-compressed.
+
+The compressed tensors are buffers (``weight_values``, ``weight_meta``), so they travel through
+``state_dict``/``load_state_dict`` and ``.to(device/dtype)`` like any weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseflow._ext import warn_once
+from sparseflow.dispatch import DISPATCHER
+from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
+from sparseflow.ops import BACKENDS, _cuda_backend, _handle, _validate
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W (out_features x in_features) in the portable 2:4 form.
+
+    ``backend``: "auto" (measured per shape and M-bucket: 2:4 kernel or dense cuBLAS, whichever
+    is faster), "sparse" or "dense". Inference only (no backward).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if in_features % 4:
+            raise ValueError(f"SparseLinear: in_features={in_features} must be a multiple of 4 for 2:4 groups")
+        if backend not in BACKENDS:
+            raise ValueError(f"SparseLinear: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        dtype = dtype or torch.get_default_dtype()
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.register_buffer("weight_values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
+        self.register_buffer(
+            "weight_meta",
+            torch.full((out_features, (in_features + 7) // 8), 0b0100_0100, device=device, dtype=torch.uint8),
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
+        self._w: Sparse24Weight | None = None
+        self._route: tuple | None = None  # (values, meta, x dtype, device) -> (handle, backend code)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, prune: bool = False, backend: str = "auto") -> SparseLinear:
+        """Compress ``linear`` (already 2:4 unless ``prune=True``, which applies ``prune_2_4``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        compressed = compress_2_4(prune_2_4(w) if prune else w)
+        return cls.from_compressed(compressed, None if linear.bias is None else linear.bias.detach(), backend)
+
+    @classmethod
+    def from_compressed(
+        cls, weight: Sparse24Weight, bias: torch.Tensor | None = None, backend: str = "auto"
+    ) -> SparseLinear:
+        n, k = weight.shape
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod.in_features, mod.out_features, mod.backend = k, n, backend
+        mod.register_buffer("weight_values", weight.values)
+        mod.register_buffer("weight_meta", weight.meta)
+        mod.bias = None if bias is None else nn.Parameter(bias.to(weight.values), requires_grad=False)
+        mod._w, mod._route = None, None
+        return mod
+
+    @property
+    def weight_2_4(self) -> Sparse24Weight:
+        """The compressed weight (rebuilt when the buffers were replaced by .to() or loading)."""
+        w = self._w
+        if w is None or w.values is not self.weight_values or w.meta is not self.weight_meta:
+            w = self._w = Sparse24Weight(self.weight_values, self.weight_meta, (self.out_features, self.in_features))
+            self._route = None
+        return w
+
+    def dense_weight(self) -> torch.Tensor:
+        """The decompressed weight (a new tensor)."""
+        return self.weight_2_4.decompress()
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.weight_2_4.nbytes
+
+    @torch.compiler.disable
+    def _prepare(self, x: torch.Tensor) -> tuple[int, int]:
+        w = self.weight_2_4
+        _validate(x, w, self.bias)
+        backend = self.backend
+        if x.device.type == "cuda":
+            backend = _cuda_backend(x, w, backend)
+        else:
+            warn_once(
+                "cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)"
+            )
+        self._route = (self.weight_values, self.weight_meta, x.dtype, x.device, _handle(w), BACKENDS[backend])
+        return self._route[4], self._route[5]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._route
+        if (
+            r is None
+            or r[0] is not self.weight_values
+            or r[1] is not self.weight_meta
+            or r[2] != x.dtype
+            or r[3] != x.device
+            or x.shape[-1] != self.in_features
+        ):
+            handle, code = self._prepare(x)
+        else:
+            handle, code = r[4], r[5]
+        if x.numel() == 0:
+            return x.new_zeros((*x.shape[:-1], self.out_features))
+        return torch.ops.sparseflow.sparse_linear(x, self.weight_values, self.weight_meta, self.bias, handle, code)
+
+    def dispatch_info(self) -> list[dict]:
+        """Measured per-M-bucket decisions for this layer's shape on its device (empty on CPU)."""
+        if self.weight_values.device.type != "cuda":
+            return []
+        return DISPATCHER.table(
+            self.weight_values.device, self.weight_values.dtype, self.out_features, self.in_features
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"2:4, backend={self.backend}"
+        )

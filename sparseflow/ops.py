@@ -1,0 +1,152 @@
+"""``sparse_mm``: ``F.linear`` with a compressed 2:4 weight, registered as a ``torch.library`` op.
+
+The op ``sparseflow::sparse_linear`` is opaque to ``torch.compile`` (a fake implementation gives
+output shapes) and safe under CUDA-graph capture once each shape has been run eagerly. Its CUDA
+implementation looks the weight's device caches (cuSPARSELt buffer, optional dense copy) up by an
+integer handle, so compiled graphs carry no Python objects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
+from sparseflow.dispatch import DISPATCHER, Decision
+from sparseflow.format import Sparse24Weight
+
+__all__ = ["BACKENDS", "sparse_mm"]
+
+BACKENDS = {"auto": 0, "sparse": 1, "dense": 2}
+_SPARSE_DTYPES = (torch.float16, torch.bfloat16)
+
+_lib = torch.library.Library("sparseflow", "DEF")
+_lib.define("sparse_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, int handle, int backend) -> Tensor")
+
+_handles: dict[int, weakref.ref] = {}
+_next_handle = itertools.count(1)
+
+
+def _handle(weight: Sparse24Weight) -> int:
+    h = weight._cache.get("handle")
+    if h is None:
+        h = next(_next_handle)
+        _handles[h] = weakref.ref(weight, lambda _, h=h: _handles.pop(h, None))
+        weight._cache["handle"] = h
+    return h
+
+
+def _lookup(values: torch.Tensor, meta: torch.Tensor, handle: int) -> Sparse24Weight:
+    ref = _handles.get(handle)
+    w = ref() if ref is not None else None
+    if w is not None and w.values.data_ptr() == values.data_ptr() and w.meta.data_ptr() == meta.data_ptr():
+        return w
+    # Not the registered tensors (e.g. a graph replayed with other buffers): correct, but uncached.
+    return Sparse24Weight(values, meta, (values.shape[0], values.shape[1] * 2))
+
+
+def _reference(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Decompress + matmul in float32 (CPU and every fallback that has no dense cache)."""
+    dense = w.decompress()
+    if x.device.type == "cpu":
+        out = F.linear(x.float(), dense.float(), None if bias is None else bias.float())
+        return out.to(x.dtype)
+    return F.linear(x, dense, bias)
+
+
+@torch.library.impl(_lib, "sparse_linear", "CPU")
+def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
+    return _reference(x, _lookup(values, meta, handle), bias)
+
+
+@torch.library.impl(_lib, "sparse_linear", "CUDA")
+def _sparse_linear_cuda(x, values, meta, bias, handle, backend):
+    w = _lookup(values, meta, handle)
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if backend == BACKENDS["dense"]:
+        d = Decision("dense")
+    elif backend == BACKENDS["sparse"]:
+        d = DISPATCHER.lookup(w.device, w.dtype, n, k, m) or Decision("sparse")
+        d = Decision("sparse", d.cfg)
+    else:
+        d = DISPATCHER.decide(w, m)
+    if d.choice == "dense":
+        y = F.linear(x2, w.dense_on_device(keep=True), bias)
+    else:
+        y = _C.cslt_mm(x2.contiguous(), w.cslt_packed(), n, d.cfg)
+        if bias is not None:
+            y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.register_fake("sparseflow::sparse_linear")
+def _sparse_linear_fake(x, values, meta, bias, handle, backend):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _validate(x, w, bias) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"sparse_mm: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w, Sparse24Weight):
+        raise TypeError(f"sparse_mm: weight must be a Sparse24Weight (from compress_2_4), got {type(w).__name__}")
+    n, k = w.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"sparse_mm: x has shape {tuple(x.shape)}, its last dim must equal in_features K={k}")
+    if not x.is_floating_point():
+        raise TypeError(f"sparse_mm: x must be floating point, got {x.dtype}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"sparse_mm: dtype mismatch: x is {x.dtype} but the weight is {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"sparse_mm: device mismatch: x is on {x.device} but the weight is on {w.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            raise ValueError(f"sparse_mm: bias must have shape ({n},), got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"sparse_mm: bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
+
+
+def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
+    """Resolve 'auto'/'sparse' to what can really run here; raise where the user forced the impossible."""
+    n, k = w.shape
+    reason = sparse_unavailable_reason(x.device)
+    if reason is None and x.dtype not in _SPARSE_DTYPES:
+        reason = f"{x.dtype} inputs have no 2:4 tensor-core path (use float16 or bfloat16)"
+    if reason is None and (n % 32 or k % 32):
+        bad = f"in_features K={k}" if k % 32 else f"out_features N={n}"
+        reason = f"{bad} is not a multiple of 32, which cuSPARSELt requires"
+    if reason is None:
+        return backend
+    if backend == "sparse":
+        raise ValueError(f"sparse_mm(backend='sparse'): cannot run the 2:4 kernel: {reason}")
+    if x.device.type == "cuda":
+        warn_once(f"fallback:{reason}", f"sparseflow: running dense instead of 2:4 because {reason}")
+    return "dense"
+
+
+def sparse_mm(
+    x: torch.Tensor, weight: Sparse24Weight, bias: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W (out_features x in_features) given compressed.
+
+    ``x`` is (..., in_features). ``backend``: ``"auto"`` (per-shape measured choice between the
+    2:4 kernel and dense cuBLAS), ``"sparse"`` (force the 2:4 kernel; errors where it cannot
+    run) or ``"dense"``. On the CPU the result comes from an exact reference (decompress +
+    matmul in float32).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse_mm: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    _validate(x, weight, bias)
+    if x.device.type == "cpu":
+        if backend == "sparse":
+            raise ValueError("sparse_mm(backend='sparse'): the 2:4 kernel needs CUDA tensors, these are on the CPU")
+        warn_once("cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)")
+    elif x.device.type == "cuda":
+        backend = _cuda_backend(x, weight, backend)
+    if x.numel() == 0:
+        return x.new_zeros((*x.shape[:-1], weight.shape[0])) + (0 if bias is None else bias)
+    return torch.ops.sparseflow.sparse_linear(x, weight.values, weight.meta, bias, _handle(weight), BACKENDS[backend])

@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+
+def random_2_4(n: int, k: int, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    """A fresh random 2:4 weight: magnitude-pruned Gaussian."""
+    from sparseflow import prune_2_4
+
+    w = torch.randn(n, k, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    return prune_2_4(w)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

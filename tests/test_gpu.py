@@ -1,0 +1,219 @@
+"""GPU tests: run on the device (skipped without CUDA)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import sparseflow as sf
+from sparseflow._ext import _C
+from sparseflow.nn import SparseLinear
+from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
+
+pytestmark = [needs_cuda, pytest.mark.gpu]
+needs_ext = pytest.mark.skipif(_C is None, reason="CUDA extension not built")
+
+
+def _poison():
+    """Fill freed allocator blocks with NaN so an unwritten output element shows up."""
+    junk = torch.empty(64 << 20, device="cuda", dtype=torch.float16).fill_(float("nan"))
+    del junk
+
+
+def _ref(x, w, b=None):
+    return nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+SHAPES = [  # (M, N, K)
+    (1, 256, 256),
+    (7, 4096, 4096),
+    (16, 6144, 4096),
+    (33, 512, 1024),
+    (64, 4096, 14336),
+    (1, 4096, 14336),
+    (257, 1024, 2048),
+    (1000, 768, 3072),
+    (2048, 2048, 2048),
+    (3, 96, 160),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("backend", ["sparse", "auto"])
+def test_sparse_mm_matches_reference(dtype, m, n, k, backend):
+    torch.manual_seed(m * 7 + n + k)
+    w = random_2_4(n, k, dtype, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    c = sf.compress_2_4(w)
+    _poison()
+    out = sf.sparse_mm(x, c, b, backend=backend)
+    torch.cuda.synchronize()
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, _ref(x, w, b)) < TOL[dtype]
+
+
+@needs_ext
+def test_nd_input_and_odd_m_forced_sparse():
+    w = random_2_4(512, 1024, torch.bfloat16, "cuda")
+    x = torch.randn(3, 5, 1024, device="cuda", dtype=torch.bfloat16)
+    _poison()
+    out = sf.sparse_mm(x, sf.compress_2_4(w), backend="sparse")
+    assert out.shape == (3, 5, 512)
+    assert rel_err(out, _ref(x, w)) < TOL[torch.bfloat16]
+
+
+@needs_ext
+def test_gpu_decompress_kernel_matches_cpu():
+    w = random_2_4(300, 1028, torch.float16)
+    c = sf.compress_2_4(w)
+    assert torch.equal(sf.decompress_2_4(c.cuda()).cpu(), w)
+    # compress on the GPU gives the same portable bytes as on the CPU
+    g = sf.compress_2_4(w.cuda())
+    assert torch.equal(g.values.cpu(), c.values) and torch.equal(g.meta.cpu(), c.meta)
+
+
+@needs_ext
+def test_sparse_linear_matches_and_dispatch_is_inspectable():
+    lin = nn.Linear(2048, 1024, bias=True).cuda().half()
+    sl = SparseLinear.from_dense(lin, prune=True)
+    w = sl.dense_weight()
+    for m in (1, 100, 2048):
+        x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
+        assert rel_err(sl(x), _ref(x, w, sl.bias)) < TOL[torch.float16]
+    info = sl.dispatch_info()
+    assert {r["m_bucket"] for r in info} >= {16, 128, 2048}
+    for r in info:
+        assert r["choice"] in ("sparse", "dense") and r["sparse_ms"] > 0 and r["dense_ms"] > 0
+        assert (r["choice"] == "sparse") == (r["sparse_ms"] <= r["dense_ms"])
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    sl = SparseLinear.from_dense(nn.Linear(1024, 512).cuda().half(), prune=True)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
+    eager = sl(x)
+    compiled = torch.compile(sl, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    x2 = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
+    assert torch.equal(compiled(x2), sl(x2))
+
+
+@needs_ext
+def test_cuda_graph_capture_and_replay():
+    sl = SparseLinear.from_dense(nn.Linear(1024, 2048).cuda().bfloat16(), prune=True, backend="sparse")
+    static_x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            sl(static_x)  # warm-up: plans and caches are built outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = sl(static_x)
+    w = sl.dense_weight()
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, _ref(static_x, w, sl.bias)) < TOL[torch.bfloat16]
+
+
+@needs_ext
+def test_plan_cache_reused_across_calls():
+    c = sf.compress_2_4(random_2_4(1024, 1024, torch.float16, "cuda"))
+    x = torch.randn(48, 1024, device="cuda", dtype=torch.float16)
+    sf.sparse_mm(x, c, backend="sparse")
+    before = _C.plan_cache_stats()[1]
+    for _ in range(5):
+        sf.sparse_mm(x, c, backend="sparse")
+    assert _C.plan_cache_stats()[1] == before
+
+
+@needs_ext
+def test_decisions_persist_across_processes(tmp_path):
+    script = textwrap.dedent(
+        """
+        import torch, sparseflow as sf
+        c = sf.compress_2_4(sf.prune_2_4(torch.randn(768, 1536, device="cuda", dtype=torch.float16)))
+        sf.sparse_mm(torch.randn(200, 1536, device="cuda", dtype=torch.float16), c)
+        print("SEARCHES", sf.DISPATCHER.searches)
+        """
+    )
+    env = {**os.environ, "SPARSEFLOW_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False)
+        for _ in range(2)
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert "SEARCHES 1" in runs[0].stdout and "SEARCHES 0" in runs[1].stdout
+    assert list(tmp_path.glob("dispatch-*.json"))
+
+
+@needs_ext
+def test_two_streams_concurrently():
+    c = sf.compress_2_4(random_2_4(2048, 2048, torch.float16, "cuda"))
+    w = c.decompress()
+    xs = [torch.randn(256, 2048, device="cuda", dtype=torch.float16) for _ in range(2)]
+    sf.sparse_mm(xs[0], c, backend="sparse")  # build caches first
+    outs = [None, None]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+
+    def work(i):
+        with torch.cuda.stream(streams[i]):
+            for _ in range(20):
+                outs[i] = sf.sparse_mm(xs[i], c, backend="sparse")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert rel_err(outs[i], _ref(xs[i], w)) < TOL[torch.float16]
+
+
+def test_fp32_runs_dense_with_warning():
+    c = sf.compress_2_4(random_2_4(256, 256, torch.float32, "cuda"))
+    x = torch.randn(4, 256, device="cuda")
+    with pytest.warns(RuntimeWarning, match="float32"):
+        out = sf.sparse_mm(x, c)
+    assert rel_err(out, _ref(x, c.decompress())) < 1e-3  # TF32 may be on
+
+
+@needs_ext
+def test_unaligned_shapes_fall_back_or_raise():
+    c = sf.compress_2_4(random_2_4(100, 64, torch.float16, "cuda"))
+    x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="out_features N=100 is not a multiple of 32"):
+        sf.sparse_mm(x, c, backend="sparse")
+    with pytest.warns(RuntimeWarning, match="multiple of 32"):
+        out = sf.sparse_mm(x, c)
+    assert rel_err(out, _ref(x, c.decompress())) < TOL[torch.float16]
+
+
+def test_cpu_input_into_cuda_weight_is_a_clear_error():
+    c = sf.compress_2_4(random_2_4(64, 64, torch.float16, "cuda"))
+    with pytest.raises(ValueError, match="device mismatch"):
+        sf.sparse_mm(torch.randn(2, 64, dtype=torch.float16), c)
+
+
+def test_sparse_linear_to_cuda_and_back():
+    lin = nn.Linear(256, 128).half()
+    sl = SparseLinear.from_dense(lin, prune=True)
+    x = torch.randn(5, 256, dtype=torch.float16)
+    cpu_out = sl(x)
+    sl = sl.cuda()
+    assert sl.weight_values.is_cuda and sl.weight_meta.is_cuda
+    assert rel_err(sl(x.cuda()).cpu(), cpu_out.float()) < TOL[torch.float16]
+    assert torch.equal(sl.cpu()(x), cpu_out)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+import sparseflow as sf
+from tests.conftest import TOL, random_2_4, rel_err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_mm_matches_float64_reference(dtype, m, bias):
+    n, k = 48, 96
+    w = random_2_4(n, k, dtype)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    out = sf.sparse_mm(x, sf.compress_2_4(w), b)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_sparse_mm_nd_input():
+    w = random_2_4(32, 64)
+    x = torch.randn(2, 3, 5, 64)
+    out = sf.sparse_mm(x, sf.compress_2_4(w))
+    assert out.shape == (2, 3, 5, 32)
+    assert rel_err(out, torch.nn.functional.linear(x.double(), w.double())) < 1e-6
+
+
+def test_sparse_mm_empty_batch():
+    c = sf.compress_2_4(random_2_4(8, 16))
+    out = sf.sparse_mm(torch.randn(0, 16), c)
+    assert out.shape == (0, 8)
+
+
+def test_sparse_mm_bad_inputs():
+    c = sf.compress_2_4(random_2_4(8, 16))
+    with pytest.raises(ValueError, match="last dim must equal in_features K=16"):
+        sf.sparse_mm(torch.randn(3, 12), c)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        sf.sparse_mm(torch.randn(3, 16, dtype=torch.float16), c)
+    with pytest.raises(ValueError, match="device mismatch"):
+        sf.sparse_mm(torch.randn(3, 16, device="meta"), c)
+    with pytest.raises(TypeError, match="floating point"):
+        sf.sparse_mm(torch.ones(3, 16, dtype=torch.int64), c)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        sf.sparse_mm(torch.randn(3, 16), c, torch.randn(7))
+    with pytest.raises(TypeError, match="Sparse24Weight"):
+        sf.sparse_mm(torch.randn(3, 16), torch.randn(8, 16))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        sf.sparse_mm(torch.randn(3, 16), c, backend="sparse")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sf.sparse_mm(torch.randn(3, 16), c, backend="fast")
+
+
+def test_cpu_path_warns_once_that_it_is_not_fast(recwarn):
+    import sparseflow._ext as ext
+
+    ext._warned.discard("cpu")
+    c = sf.compress_2_4(random_2_4(8, 16))
+    sf.sparse_mm(torch.randn(2, 16), c)
+    sf.sparse_mm(torch.randn(2, 16), c)
+    msgs = [str(w.message) for w in recwarn if "reference path" in str(w.message)]
+    assert len(msgs) == 1
