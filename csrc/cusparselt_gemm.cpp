@@ -164,7 +164,9 @@ static at::Tensor pad_rows(const at::Tensor& x, int64_t m_pad) {
 
 static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const at::Tensor& xp, at::Tensor& y,
                 bool search) {
-  auto ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, xp.options().dtype(at::kByte));
+  // The search also tries split-k configurations, which need more workspace than the default plan.
+  const size_t ws_bytes = search ? std::max<size_t>(p->workspace, size_t(256) << 20) : std::max<size_t>(p->workspace, 1);
+  auto ws = at::empty({static_cast<int64_t>(ws_bytes)}, xp.options().dtype(at::kByte));
   float alpha = 1.f, beta = 0.f;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   if (search) {
@@ -213,6 +215,17 @@ std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, 
   size_t ws = 0;
   SF_CSLT_CHECK(cusparseLtMatmulGetWorkspace(p->h, &p->plan, &ws));
   return {alg, split_k, static_cast<int64_t>(mode), buffers, static_cast<int64_t>(ws)};
+}
+
+// Number of algorithm configurations cuSPARSELt offers for this problem (ids 0..count-1).
+int64_t cslt_alg_count(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  check_inputs(x, packed, n);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m_pad = (x.size(0) + kMAlign - 1) / kMAlign * kMAlign;
+  auto p = get_plan(x.get_device(), cuda_type(x), n, x.size(1), m_pad, AlgConfig{-1, 1, 0, 0});
+  int max_id = 0;
+  SF_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(p->h, &p->sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_id, sizeof(int)));
+  return max_id;
 }
 
 int64_t cslt_version() {

@@ -39,6 +39,7 @@ class Decision:
     sparse_ms: float | None = None
     dense_ms: float | None = None
     measured: bool = False
+    search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "sweep"
 
     @property
     def speedup(self) -> float | None:
@@ -63,6 +64,29 @@ def _median_ms(fn, iters: int = 15, warmup: int = 3) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def _search(x: torch.Tensor, packed: torch.Tensor, n: int) -> tuple[list[int], float, str]:
+    """Best cuSPARSELt config for this problem and its time: the library's own search, timed
+    against a sweep of every algorithm id when the search fails (it does for some small shapes)."""
+    try:
+        cfg = [int(v) for v in _C.cslt_search(x, packed, n)[:4]]
+        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg)), "cusparselt"
+    except RuntimeError:
+        pass
+    best: tuple[list[int], float] | None = None
+    for alg in range(int(_C.cslt_alg_count(x, packed, n))):
+        cfg = [alg, 1, 0, 0]
+        try:
+            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg), iters=5, warmup=1)
+        except RuntimeError:
+            continue
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    if best is None:
+        cfg = [-1, 1, 0, 0]
+        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg)), "default"
+    return best[0], _median_ms(lambda: _C.cslt_mm(x, packed, n, best[0])), "sweep"
 
 
 class Dispatcher:
@@ -157,14 +181,13 @@ class Dispatcher:
         with torch.cuda.device(weight.device), torch.no_grad():
             x = torch.randn(bucket, k, dtype=weight.dtype, device=weight.device)
             packed = weight.cslt_packed()
-            cfg = [int(v) for v in _C.cslt_search(x, packed, n)[:4]]
+            cfg, sparse_ms, how = _search(x, packed, n)
             self.searches += 1
-            sparse_ms = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg))
             dense = weight._cache.get("dense")
             dense = dense if dense is not None else weight.dense_on_device(keep=False)
             dense_ms = _median_ms(lambda: F.linear(x, dense))
         choice = "sparse" if sparse_ms <= dense_ms else "dense"
-        return Decision(choice, cfg, sparse_ms, dense_ms, measured=True)
+        return Decision(choice, cfg, sparse_ms, dense_ms, measured=True, search=how)
 
     def table(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> list[dict]:
         """Every decision known for this shape, for inspection (one row per M-bucket)."""
