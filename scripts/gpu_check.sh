@@ -20,7 +20,7 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
-$PY -m pytest -q -x -p no:cacheprovider tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
+$PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
 summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
 
 if [ "${BENCH:-full}" != "none" ]; then
