@@ -2,11 +2,11 @@
 #include <torch/extension.h>
 
 namespace sparseflow {
-at::Tensor cslt_compress(const at::Tensor& dense);
-at::Tensor cslt_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n, std::vector<int64_t> cfg);
-std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n);
+at::Tensor cslt_compress(const at::Tensor& dense, int64_t layout);
+at::Tensor cslt_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n, std::vector<int64_t> cfg, int64_t layout);
+std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout);
 int64_t cslt_version();
-int64_t cslt_alg_count(const at::Tensor& x, const at::Tensor& packed, int64_t n);
+int64_t cslt_alg_count(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout);
 std::vector<int64_t> plan_cache_stats();
 at::Tensor decompress_24(const at::Tensor& values, const at::Tensor& meta, int64_t k);
 }  // namespace sparseflow
@@ -15,7 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparseflow CUDA extension: cuSPARSELt 2:4 GEMM with cached plans, 2:4 format kernels";
   m.def("cslt_compress", &sparseflow::cslt_compress, "2:4 dense N x K -> cuSPARSELt compressed buffer");
   m.def("cslt_mm", &sparseflow::cslt_mm, "y = x @ W^T through a cached cuSPARSELt plan",
-        py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("cfg"));
+        py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("cfg"), py::arg("layout"));
   m.def("cslt_search", &sparseflow::cslt_search, "cusparseLtMatmulSearch; returns the winning config");
   m.def("cslt_alg_count", &sparseflow::cslt_alg_count, "number of cuSPARSELt algorithm configs for a problem");
   m.def("cslt_version", &sparseflow::cslt_version, "cuSPARSELt version as major*1000+minor*100+patch");

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -13,6 +14,12 @@ try:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
 except ImportError as exc:  # CPU-only install: the reference path serves every call
     _C = None
     EXT_ERROR = str(exc) or "sparseflow._C is not built"
+
+# How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt_gemm.cpp): 0 sparse A with a
+# column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B.
+# On an H200 with cuSPARSELt 0.8 only layout 1 survives cusparseLtMatmulSearch (0 and 2 hit an
+# illegal instruction inside the search: benchmarks/probe_cusparselt_layouts.py), so it is the default.
+CSLT_LAYOUT = int(os.environ.get("SPARSEFLOW_CSLT_LAYOUT", "1"))
 
 _warned: set[str] = set()
 

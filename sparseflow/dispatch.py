@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, warn_once
+from sparseflow._ext import _C, CSLT_LAYOUT, warn_once
 
 # The seed's rule, kept where nothing can be measured (CPU, or inside CUDA-graph capture before
 # any measurement): sparse pays from M >= 2048.
@@ -52,17 +52,20 @@ def static_decision(m: int) -> Decision:
     return Decision("sparse" if m >= STATIC_SPARSE_MIN_M else "dense")
 
 
-def _median_ms(fn, iters: int = 15, warmup: int = 3) -> float:
+def _median_ms(fn, iters: int = 7, warmup: int = 3, batch: int = 8) -> float:
+    """Median over ``iters`` samples of the mean time of ``batch`` back-to-back calls (CUDA events):
+    batching keeps host launch gaps of small problems out of the figure."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(batch):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / batch)
     return statistics.median(times)
 
 
@@ -70,23 +73,23 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int) -> tuple[list[int], f
     """Best cuSPARSELt config for this problem and its time: the library's own search, timed
     against a sweep of every algorithm id when the search fails (it does for some small shapes)."""
     try:
-        cfg = [int(v) for v in _C.cslt_search(x, packed, n)[:4]]
-        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg)), "cusparselt"
+        cfg = [int(v) for v in _C.cslt_search(x, packed, n, CSLT_LAYOUT)[:4]]
+        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT)), "cusparselt"
     except RuntimeError:
         pass
     best: tuple[list[int], float] | None = None
-    for alg in range(int(_C.cslt_alg_count(x, packed, n))):
+    for alg in range(int(_C.cslt_alg_count(x, packed, n, CSLT_LAYOUT))):
         cfg = [alg, 1, 0, 0]
         try:
-            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg), iters=5, warmup=1)
+            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT), iters=3, warmup=1, batch=4)
         except RuntimeError:
             continue
         if best is None or ms < best[1]:
             best = (cfg, ms)
     if best is None:
         cfg = [-1, 1, 0, 0]
-        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg)), "default"
-    return best[0], _median_ms(lambda: _C.cslt_mm(x, packed, n, best[0])), "sweep"
+        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT)), "default"
+    return best[0], _median_ms(lambda: _C.cslt_mm(x, packed, n, best[0], CSLT_LAYOUT)), "sweep"
 
 
 class Dispatcher:
@@ -106,7 +109,7 @@ class Dispatcher:
     def cache_file(self, device: torch.device) -> Path:
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
-        return self.cache_dir() / f"dispatch-{name}-cusparselt{version}.json"
+        return self.cache_dir() / f"dispatch-{name}-cusparselt{version}-layout{CSLT_LAYOUT}.json"
 
     @staticmethod
     def _key_str(key: tuple) -> str:

@@ -132,12 +132,12 @@ class Sparse24Weight:
 
     def cslt_packed(self) -> torch.Tensor:
         """cuSPARSELt's compressed buffer for this weight (CUDA, built once)."""
-        from sparseflow._ext import _C
+        from sparseflow._ext import _C, CSLT_LAYOUT
 
         cache = self._fresh_cache()
         packed = cache.get("cslt")
         if packed is None:
-            packed = _C.cslt_compress(self.dense_on_device(keep=False))
+            packed = _C.cslt_compress(self.dense_on_device(keep=False), CSLT_LAYOUT)
             cache["cslt"] = packed
         return packed
 

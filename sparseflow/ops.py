@@ -14,7 +14,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
+from sparseflow._ext import _C, CSLT_LAYOUT, sparse_unavailable_reason, warn_once
 from sparseflow.dispatch import DISPATCHER, Decision
 from sparseflow.format import Sparse24Weight
 
@@ -78,7 +78,7 @@ def _sparse_linear_cuda(x, values, meta, bias, handle, backend):
     if d.choice == "dense":
         y = F.linear(x2, w.dense_on_device(keep=True), bias)
     else:
-        y = _C.cslt_mm(x2.contiguous(), w.cslt_packed(), n, d.cfg)
+        y = _C.cslt_mm(x2.contiguous(), w.cslt_packed(), n, d.cfg, CSLT_LAYOUT)
         if bias is not None:
             y = y + bias
     return y.reshape(*x.shape[:-1], n)
