@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, CSLT_LAYOUT, sparse_unavailable_reason, warn_once
-from sparseflow.dispatch import DISPATCHER, Decision
+from sparseflow.dispatch import DISPATCHER, Decision, m_bucket
 from sparseflow.format import Sparse24Weight
 
 __all__ = ["BACKENDS", "sparse_mm"]
@@ -30,11 +30,22 @@ _handles: dict[int, weakref.ref] = {}
 _next_handle = itertools.count(1)
 
 
+# Hot-path routes: (handle, M-bucket, backend) -> (values version, use_dense, tensor, cfg). One
+# dict lookup per call instead of the dispatcher's keyed search; dropped with the weight.
+_routes: dict[tuple[int, int, int], tuple] = {}
+
+
+def _forget(h: int) -> None:
+    _handles.pop(h, None)
+    for key in [key for key in _routes if key[0] == h]:
+        _routes.pop(key, None)
+
+
 def _handle(weight: Sparse24Weight) -> int:
     h = weight._cache.get("handle")
     if h is None:
         h = next(_next_handle)
-        _handles[h] = weakref.ref(weight, lambda _, h=h: _handles.pop(h, None))
+        _handles[h] = weakref.ref(weight, lambda _, h=h: _forget(h))
         weight._cache["handle"] = h
     return h
 
@@ -62,26 +73,42 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
     return _reference(x, _lookup(values, meta, handle), bias)
 
 
-@torch.library.impl(_lib, "sparse_linear", "CUDA")
-def _sparse_linear_cuda(x, values, meta, bias, handle, backend):
-    w = _lookup(values, meta, handle)
+def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     n, k = w.shape
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
     if backend == BACKENDS["dense"]:
         d = Decision("dense")
     elif backend == BACKENDS["sparse"]:
-        d = DISPATCHER.lookup(w.device, w.dtype, n, k, m) or Decision("sparse")
-        d = Decision("sparse", d.cfg)
+        d = Decision("sparse", (DISPATCHER.lookup(w.device, w.dtype, n, k, m) or Decision("sparse")).cfg)
     else:
         d = DISPATCHER.decide(w, m)
     if d.choice == "dense":
-        y = F.linear(x2, w.dense_on_device(keep=True), bias)
+        return (w.values._version, True, w.dense_on_device(keep=True), None)
+    return (w.values._version, False, w.cslt_packed(), d.cfg)
+
+
+def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, handle: int, backend: int):
+    """The CUDA implementation, called directly in eager mode (no dispatcher hop) and by the op."""
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    key = (handle, m_bucket(m), backend)
+    r = _routes.get(key)
+    if r is None or r[0] != w.values._version:
+        r = _routes[key] = _route(w, m, backend)
+        if backend == BACKENDS["auto"] and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
+            _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
+    if r[1]:
+        y = F.linear(x2, r[2], bias)
     else:
-        y = _C.cslt_mm(x2.contiguous(), w.cslt_packed(), n, d.cfg, CSLT_LAYOUT)
+        y = _C.cslt_mm(x2 if x2.is_contiguous() else x2.contiguous(), r[2], n, r[3], CSLT_LAYOUT)
         if bias is not None:
-            y = y + bias
-    return y.reshape(*x.shape[:-1], n)
+            y.add_(bias)
+    return y.view(*x.shape[:-1], n)
+
+
+@torch.library.impl(_lib, "sparse_linear", "CUDA")
+def _sparse_linear_cuda(x, values, meta, bias, handle, backend):
+    return cuda_forward(x, _lookup(values, meta, handle), bias, handle, backend)
 
 
 @torch.library.register_fake("sparseflow::sparse_linear")
@@ -149,4 +176,6 @@ def sparse_mm(
         backend = _cuda_backend(x, weight, backend)
     if x.numel() == 0:
         return x.new_zeros((*x.shape[:-1], weight.shape[0])) + (0 if bias is None else bias)
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return cuda_forward(x, weight, bias, _handle(weight), BACKENDS[backend])
     return torch.ops.sparseflow.sparse_linear(x, weight.values, weight.meta, bias, _handle(weight), BACKENDS[backend])

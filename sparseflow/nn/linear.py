@@ -12,7 +12,7 @@ from torch import nn
 from sparseflow._ext import warn_once
 from sparseflow.dispatch import DISPATCHER
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
-from sparseflow.ops import BACKENDS, _cuda_backend, _handle, _validate
+from sparseflow.ops import BACKENDS, _cuda_backend, _handle, _validate, cuda_forward
 
 
 class SparseLinear(nn.Module):
@@ -118,6 +118,8 @@ class SparseLinear(nn.Module):
             handle, code = r[4], r[5]
         if x.numel() == 0:
             return x.new_zeros((*x.shape[:-1], self.out_features))
+        if x.is_cuda and not torch.compiler.is_compiling():  # eager: skip the dispatcher hop
+            return cuda_forward(x, self._w, self.bias, handle, code)
         return torch.ops.sparseflow.sparse_linear(x, self.weight_values, self.weight_meta, self.bias, handle, code)
 
     def dispatch_info(self) -> list[dict]:
