@@ -184,9 +184,11 @@ at::Tensor cslt_compress(const at::Tensor& dense, int64_t layout) {
   return out;
 }
 
+// Rows of x are independent in the product, so the padding rows may hold anything: their output
+// columns are cut off. One copy, no zero fill.
 static at::Tensor pad_rows(const at::Tensor& x, int64_t m_pad) {
   if (x.size(0) == m_pad) return x;
-  auto xp = at::zeros({m_pad, x.size(1)}, x.options());
+  auto xp = at::empty({m_pad, x.size(1)}, x.options());
   xp.narrow(0, 0, x.size(0)).copy_(x);
   return xp;
 }
@@ -194,18 +196,20 @@ static at::Tensor pad_rows(const at::Tensor& x, int64_t m_pad) {
 static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const at::Tensor& xp, at::Tensor& y,
                 bool search) {
   // The search also tries split-k configurations, which need more workspace than the default plan.
-  const size_t ws_bytes = search ? std::max<size_t>(p->workspace, size_t(256) << 20) : std::max<size_t>(p->workspace, 1);
-  auto ws = at::empty({static_cast<int64_t>(ws_bytes)}, xp.options().dtype(at::kByte));
+  const size_t ws_bytes = search ? std::max<size_t>(p->workspace, size_t(256) << 20) : p->workspace;
+  at::Tensor ws;
+  if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, xp.options().dtype(at::kByte));
+  void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
   float alpha = 1.f, beta = 0.f;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   const void* first = p->layout == kSparseB ? xp.data_ptr() : packed.data_ptr();
   const void* second = p->layout == kSparseB ? packed.data_ptr() : xp.data_ptr();
   if (search) {
     SF_CSLT_CHECK(cusparseLtMatmulSearch(p->h, &p->plan, &alpha, first, second, &beta, y.data_ptr(), y.data_ptr(),
-                                         ws.data_ptr(), &stream, 1));
+                                         ws_ptr, &stream, 1));
   } else {
-    SF_CSLT_CHECK(cusparseLtMatmul(p->h, &p->plan, &alpha, first, second, &beta, y.data_ptr(), y.data_ptr(),
-                                   ws.data_ptr(), &stream, 1));
+    SF_CSLT_CHECK(cusparseLtMatmul(p->h, &p->plan, &alpha, first, second, &beta, y.data_ptr(), y.data_ptr(), ws_ptr,
+                                   &stream, 1));
   }
 }
 

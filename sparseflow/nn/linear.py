@@ -87,7 +87,15 @@ class SparseLinear(nn.Module):
 
     @property
     def weight_nbytes(self) -> int:
+        """Bytes of the portable compressed weight (what state_dict and checkpoints hold)."""
         return self.weight_2_4.nbytes
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Device bytes this layer holds now: the portable form, cuSPARSELt's copy of it, and a
+        dense copy where the dispatcher chose dense for some M (the price of never being slower)."""
+        cache = self.weight_2_4._cache
+        size = {k: (cache[k].numel() * cache[k].element_size() if k in cache else 0) for k in ("cslt", "dense")}
+        return {"portable": self.weight_nbytes, "cusparselt": size["cslt"], "dense_fallback": size["dense"]}
 
     @torch.compiler.disable
     def _prepare(self, x: torch.Tensor) -> tuple[int, int]:
