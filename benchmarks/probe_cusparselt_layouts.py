@@ -1,24 +1,28 @@
-"""Which way of posing y = x W^T to cuSPARSELt runs, searches and is fastest on this GPU?
+"""Which way of posing y = x W^T to cuSPARSELt runs and is fastest on this GPU, per algorithm id?
 
-Each (layout, mode) runs in its own process: a crash inside cuSPARSELt poisons the CUDA context.
-mode "search" uses cusparseLtMatmulSearch; "sweep" times every algorithm id, printing as it goes.
-    python benchmarks/probe_cusparselt_layouts.py
+cuSPARSELt 0.8.0 on an H200 hits an illegal instruction (which poisons the CUDA context) for some
+algorithm ids of layouts 0 and 2, so every id is timed in a child process that is restarted after
+the id that killed it. Prints, per layout and shape: dense time, default, fastest id, crashing ids.
+    python benchmarks/probe_cusparselt_layouts.py [--budget-s 150]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+import time
 
-SHAPES = [(16, 28672, 4096), (4096, 4096, 4096), (16384, 28672, 4096), (1024, 4096, 14336)]
+SHAPES = [(16, 28672, 4096), (4096, 4096, 4096), (4096, 28672, 4096), (1024, 4096, 14336)]
 
 CHILD = r"""
-import statistics, torch, torch.nn.functional as F, sparseflow as sf
+import statistics, sys, torch, torch.nn.functional as F, sparseflow as sf
 from sparseflow._ext import _C, CSLT_LAYOUT as L
+m, n, k, start = (int(v) for v in sys.argv[1:5])
 
-def ms(fn, n=5, batch=8):
-    for _ in range(2): fn()
+def ms(fn, n=3, batch=4):
+    fn()
     ts = []
     for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -27,43 +31,64 @@ def ms(fn, n=5, batch=8):
         b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / batch)
     return statistics.median(ts)
 
-for m, n, k in SHAPES:
-    w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    packed = _C.cslt_compress(w, L)
-    t_dense, t_def = ms(lambda: F.linear(x, w)), ms(lambda: _C.cslt_mm(x, packed, n, [-1, 1, 0, 0], L))
-    print(f"layout {L} {MODE} M={m:5d} N={n:5d} K={k:5d} dense={t_dense*1e3:8.1f}us default={t_def*1e3:8.1f}us ({t_dense/t_def:.2f}x)", flush=True)
-    if MODE == "search":
-        cfg = [int(v) for v in _C.cslt_search(x, packed, n, L)[:4]]
-        t_s = ms(lambda: _C.cslt_mm(x, packed, n, cfg, L))
-        print(f"   searched={t_s*1e3:8.1f}us ({t_dense/t_s:.2f}x) cfg={cfg}", flush=True)
-    else:
-        best = None
-        for alg in range(int(_C.cslt_alg_count(x, packed, n, L))):
-            try:
-                t = ms(lambda: _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L), n=3, batch=4)
-            except RuntimeError as e:
-                continue
-            if best is None or t < best[1]:
-                best = (alg, t)
-        print(f"   sweep best alg {best[0]}: {best[1]*1e3:8.1f}us ({t_dense/best[1]:.2f}x)", flush=True)
+w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
+x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+packed = _C.cslt_compress(w, L)
+if start == 0:
+    print("DENSE", ms(lambda: F.linear(x, w)), flush=True)
+    print("DEFAULT", ms(lambda: _C.cslt_mm(x, packed, n, [-1, 1, 0, 0], L)), flush=True)
+for alg in range(start, int(_C.cslt_alg_count(x, packed, n, L))):
+    print("TRY", alg, flush=True)
+    try:
+        print("ALG", alg, ms(lambda: _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L)), flush=True)
+    except RuntimeError as e:
+        print("ERR", alg, str(e)[:60], flush=True)
+print("DONE", flush=True)
 """
 
 
-def main() -> int:
-    for layout, mode in ((1, "search"), (0, "sweep"), (2, "sweep")):
-        env = {**os.environ, "SPARSEFLOW_CSLT_LAYOUT": str(layout)}
-        code = f"SHAPES = {SHAPES!r}\nMODE = {mode!r}\n" + CHILD
+def probe(layout: int, shape, deadline: float) -> str:
+    env = {**os.environ, "SPARSEFLOW_CSLT_LAYOUT": str(layout)}
+    start, times, crashed, dense, default = 0, {}, [], None, None
+    while time.time() < deadline:
         try:
-            r = subprocess.run(
-                [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=100
-            )
-            print(r.stdout, end="")
-            if r.returncode:
-                print(f"layout {layout} {mode}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
+            r = subprocess.run([sys.executable, "-c", CHILD, *map(str, shape), str(start)], check=False, env=env,
+                               capture_output=True, text=True, timeout=max(5.0, deadline - time.time()))
+            out = r.stdout
         except subprocess.TimeoutExpired as e:
-            print((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
-            print(f"layout {layout} {mode}: timed out")
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        last = None
+        for line in out.splitlines():
+            f = line.split()
+            if f[0] == "DENSE":
+                dense = float(f[1])
+            elif f[0] == "DEFAULT":
+                default = float(f[1])
+            elif f[0] == "TRY":
+                last = int(f[1])
+            elif f[0] == "ALG":
+                times[int(f[1])] = float(f[2])
+        if "DONE" in out or last is None:
+            break
+        crashed.append(last)
+        start = last + 1
+    best = min(times.items(), key=lambda kv: kv[1]) if times else None
+    m, n, k = shape
+    us = lambda v: f"{v * 1e3:8.1f}us" if v else "     n/a"  # noqa: E731
+    line = f"layout {layout} M={m:5d} N={n:5d} K={k:5d} dense={us(dense)} default={us(default)}"
+    if best and dense:
+        line += f" best alg {best[0]}={us(best[1])} ({dense / best[1]:.2f}x)"
+    return line + f" ids timed={len(times)} crashing ids={crashed}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=150.0)
+    args = ap.parse_args()
+    per = args.budget_s / (3 * len(SHAPES))
+    for layout in (0, 1, 2):
+        for shape in SHAPES:
+            print(probe(layout, shape, time.time() + per), flush=True)
     return 0
 
 

@@ -93,6 +93,9 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     for r in info:
         assert r["choice"] in ("sparse", "dense") and r["sparse_ms"] > 0 and r["dense_ms"] > 0
         assert (r["choice"] == "sparse") == (r["sparse_ms"] <= r["dense_ms"])
+    mem = sl.memory_bytes()
+    assert mem["portable"] == 1024 * 2048 * 2 * 0.5625
+    assert (mem["dense_fallback"] > 0) == any(r["choice"] == "dense" for r in info)
 
 
 @needs_ext
