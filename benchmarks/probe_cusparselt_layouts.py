@@ -52,8 +52,14 @@ def probe(layout: int, shape, deadline: float) -> str:
     start, times, crashed, dense, default = 0, {}, [], None, None
     while time.time() < deadline:
         try:
-            r = subprocess.run([sys.executable, "-c", CHILD, *map(str, shape), str(start)], check=False, env=env,
-                               capture_output=True, text=True, timeout=max(5.0, deadline - time.time()))
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, *map(str, shape), str(start)],
+                check=False,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=max(5.0, deadline - time.time()),
+            )
             out = r.stdout
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -74,7 +80,7 @@ def probe(layout: int, shape, deadline: float) -> str:
         start = last + 1
     best = min(times.items(), key=lambda kv: kv[1]) if times else None
     m, n, k = shape
-    us = lambda v: f"{v * 1e3:8.1f}us" if v else "     n/a"  # noqa: E731
+    us = lambda v: f"{v * 1e3:8.1f}us" if v else "     n/a"
     line = f"layout {layout} M={m:5d} N={n:5d} K={k:5d} dense={us(dense)} default={us(default)}"
     if best and dense:
         line += f" best alg {best[0]}={us(best[1])} ({dense / best[1]:.2f}x)"
