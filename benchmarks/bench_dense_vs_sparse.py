@@ -118,6 +118,21 @@ def host_overhead_us() -> dict:
     return out
 
 
+def conversion_seconds_llama3_8b() -> dict:
+    """Prune + compress on the GPU, timed on one gate_up weight, scaled to Llama-3-8B's linears."""
+    n, k = LLAMA3_8B["gate_up"]
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    sf.compress_2_4(sf.prune_2_4(w)).cslt_packed()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        sf.compress_2_4(sf.prune_2_4(w)).cslt_packed()
+    torch.cuda.synchronize()
+    per_param = (time.perf_counter() - t0) / 3 / (n * k)
+    params = 32 * sum(a * b for a, b in LLAMA3_8B.values())  # 32 decoder blocks
+    return {"seconds_per_gparam": per_param * 1e9, "llama3_8b_linears_seconds": per_param * params}
+
+
 def plot(rows, path: Path, gpu: str) -> None:
     import matplotlib
 
@@ -197,6 +212,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     host = host_overhead_us()
+    conversion = conversion_seconds_llama3_8b()
     llama = [r for r in rows if not r["name"].startswith("square")]
     summary = {
         "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
@@ -214,6 +230,7 @@ def main(argv=None) -> int:
         "sparselinear_geomean_all": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows]),
         "torch_failures": sum(1 for r in rows if r["torch_error"]),
         "host_us_per_call": host,
+        "conversion": conversion,
         "seconds": time.time() - t_start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +254,8 @@ def main(argv=None) -> int:
         f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x | "
         f"2:4 kernel geomean (Llama, M>=256)={summary['kernel_geomean_llama_m_ge_256']:.2f}x | "
         f"gate_up/down M<=16 min={summary['kernel_min_gate_up_down_m_le_16']:.2f}x | "
-        f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f}"
+        f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f} | "
+        f"prune+compress Llama-3-8B linears on GPU: {conversion['llama3_8b_linears_seconds']:.1f}s"
     )
     return 0
 

@@ -220,3 +220,17 @@ def test_sparse_linear_to_cuda_and_back():
     assert sl.weight_values.is_cuda and sl.weight_meta.is_cuda
     assert rel_err(sl(x.cuda()).cpu(), cpu_out.float()) < TOL[torch.float16]
     assert torch.equal(sl.cpu()(x), cpu_out)
+
+
+def test_gpu_below_sm80_falls_back_to_dense_with_warning(monkeypatch):
+    import sparseflow._ext as ext
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    ext._warned.clear()
+    c = sf.compress_2_4(random_2_4(256, 256, torch.float16, "cuda"))
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="sm_75"):
+        out = sf.sparse_mm(x, c)
+    assert rel_err(out, _ref(x, c.decompress())) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="sm_80"):
+        sf.sparse_mm(x, c, backend="sparse")
