@@ -68,7 +68,9 @@ class SparseLinear(nn.Module):
         mod.in_features, mod.out_features, mod.backend = k, n, backend
         mod.register_buffer("weight_values", weight.values)
         mod.register_buffer("weight_meta", weight.meta)
-        mod.bias = None if bias is None else nn.Parameter(bias.to(weight.values), requires_grad=False)
+        mod.register_parameter(
+            "bias", None if bias is None else nn.Parameter(bias.to(weight.values), requires_grad=False)
+        )
         mod._w, mod._route = None, None
         return mod
 
@@ -98,7 +100,7 @@ class SparseLinear(nn.Module):
         return {"portable": self.weight_nbytes, "cusparselt": size["cslt"], "dense_fallback": size["dense"]}
 
     @torch.compiler.disable
-    def _prepare(self, x: torch.Tensor) -> tuple[int, int]:
+    def _prepare(self, x: torch.Tensor) -> tuple:
         w = self.weight_2_4
         _validate(x, w, self.bias)
         backend = self.backend
@@ -108,27 +110,27 @@ class SparseLinear(nn.Module):
             warn_once(
                 "cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)"
             )
-        self._route = (self.weight_values, self.weight_meta, x.dtype, x.device, _handle(w), BACKENDS[backend])
-        return self._route[4], self._route[5]
+        self._route = (w.values, w.meta, x.dtype, x.device, _handle(w), BACKENDS[backend], w)
+        return self._route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self._route
+        # Hot path: identity checks against the checked route, no Module.__getattr__ lookups.
+        r, bufs = self._route, self._buffers
         if (
             r is None
-            or r[0] is not self.weight_values
-            or r[1] is not self.weight_meta
-            or r[2] != x.dtype
+            or r[0] is not bufs["weight_values"]
+            or r[1] is not bufs["weight_meta"]
+            or r[2] is not x.dtype
             or r[3] != x.device
             or x.shape[-1] != self.in_features
         ):
-            handle, code = self._prepare(x)
-        else:
-            handle, code = r[4], r[5]
+            r = self._prepare(x)
+        bias = self._parameters["bias"]
         if x.numel() == 0:
             return x.new_zeros((*x.shape[:-1], self.out_features))
         if x.is_cuda and not torch.compiler.is_compiling():  # eager: skip the dispatcher hop
-            return cuda_forward(x, self._w, self.bias, handle, code)
-        return torch.ops.sparseflow.sparse_linear(x, self.weight_values, self.weight_meta, self.bias, handle, code)
+            return cuda_forward(x, r[6], bias, r[4], r[5])
+        return torch.ops.sparseflow.sparse_linear(x, r[0], r[1], bias, r[4], r[5])
 
     def dispatch_info(self) -> list[dict]:
         """Measured per-M-bucket decisions for this layer's shape on its device (empty on CPU)."""
