@@ -88,3 +88,10 @@ def test_forward_bad_input():
 
 def test_dispatch_info_on_cpu_is_empty():
     assert SparseLinear.from_dense(_pruned_linear()).dispatch_info() == []
+
+
+def test_no_bias_module_constructed_directly():
+    sl = SparseLinear(64, 32, bias=False)
+    assert sl.bias is None and "bias" not in sl.state_dict()
+    sl.load_state_dict(SparseLinear.from_dense(_pruned_linear(bias=False)).state_dict())
+    assert sl(torch.randn(2, 64)).shape == (2, 32)

@@ -43,9 +43,8 @@ class SparseLinear(nn.Module):
             "weight_meta",
             torch.full((out_features, (in_features + 7) // 8), 0b0100_0100, device=device, dtype=torch.uint8),
         )
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
-        )
+        b = torch.zeros(out_features, device=device, dtype=dtype) if bias else None
+        self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
         self._w: Sparse24Weight | None = None
         self._route: tuple | None = None  # (values, meta, x dtype, device) -> (handle, backend code)
 
