@@ -4,15 +4,16 @@
 #   scripts/gpu_check.sh            # build + tests + full benchmark
 #   BENCH=quick scripts/gpu_check.sh
 #   BENCH=none  scripts/gpu_check.sh
+#   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 SPARSEFLOW_CACHE_DIR="$OUT/cache"
+export PYTHONUNBUFFERED=1 SPARSEFLOW_CACHE_DIR="${SPARSEFLOW_CACHE_DIR:-/tmp/sparseflow_cache}"
 PY=${PYTHON:-python3}
 summary=()
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
 rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
@@ -27,6 +28,13 @@ if [ "${BENCH:-full}" != "none" ]; then
   args=(); [ "${BENCH:-full}" = quick ] && args+=(--quick)
   $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
   summary+=("$(grep '^SUMMARY' "$OUT/bench.log")")
+fi
+if [ "${DEMO:-1}" = 1 ]; then  # issue 3's GPU path: sf.sparsify on the GPU, then SparseLinear inference
+  timeout 300 $PY examples/sparsify_gpu_demo.py 2>&1 | tee "$OUT/demo.log" | grep -v "^DEMO"
+  summary+=("$(grep -E '^(sparsify|logits|greedy|converted|DEMO)' "$OUT/demo.log")")
+fi
+if [ "${PROBE:-0}" != 0 ]; then  # per-algorithm cuSPARSELt sweep, crash-isolated (informational)
+  timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" 2>&1 | tee "$OUT/probe.log"
 fi
 echo "================ gpu_check summary ================"
 printf '%s\n' "${summary[@]}"
