@@ -138,12 +138,24 @@ def test_partially_sparse_and_lm_head_sparse(tmp_path):
 
 
 def test_from_pretrained_device_maps(ckpt, llama):
-    for device_map in ("auto", "cpu", {"": "cpu"}, {"model": "cpu", "lm_head": "cpu"}):
+    maps = ["cpu", {"": "cpu"}, {"model": "cpu", "lm_head": "cpu"}]
+    if not torch.cuda.is_available():  # where there is a GPU "auto" means the GPU: next test
+        maps.append("auto")
+    for device_map in maps:
         loaded = from_pretrained(ckpt, device_map=device_map)
         _same_model(llama, loaded)
         assert loaded.hf_device_map
     with pytest.raises(NotImplementedError, match="disk"):
         from_pretrained(ckpt, device_map={"": "disk"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_from_pretrained_device_map_auto_on_gpu(ckpt, llama):
+    loaded = from_pretrained(ckpt, device_map="auto")
+    assert loaded.hf_device_map and all(p.is_cuda for p in loaded.parameters())
+    state = loaded.state_dict()
+    for k, v in llama.state_dict().items():
+        assert torch.equal(v, state[k].cpu()), k
 
 
 def test_transformers_auto_model_loads_our_checkpoint(ckpt, llama):

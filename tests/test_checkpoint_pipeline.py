@@ -25,7 +25,8 @@ def _saved(tmp_path, arch):
 def test_text_generation(tmp_path, device):
     model, path = _saved(tmp_path, "llama")
     kwargs = {"max_new_tokens": 8, "do_sample": False, "return_full_text": False}
-    ref = pipeline("text-generation", model=model.to(device), tokenizer=str(path))
+    # device= pins the reference: on a GPU host a pipeline would otherwise move it to the GPU
+    ref = pipeline("text-generation", model=model.to(device), tokenizer=str(path), device=torch.device(device))
     got = pipeline("text-generation", model=from_pretrained(path, device_map=device), tokenizer=str(path))
     for prompt in ("the cat sat on", "a big red dog ran"):
         assert got(prompt, **kwargs) == ref(prompt, **kwargs)
@@ -49,7 +50,7 @@ def test_text_generation(tmp_path, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fill_mask(tmp_path, device):
     model, path = _saved(tmp_path, "bert")
-    ref = pipeline("fill-mask", model=model.to(device), tokenizer=str(path), top_k=5)
+    ref = pipeline("fill-mask", model=model.to(device), tokenizer=str(path), top_k=5, device=torch.device(device))
     got = pipeline("fill-mask", model=from_pretrained(path, device_map=device), tokenizer=str(path), top_k=5)
     for text in ("the [MASK] sat on the mat", "a dog [MASK] fast"):
         assert got(text) == ref(text)
@@ -58,7 +59,7 @@ def test_fill_mask(tmp_path, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_feature_extraction(tmp_path, device):
     model, path = _saved(tmp_path, "bert-base")
-    ref = pipeline("feature-extraction", model=model.to(device), tokenizer=str(path))
+    ref = pipeline("feature-extraction", model=model.to(device), tokenizer=str(path), device=torch.device(device))
     got = pipeline("feature-extraction", model=from_pretrained(path, device_map=device), tokenizer=str(path))
     for text in ("the cat sat on the mat", "green tree house"):
         assert got(text) == ref(text)

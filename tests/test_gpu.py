@@ -187,6 +187,9 @@ def test_two_streams_concurrently():
 
 
 def test_fp32_runs_dense_with_warning():
+    import sparseflow._ext as ext
+
+    ext._warned.clear()  # warnings are once per process: an earlier test may have used this one
     c = sf.compress_2_4(random_2_4(256, 256, torch.float32, "cuda"))
     x = torch.randn(4, 256, device="cuda")
     with pytest.warns(RuntimeWarning, match="float32"):
