@@ -91,8 +91,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=150.0)
     args = ap.parse_args()
-    per = max(40.0, args.budget_s / (3 * len(SHAPES)))  # a child needs ~10 s to import torch + sparseflow
-    for layout in (0, 1, 2):
+    per = max(40.0, args.budget_s / (5 * len(SHAPES)))  # a child needs ~10 s to import torch + sparseflow
+    for layout in (1, 3, 4, 0, 2):
         for shape in SHAPES:
             print(probe(layout, shape, time.time() + per), flush=True)
     return 0

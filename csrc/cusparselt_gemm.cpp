@@ -5,6 +5,11 @@
 //   0 kSparseA:    A = W (N x K row), B = x as K x M col, D = N x M col  == y (M x N) row-major
 //   1 kSparseAT:   A = W (N x K row), B = x as K x M col, D = N x M row  == y^T (needs a transpose)
 //   2 kSparseB:    A = x (M x K row), B = W as K x N col (structured), D = M x N row == y
+//   3 kSparseATBt: as 1, but x described as PyTorch's _cslt_sparse_mm does: M x K row, opB = T
+//   4 kSparseABt:  as 0, with that description of x
+// Layouts 3 and 4 are opt-in (SPARSEFLOW_CSLT_LAYOUT) and have not yet run on a GPU: on the H200
+// PyTorch's own path (x described as in 3) ran its default algorithm faster than our layout 1
+// searched, so they are the next thing to measure (benchmarks/probe_cusparselt_layouts.py).
 //
 // Plans are cached per (device, dtype, N, K, M, algorithm config); creating them per call is what
 // makes PyTorch's _cslt_sparse_mm slow. M is padded to a multiple of 16 (cuSPARSELt's alignment
@@ -31,7 +36,9 @@ namespace sparseflow {
   } while (0)
 
 constexpr int64_t kMAlign = 16;
-enum Layout { kSparseA = 0, kSparseAT = 1, kSparseB = 2 };
+enum Layout { kSparseA = 0, kSparseAT = 1, kSparseB = 2, kSparseATBt = 3, kSparseABt = 4 };
+static bool transposed_out(int layout) { return layout == kSparseAT || layout == kSparseATBt; }
+static bool x_row_t(int layout) { return layout == kSparseATBt || layout == kSparseABt; }
 
 static cusparseLtHandle_t* handle_for(int device) {
   static std::mutex mu;
@@ -102,7 +109,7 @@ static void set_alg(const cusparseLtHandle_t* h, cusparseLtMatmulAlgSelection_t*
 
 static std::unique_ptr<Plan> make_plan(int device, cudaDataType t, int64_t n, int64_t k, int64_t m,
                                        const AlgConfig& cfg, int layout) {
-  TORCH_CHECK(layout >= kSparseA && layout <= kSparseB, "sparseflow: unknown cuSPARSELt layout ", layout);
+  TORCH_CHECK(layout >= kSparseA && layout <= kSparseABt, "sparseflow: unknown cuSPARSELt layout ", layout);
   auto p = std::make_unique<Plan>();
   p->h = handle_for(device);
   p->layout = layout;
@@ -113,19 +120,22 @@ static std::unique_ptr<Plan> make_plan(int device, cudaDataType t, int64_t n, in
     p->stage = 2;
     SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->d, m, n, n, 16, t, CUSPARSE_ORDER_ROW));
   } else {
-    SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->b, k, m, k, 16, t, CUSPARSE_ORDER_COL));
-    p->stage = 2;
-    if (layout == kSparseA)
-      SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->d, n, m, n, 16, t, CUSPARSE_ORDER_COL));
+    if (x_row_t(layout))
+      SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->b, m, k, k, 16, t, CUSPARSE_ORDER_ROW));
     else
+      SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->b, k, m, k, 16, t, CUSPARSE_ORDER_COL));
+    p->stage = 2;
+    if (transposed_out(layout))
       SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->d, n, m, m, 16, t, CUSPARSE_ORDER_ROW));
+    else
+      SF_CSLT_CHECK(cusparseLtDenseDescriptorInit(p->h, &p->d, n, m, n, 16, t, CUSPARSE_ORDER_COL));
   }
   p->stage = 3;
   const cusparseLtMatDescriptor_t* first = layout == kSparseB ? &p->b : &p->a;
   const cusparseLtMatDescriptor_t* second = layout == kSparseB ? &p->a : &p->b;
-  SF_CSLT_CHECK(cusparseLtMatmulDescriptorInit(p->h, &p->mm, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                               CUSPARSE_OPERATION_NON_TRANSPOSE, first, second, &p->d, &p->d,
-                                               CUSPARSE_COMPUTE_32F));
+  const cusparseOperation_t op_b = x_row_t(layout) ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE;
+  SF_CSLT_CHECK(cusparseLtMatmulDescriptorInit(p->h, &p->mm, CUSPARSE_OPERATION_NON_TRANSPOSE, op_b, first, second,
+                                               &p->d, &p->d, CUSPARSE_COMPUTE_32F));
   SF_CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(p->h, &p->sel, &p->mm, CUSPARSELT_MATMUL_ALG_DEFAULT));
   p->stage = 4;
   set_alg(p->h, &p->sel, cfg);
@@ -215,12 +225,12 @@ static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const 
 
 // y (M x N) = x (M x K) @ W^T with W given as cuSPARSELt's compressed buffer.
 static at::Tensor finish(const at::Tensor& y, int64_t m, int64_t m_pad, int layout) {
-  if (layout == kSparseAT) return y.narrow(1, 0, m).t().contiguous();  // y^T (N x m_pad) -> y
+  if (transposed_out(layout)) return y.narrow(1, 0, m).t().contiguous();  // y^T (N x m_pad) -> y
   return m_pad == m ? y : y.narrow(0, 0, m);
 }
 
 static at::Tensor alloc_out(const at::Tensor& x, int64_t m_pad, int64_t n, int layout) {
-  return layout == kSparseAT ? at::empty({n, m_pad}, x.options()) : at::empty({m_pad, n}, x.options());
+  return transposed_out(layout) ? at::empty({n, m_pad}, x.options()) : at::empty({m_pad, n}, x.options());
 }
 
 at::Tensor cslt_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n, std::vector<int64_t> cfg_in,

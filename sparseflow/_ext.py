@@ -16,7 +16,8 @@ except ImportError as exc:  # CPU-only install: the reference path serves every 
     EXT_ERROR = str(exc) or "sparseflow._C is not built"
 
 # How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt_gemm.cpp): 0 sparse A with a
-# column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B.
+# column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B;
+# 3 and 4 are 1 and 0 with x described as PyTorch describes it (opt-in, not yet run on a GPU).
 # On an H200 with cuSPARSELt 0.8 only layout 1 survives cusparseLtMatmulSearch (0 and 2 hit an
 # illegal instruction inside the search: benchmarks/probe_cusparselt_layouts.py), so it is the default.
 CSLT_LAYOUT = int(os.environ.get("SPARSEFLOW_CSLT_LAYOUT", "1"))
