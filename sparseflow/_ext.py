@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
 import torch
 
-try:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
-    from sparseflow import _C  # type: ignore[attr-defined]
-
-    EXT_ERROR: str | None = None
-except ImportError as exc:  # CPU-only install: the reference path serves every call
-    _C = None
-    EXT_ERROR = str(exc) or "sparseflow._C is not built"
+_C = None
+EXT_ERROR: str | None = None
+if importlib.util.find_spec("sparseflow._C") is None:  # CPU-only install: the reference path serves every call
+    EXT_ERROR = "sparseflow._C was not built by this install"
+else:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
+    try:
+        from sparseflow import _C  # type: ignore[attr-defined]
+    except ImportError as exc:  # built, but does not load (e.g. against another torch)
+        EXT_ERROR = f"sparseflow._C does not load: {exc}"
 
 # How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt_gemm.cpp): 0 sparse A with a
 # column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B;
