@@ -186,8 +186,7 @@ class Dispatcher:
             packed = weight.cslt_packed()
             cfg, sparse_ms, how = _search(x, packed, n)
             self.searches += 1
-            dense = weight._cache.get("dense")
-            dense = dense if dense is not None else weight.dense_on_device(keep=False)
+            dense = weight.dense_on_device(keep=False)  # the cached copy if a dense route made one
             dense_ms = _median_ms(lambda: F.linear(x, dense))
         choice = "sparse" if sparse_ms <= dense_ms else "dense"
         return Decision(choice, cfg, sparse_ms, dense_ms, measured=True, search=how)

@@ -60,12 +60,9 @@ def _lookup(values: torch.Tensor, meta: torch.Tensor, handle: int) -> Sparse24We
 
 
 def _reference(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """Decompress + matmul in float32 (CPU and every fallback that has no dense cache)."""
-    dense = w.decompress()
-    if x.device.type == "cpu":
-        out = F.linear(x.float(), dense.float(), None if bias is None else bias.float())
-        return out.to(x.dtype)
-    return F.linear(x, dense, bias)
+    """The CPU path: decompress + matmul in float32 (exact for fp32, one rounding for fp16/bf16)."""
+    out = F.linear(x.float(), w.decompress().float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
 
 
 @torch.library.impl(_lib, "sparse_linear", "CPU")
@@ -100,7 +97,7 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     if r[1]:
         y = F.linear(x2, r[2], bias)
     else:
-        y = _C.cslt_mm(x2 if x2.is_contiguous() else x2.contiguous(), r[2], n, r[3], CSLT_LAYOUT)
+        y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], CSLT_LAYOUT)
         if bias is not None:
             y.add_(bias)
     return y.view(*x.shape[:-1], n)
@@ -150,8 +147,7 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
         return backend
     if backend == "sparse":
         raise ValueError(f"sparse_mm(backend='sparse'): cannot run the 2:4 kernel: {reason}")
-    if x.device.type == "cuda":
-        warn_once(f"fallback:{reason}", f"sparseflow: running dense instead of 2:4 because {reason}")
+    warn_once(f"fallback:{reason}", f"sparseflow: running dense instead of 2:4 because {reason}")
     return "dense"
 
 
