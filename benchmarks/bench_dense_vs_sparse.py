@@ -1,6 +1,10 @@
 """2:4 GEMM benchmark: cuBLAS vs PyTorch's semi-structured sparsity vs sparseflow, in one run.
 
-y = x @ W^T for square problems (M=N=K) and Llama-3-8B layers x M, fp16 and bf16. Each figure is
+y = x @ W^T for square problems (M=N=K) and Llama-3-8B layers x M, fp16 and bf16. Columns:
+cuBLAS (``F.linear``), PyTorch ``to_sparse_semi_structured``, cuSPARSELt through sparseflow
+(searched plan), our decode kernel (M <= 64), the faster of the two 2:4 kernels ("2:4 kern",
+i.e. forced sparse) and ``SparseLinear`` as dispatched. For the decode kernel the achieved HBM
+bandwidth (compressed weight + x + y bytes / time) is reported against a measured copy. Each figure is
 the median over samples; a sample is one pass over a rotation of weight/input sets whose total
 size exceeds the L2 cache (so weights come from HBM, as in a real model). Writes
 ``benchmarks/results/linear_<gpu>.json`` and a PNG of speedup over cuBLAS vs M per layer.
@@ -25,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
+from sparseflow.decode import DECODE_MAX_M
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-MS = [1, 16, 64, 256, 1024, 4096, 16384]
+MS = [1, 4, 8, 16, 64, 256, 1024, 4096, 16384]
 SQUARE = [2048, 4096, 8192, 16384]
 ROTATE_BYTES = 256 << 20  # several times the 50-60 MB L2
 
@@ -68,11 +73,19 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     comp = [sf.compress_2_4(w) for w in ws]
     layers = [SparseLinear.from_compressed(c, None) for c in comp]
     row["sparseflow_ms"] = median_ms([lambda sl=sl, x=x: sl(x) for sl, x in zip(layers, xs)], samples)
-    row["sparse_kernel_ms"] = median_ms(
-        [lambda c=c, x=x: sf.sparse_mm(x, c, backend="sparse") for c, x in zip(comp, xs)], samples
-    )
+    for key, backend in (("cusparselt_ms", "cusparselt"), ("decode_ms", "decode")):
+        row[key] = None
+        if backend == "decode" and m > DECODE_MAX_M:
+            continue
+        row[key] = median_ms(
+            [lambda c=c, x=x, b=backend: sf.sparse_mm(x, c, backend=b) for c, x in zip(comp, xs)], samples
+        )
+    row["sparse_kernel_ms"] = min(t for t in (row["cusparselt_ms"], row["decode_ms"]) if t)
+    if row["decode_ms"]:
+        row["decode_gbps"] = (n * k * 1.125 + m * k * 2 + m * n * 2) / row["decode_ms"] / 1e6
     d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
     row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
+    row["decode_split"] = d.decode_split if d else None
     del layers, comp
 
     row["torch_ms"], row["torch_error"] = None, None
@@ -95,6 +108,14 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     del ws, xs
     torch.cuda.empty_cache()
     return row
+
+
+def copy_bandwidth_gbps() -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes / time): the decode kernel's ceiling."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms([lambda: dst.copy_(src)], 10)
+    return 2 * src.numel() / ms / 1e6
 
 
 def host_overhead_us() -> dict:
@@ -177,6 +198,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rows only")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--ms", type=lambda v: [int(t) for t in v.split(",")], help="comma-separated M values")
+    ap.add_argument("--layers", type=lambda v: v.split(","), help="comma-separated subset of qkv,o,gate_up,down")
+    ap.add_argument("--no-square", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -190,27 +214,40 @@ def main(argv=None) -> int:
     tag = (found.group(1) if found else re.sub(r"\W+", "_", gpu)).lower()
     grid = []
     for dtype in (torch.float16, torch.bfloat16):
-        for s in SQUARE if not args.quick else [4096]:
+        for s in [] if args.no_square else SQUARE if not args.quick else [4096]:
             grid.append((f"square{s}", s, s, s, dtype))
         for name, (n, k) in LLAMA3_8B.items():
-            for m in MS if not args.quick else [1, 16, 4096]:
+            if args.layers and name not in args.layers:
+                continue
+            for m in args.ms or (MS if not args.quick else [1, 16, 4096]):
                 grid.append((name, m, n, k, dtype))
     rows = []
-    hdr = f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>9} {'torch':>9} {'2:4 kern':>9} {'SparseLin':>9} | {'kern x':>6} {'SL x':>6} {'torch x':>7} choice"
+    hdr = (
+        f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>8} {'torch':>8} {'cuSPLt':>8} "
+        f"{'decode':>8} {'SparseLin':>9} | {'cslt x':>6} {'dec x':>6} {'kern x':>6} {'SL x':>6} {'torch x':>7} "
+        f"{'dec GB/s':>8} choice"
+    )
     print(hdr)
     print("-" * len(hdr))
     t_start = time.time()
     for name, m, n, k, dtype in grid:
         r = bench_row(name, m, n, k, dtype, args.samples)
         rows.append(r)
-        tx = f"{r['cublas_ms'] / r['torch_ms']:7.2f}" if r["torch_ms"] else "   fail"
-        tm = f"{r['torch_ms']:9.4f}" if r["torch_ms"] else "     fail"
+        def ms(v, w=8):
+            return f"{v:{w}.4f}" if v else f"{'-':>{w}}"
+
+        def x(v, w=6, base=r["cublas_ms"]):
+            return f"{base / v:{w}.2f}" if v else f"{'-':>{w}}"
+
+        gbps = f"{r['decode_gbps']:8.0f}" if r.get("decode_gbps") else f"{'-':>8}"
         print(
-            f"{name:>11} {r['dtype']:>8} {m:6d} {n:6d} {k:6d} | {r['cublas_ms']:9.4f} {tm} {r['sparse_kernel_ms']:9.4f} "
-            f"{r['sparseflow_ms']:9.4f} | {r['cublas_ms'] / r['sparse_kernel_ms']:6.2f} {r['cublas_ms'] / r['sparseflow_ms']:6.2f} "
-            f"{tx} {r['choice']}",
+            f"{name:>11} {r['dtype']:>8} {m:6d} {n:6d} {k:6d} | {r['cublas_ms']:8.4f} {ms(r['torch_ms'])} "
+            f"{ms(r['cusparselt_ms'])} {ms(r['decode_ms'])} {ms(r['sparseflow_ms'], 9)} | {x(r['cusparselt_ms'])} "
+            f"{x(r['decode_ms'])} {x(r['sparse_kernel_ms'])} {x(r['sparseflow_ms'])} {x(r['torch_ms'], 7)} {gbps} "
+            f"{r['choice']}",
             flush=True,
         )
+    copy_gbps = copy_bandwidth_gbps()
     host = host_overhead_us()
     conversion = conversion_seconds_llama3_8b()
     llama = [r for r in rows if not r["name"].startswith("square")]
@@ -229,6 +266,19 @@ def main(argv=None) -> int:
         ),
         "sparselinear_geomean_all": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows]),
         "torch_failures": sum(1 for r in rows if r["torch_error"]),
+        "copy_bandwidth_gbps": copy_gbps,
+        "decode_rows_gate_up_down_m_le_16": [
+            {
+                "name": r["name"],
+                "M": r["M"],
+                "dtype": r["dtype"],
+                "vs_cublas": r["cublas_ms"] / r["decode_ms"],
+                "vs_cusparselt": r["cusparselt_ms"] / r["decode_ms"],
+                "hbm_fraction": r["decode_gbps"] / copy_gbps,
+            }
+            for r in llama
+            if r["name"] in ("gate_up", "down") and r["M"] <= 16 and r.get("decode_ms")
+        ],
         "host_us_per_call": host,
         "conversion": conversion,
         "seconds": time.time() - t_start,
@@ -246,6 +296,12 @@ def main(argv=None) -> int:
         plot(rows, args.out / f"linear_{tag}.png", gpu)
     except ImportError:
         print("(matplotlib missing: no plot)")
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s; decode kernel on gate_up/down, M <= 16:")
+    for d in summary["decode_rows_gate_up_down_m_le_16"]:
+        print(
+            f"  {d['name']:>8} {d['dtype']:>8} M={d['M']:<3} {d['vs_cublas']:.2f}x cuBLAS, "
+            f"{d['vs_cusparselt']:.2f}x cuSPARSELt, {100 * d['hbm_fraction']:.0f}% of copy bandwidth"
+        )
     errs = sorted({r["torch_error"] for r in rows if r["torch_error"]})
     for e in errs:
         print("torch semi-structured failure:", e)

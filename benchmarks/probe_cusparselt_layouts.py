@@ -44,12 +44,14 @@ for alg in range(start, int(_C.cslt_alg_count(x, packed, n, L))):
     except RuntimeError as e:
         print("ERR", alg, str(e)[:60], flush=True)
 print("DONE", flush=True)
+cfg = [int(v) for v in _C.cslt_search(x, packed, n, L)[:4]]  # may crash: printed after DONE
+print("SEARCH", ms(lambda: _C.cslt_mm(x, packed, n, cfg, L)), cfg[0], flush=True)
 """
 
 
 def probe(layout: int, shape, deadline: float) -> str:
     env = {**os.environ, "SPARSEFLOW_CSLT_LAYOUT": str(layout)}
-    start, times, crashed, dense, default = 0, {}, [], None, None
+    start, times, crashed, dense, default, searched = 0, {}, [], None, None, None
     while time.time() < deadline:
         try:
             r = subprocess.run(
@@ -74,6 +76,8 @@ def probe(layout: int, shape, deadline: float) -> str:
                 last = int(f[1])
             elif f[0] == "ALG":
                 times[int(f[1])] = float(f[2])
+            elif f[0] == "SEARCH":
+                searched = float(f[1])
         if "DONE" in out or last is None:
             break
         crashed.append(last)
@@ -84,16 +88,21 @@ def probe(layout: int, shape, deadline: float) -> str:
     line = f"layout {layout} M={m:5d} N={n:5d} K={k:5d} dense={us(dense)} default={us(default)}"
     if best and dense:
         line += f" best alg {best[0]}={us(best[1])} ({dense / best[1]:.2f}x)"
+    line += f" search={us(searched)}" if searched else " search=failed"
     return line + f" ids timed={len(times)} crashing ids={crashed}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=150.0)
+    ap.add_argument("--layouts", default="1,3,4,0,2")
+    ap.add_argument("--shapes", default="", help="indices into SHAPES, e.g. 1,2 (default: all)")
     args = ap.parse_args()
-    per = max(40.0, args.budget_s / (5 * len(SHAPES)))  # a child needs ~10 s to import torch + sparseflow
-    for layout in (1, 3, 4, 0, 2):
-        for shape in SHAPES:
+    layouts = [int(v) for v in args.layouts.split(",")]
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    per = max(40.0, args.budget_s / (len(layouts) * len(shapes)))  # a child needs ~10 s to import torch + sparseflow
+    for layout in layouts:
+        for shape in shapes:
             print(probe(layout, shape, time.time() + per), flush=True)
     return 0
 

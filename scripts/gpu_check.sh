@@ -4,6 +4,7 @@
 #   scripts/gpu_check.sh            # build + tests + full benchmark
 #   BENCH=quick scripts/gpu_check.sh
 #   BENCH=none  scripts/gpu_check.sh
+#   BENCH_ARGS="--no-square --ms 1,4,8,16" scripts/gpu_check.sh   # extra benchmark arguments
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee
 summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
 
 if [ "${BENCH:-full}" != "none" ]; then
-  args=(); [ "${BENCH:-full}" = quick ] && args+=(--quick)
+  args=(${BENCH_ARGS:-}); [ "${BENCH:-full}" = quick ] && args+=(--quick)
   $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
   summary+=("$(grep '^SUMMARY' "$OUT/bench.log")")
 fi
@@ -34,7 +35,7 @@ if [ "${DEMO:-1}" = 1 ]; then  # issue 3's GPU path: sf.sparsify on the GPU, the
   summary+=("$(grep -E '^(sparsify|logits|greedy|converted|DEMO)' "$OUT/demo.log")")
 fi
 if [ "${PROBE:-0}" != 0 ]; then  # per-algorithm cuSPARSELt sweep, crash-isolated (informational)
-  timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" 2>&1 | tee "$OUT/probe.log"
+  timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
 fi
 echo "================ gpu_check summary ================"
 printf '%s\n' "${summary[@]}"

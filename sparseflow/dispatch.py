@@ -1,14 +1,16 @@
-"""Per-shape choice between the 2:4 kernel and dense cuBLAS, measured on the GPU in use.
+"""Per-shape choice among dense cuBLAS, cuSPARSELt and our decode kernel, measured on the GPU.
 
-For each (dtype, N, K, M-bucket) we run ``cusparseLtMatmulSearch`` once, time the searched
-sparse kernel against ``F.linear`` on the same shapes, and remember both the winning algorithm
-and the faster path. Decisions persist in a JSON file keyed by GPU name and cuSPARSELt version
+For each (dtype, N, K, M-bucket) we time, once, on the shapes themselves: ``F.linear``;
+cuSPARSELt with the algorithm ``cusparseLtMatmulSearch`` picks; and, for M <= 64, our small-M
+kernel (``sparseflow.decode``) at a few split-K factors. The fastest wins, and the decision (with
+every time measured) persists in a JSON file keyed by GPU name and cuSPARSELt version
 (``$SPARSEFLOW_CACHE_DIR``, default ``~/.cache/sparseflow``), so a new process neither searches
-nor measures again. Buckets are powers of two (>= 16): M in (b/2, b] uses bucket b.
+nor measures again. Buckets are powers of two (>= 8): M in (b/2, b] uses bucket b.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -28,28 +30,49 @@ from sparseflow._ext import _C, CSLT_LAYOUT, warn_once
 STATIC_SPARSE_MIN_M = 2048
 
 
+# Cache format version: bump when Decision's meaning changes so old files are not misread.
+_CACHE_VERSION = 2
+KERNELS = ("dense", "cusparselt", "decode")
+
+
 def m_bucket(m: int) -> int:
-    return max(16, 1 << max(0, (int(m) - 1)).bit_length())
+    return max(8, 1 << max(0, (int(m) - 1)).bit_length())
 
 
 @dataclass
 class Decision:
-    choice: str  # "sparse" or "dense"
+    choice: str  # one of KERNELS
     cfg: list[int] = field(default_factory=lambda: [-1, 1, 0, 0])  # cuSPARSELt config id, split-k, mode, buffers
-    sparse_ms: float | None = None
+    sparse_ms: float | None = None  # cuSPARSELt, searched
     dense_ms: float | None = None
+    decode_ms: float | None = None  # our decode kernel at its best split
+    decode_split: int = 0
     measured: bool = False
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "sweep"
 
     @property
+    def best_sparse(self) -> str:
+        """The faster measured 2:4 kernel (what backend='sparse' runs)."""
+        if self.decode_ms is not None and (self.sparse_ms is None or self.decode_ms < self.sparse_ms):
+            return "decode"
+        return "cusparselt"
+
+    @property
     def speedup(self) -> float | None:
-        if self.sparse_ms and self.dense_ms:
-            return self.dense_ms / self.sparse_ms
-        return None
+        """Dense time over the faster 2:4 kernel's time."""
+        best = min((t for t in (self.sparse_ms, self.decode_ms) if t), default=None)
+        return self.dense_ms / best if best and self.dense_ms else None
 
 
 def static_decision(m: int) -> Decision:
-    return Decision("sparse" if m >= STATIC_SPARSE_MIN_M else "dense")
+    return Decision("cusparselt" if m >= STATIC_SPARSE_MIN_M else "dense")
+
+
+def default_sparse(m: int) -> str:
+    """The 2:4 kernel to use when nothing is measured."""
+    from sparseflow.decode import DECODE_MAX_M
+
+    return "decode" if m <= DECODE_MAX_M else "cusparselt"
 
 
 def _median_ms(fn, iters: int = 7, warmup: int = 3, batch: int = 8) -> float:
@@ -109,7 +132,7 @@ class Dispatcher:
     def cache_file(self, device: torch.device) -> Path:
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
-        return self.cache_dir() / f"dispatch-{name}-cusparselt{version}-layout{CSLT_LAYOUT}.json"
+        return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}-layout{CSLT_LAYOUT}.json"
 
     @staticmethod
     def _key_str(key: tuple) -> str:
@@ -133,7 +156,10 @@ class Dispatcher:
             if not m or not hasattr(torch, m.group(1)):
                 continue
             key = (str(device), getattr(torch, m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)))
-            self._decisions.setdefault(key, Decision(**d))
+            try:
+                self._decisions.setdefault(key, Decision(**d))
+            except TypeError:  # written by another version: measure again
+                continue
 
     def _save(self, device: torch.device) -> None:
         path = self.cache_file(device)
@@ -169,9 +195,9 @@ class Dispatcher:
             warn_once(
                 f"capture:{n}x{k}:{m}",
                 f"sparseflow: no measured decision for {n}x{k} at M={m} during CUDA-graph capture; using the "
-                "default sparse plan. Run one eager forward at this size before capturing.",
+                "default 2:4 kernel. Run one eager forward at this size before capturing.",
             )
-            return Decision("sparse")
+            return Decision(default_sparse(m))
         with self._lock:
             key = (str(device), dtype, n, k, m_bucket(m))
             if key not in self._decisions:
@@ -180,16 +206,35 @@ class Dispatcher:
             return self._decisions[key]
 
     def _measure(self, weight, bucket: int) -> Decision:
+        from sparseflow.decode import DECODE_MAX_M, decode_mm, default_split
+
         n, k = weight.shape
+        had = set(weight._cache)
+        d = Decision("dense", measured=True)
         with torch.cuda.device(weight.device), torch.no_grad():
             x = torch.randn(bucket, k, dtype=weight.dtype, device=weight.device)
-            packed = weight.cslt_packed()
-            cfg, sparse_ms, how = _search(x, packed, n)
-            self.searches += 1
-            dense = weight.dense_on_device(keep=False)  # the cached copy if a dense route made one
-            dense_ms = _median_ms(lambda: F.linear(x, dense))
-        choice = "sparse" if sparse_ms <= dense_ms else "dense"
-        return Decision(choice, cfg, sparse_ms, dense_ms, measured=True, search=how)
+            d.dense_ms = _median_ms(functools.partial(F.linear, x, weight.dense_on_device(keep=False)))
+            if n % 32 == 0 and k % 32 == 0:  # cuSPARSELt's alignment
+                packed = weight.cslt_packed()
+                d.cfg, d.sparse_ms, d.search = _search(x, packed, n)
+                self.searches += 1
+            if bucket <= DECODE_MAX_M:
+                w = weight.decode_packed()
+                chunks = w.A.shape[1] // 4
+                base = default_split(w)
+                for split in sorted({1, 2, 4, 8, 16, base, max(1, base // 2), 2 * base}):
+                    if split > chunks:
+                        continue
+                    ms = _median_ms(lambda split=split: decode_mm(x, w, None, split))
+                    if d.decode_ms is None or ms < d.decode_ms:
+                        d.decode_ms, d.decode_split = ms, split
+        times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
+        d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
+        # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
+        weight.drop_cached(
+            *(c for c, name in (("cslt", "cusparselt"), ("decode", "decode")) if c not in had and name != d.choice)
+        )
+        return d
 
     def table(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> list[dict]:
         """Every decision known for this shape, for inspection (one row per M-bucket)."""
@@ -202,8 +247,10 @@ class Dispatcher:
                         "m_bucket": key[4],
                         "choice": d.choice,
                         "speedup_vs_dense": d.speedup,
-                        "sparse_ms": d.sparse_ms,
                         "dense_ms": d.dense_ms,
+                        "cusparselt_ms": d.sparse_ms,
+                        "decode_ms": d.decode_ms,
+                        "decode_split": d.decode_split,
                         "cusparselt_cfg": d.cfg,
                     }
                 )

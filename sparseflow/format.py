@@ -8,7 +8,7 @@ four consecutive elements of a row holds at most two non-zeros. We store
   groups per byte, the even group in the low nibble.
 
 This form is the same bytes on every device, so it is what checkpoints hold. GPU layouts
-(cuSPARSELt's compressed buffer) are derived from it on the device and cached on the object.
+(cuSPARSELt's compressed buffer, our decode kernel's fragment order) are derived from it on the device and cached on the object.
 Bytes: K/2 values + K/8 metadata per row = 0.5625x the dense fp16 bytes.
 """
 
@@ -140,6 +140,21 @@ class Sparse24Weight:
             packed = _C.cslt_compress(self.dense_on_device(keep=False), CSLT_LAYOUT)
             cache["cslt"] = packed
         return packed
+
+    def decode_packed(self):
+        """Our decode kernel's layout of this weight (``sparseflow.decode``; built once)."""
+        cache = self._fresh_cache()
+        packed = cache.get("decode")
+        if packed is None:
+            from sparseflow.decode import pack_decode
+
+            packed = cache["decode"] = pack_decode(self)
+        return packed
+
+    def drop_cached(self, *names: str) -> None:
+        """Free device layouts (e.g. one a measurement built but the dispatcher did not choose)."""
+        for name in names:
+            self._cache.pop(name, None)
 
     def validate(self) -> None:
         """Check the metadata (e.g. after loading a checkpoint): each group's two positions differ

@@ -3,7 +3,9 @@
 The op ``sparseflow::sparse_linear`` is opaque to ``torch.compile`` (a fake implementation gives
 output shapes) and safe under CUDA-graph capture once each shape has been run eagerly. Its CUDA
 implementation looks the weight's device caches (cuSPARSELt buffer, optional dense copy) up by an
-integer handle, so compiled graphs carry no Python objects.
+integer handle, so compiled graphs carry no Python objects. Three kernels can serve a call:
+dense cuBLAS, cuSPARSELt (large M) and our decode kernel (M <= 64); ``sparseflow.dispatch``
+measures which is fastest per shape.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, CSLT_LAYOUT, sparse_unavailable_reason, warn_once
-from sparseflow.dispatch import DISPATCHER, Decision, m_bucket
+from sparseflow.decode import DECODE_MAX_M
+from sparseflow.dispatch import DISPATCHER, default_sparse, m_bucket
 from sparseflow.format import Sparse24Weight
 
 __all__ = ["BACKENDS", "sparse_mm"]
 
-BACKENDS = {"auto": 0, "sparse": 1, "dense": 2}
+# auto: fastest measured (never slower than dense); sparse: fastest measured 2:4 kernel; the
+# others force one kernel.
+BACKENDS = {"auto": 0, "sparse": 1, "dense": 2, "cusparselt": 3, "decode": 4}
+_DENSE, _CSLT, _DECODE = 0, 1, 2
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 _lib = torch.library.Library("sparseflow", "DEF")
@@ -30,7 +36,7 @@ _handles: dict[int, weakref.ref] = {}
 _next_handle = itertools.count(1)
 
 
-# Hot-path routes: (handle, M-bucket, backend) -> (values version, use_dense, tensor, cfg). One
+# Hot-path routes: (handle, M-bucket, backend) -> (values version, kernel, weight layout, cfg). One
 # dict lookup per call instead of the dispatcher's keyed search; dropped with the weight.
 _routes: dict[tuple[int, int, int], tuple] = {}
 
@@ -71,16 +77,25 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
 
 
 def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
-    n, k = w.shape
     if backend == BACKENDS["dense"]:
-        d = Decision("dense")
-    elif backend == BACKENDS["sparse"]:
-        d = Decision("sparse", (DISPATCHER.lookup(w.device, w.dtype, n, k, m) or Decision("sparse")).cfg)
+        kernel = "dense"
+    elif backend == BACKENDS["cusparselt"]:
+        kernel = "cusparselt"
+    elif backend == BACKENDS["decode"]:
+        kernel = "decode"
+    elif torch.cuda.is_current_stream_capturing() and DISPATCHER.lookup(w.device, w.dtype, *w.shape, m) is None:
+        kernel = default_sparse(m) if backend == BACKENDS["sparse"] else DISPATCHER.decide(w, m).choice
     else:
         d = DISPATCHER.decide(w, m)
-    if d.choice == "dense":
-        return (w.values._version, True, w.dense_on_device(keep=True), None)
-    return (w.values._version, False, w.cslt_packed(), d.cfg)
+        kernel = d.choice
+        if backend == BACKENDS["sparse"] and (d.decode_ms or d.sparse_ms):
+            kernel = d.best_sparse
+    d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m)
+    if kernel == "dense":
+        return (w.values._version, _DENSE, w.dense_on_device(keep=True), None)
+    if kernel == "decode":
+        return (w.values._version, _DECODE, w.decode_packed(), d.decode_split if d else 0)
+    return (w.values._version, _CSLT, w.cslt_packed(), d.cfg if d else [-1, 1, 0, 0])
 
 
 def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, handle: int, backend: int):
@@ -92,10 +107,14 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     r = _routes.get(key)
     if r is None or r[0] != w.values._version:
         r = _routes[key] = _route(w, m, backend)
-        if backend == BACKENDS["auto"] and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
+        if backend in (0, 1) and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
             _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
-    if r[1]:
+    kernel = r[1]
+    if kernel == _DENSE:
         y = F.linear(x2, r[2], bias)
+    elif kernel == _DECODE:
+        x2 = x2.contiguous()
+        y = _C.decode24_mm(x2 if x2.data_ptr() % 4 == 0 else x2.clone(), r[2].A, r[2].E, bias, n, False, r[3])
     else:
         y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], CSLT_LAYOUT)
         if bias is not None:
@@ -135,18 +154,31 @@ def _validate(x, w, bias) -> None:
 
 
 def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
-    """Resolve 'auto'/'sparse' to what can really run here; raise where the user forced the impossible."""
+    """Resolve the backend to what can really run here; raise where the user forced the impossible."""
     n, k = w.shape
+    m = x.numel() // k if k else 0
     reason = sparse_unavailable_reason(x.device)
     if reason is None and x.dtype not in _SPARSE_DTYPES:
         reason = f"{x.dtype} inputs have no 2:4 tensor-core path (use float16 or bfloat16)"
-    if reason is None and (n % 32 or k % 32):
-        bad = f"in_features K={k}" if k % 32 else f"out_features N={n}"
-        reason = f"{bad} is not a multiple of 32, which cuSPARSELt requires"
+    cslt_reason = (
+        None
+        if n % 32 == 0 and k % 32 == 0
+        else (
+            f"{'in_features K=' + str(k) if k % 32 else 'out_features N=' + str(n)} is not a multiple of 32, "
+            "which cuSPARSELt requires"
+        )
+    )
+    decode_reason = None if m <= DECODE_MAX_M else f"M={m} rows exceed the decode kernel's limit of {DECODE_MAX_M}"
+    if reason is None and backend == "cusparselt":
+        reason = cslt_reason
+    elif reason is None and backend == "decode":
+        reason = decode_reason
+    elif reason is None and backend in ("auto", "sparse") and cslt_reason and decode_reason:
+        reason = f"{cslt_reason}, and {decode_reason}"
     if reason is None:
         return backend
-    if backend == "sparse":
-        raise ValueError(f"sparse_mm(backend='sparse'): cannot run the 2:4 kernel: {reason}")
+    if backend != "auto" and backend != "dense":
+        raise ValueError(f"sparse_mm(backend={backend!r}): cannot run the 2:4 kernel: {reason}")
     warn_once(f"fallback:{reason}", f"sparseflow: running dense instead of 2:4 because {reason}")
     return "dense"
 
@@ -156,17 +188,18 @@ def sparse_mm(
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W (out_features x in_features) given compressed.
 
-    ``x`` is (..., in_features). ``backend``: ``"auto"`` (per-shape measured choice between the
-    2:4 kernel and dense cuBLAS), ``"sparse"`` (force the 2:4 kernel; errors where it cannot
-    run) or ``"dense"``. On the CPU the result comes from an exact reference (decompress +
+    ``x`` is (..., in_features). ``backend``: ``"auto"`` (per-shape measured choice among dense
+    cuBLAS and the 2:4 kernels: never slower than dense), ``"sparse"`` (the faster 2:4 kernel;
+    errors where none can run), ``"dense"``, or one kernel: ``"cusparselt"`` or ``"decode"``
+    (ours, M <= 64). On the CPU the result comes from an exact reference (decompress +
     matmul in float32).
     """
     if backend not in BACKENDS:
         raise ValueError(f"sparse_mm: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     _validate(x, weight, bias)
     if x.device.type == "cpu":
-        if backend == "sparse":
-            raise ValueError("sparse_mm(backend='sparse'): the 2:4 kernel needs CUDA tensors, these are on the CPU")
+        if backend not in ("auto", "dense"):
+            raise ValueError(f"sparse_mm(backend={backend!r}): the 2:4 kernels need CUDA tensors, these are on the CPU")
         warn_once("cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)")
     elif x.device.type == "cuda":
         backend = _cuda_backend(x, weight, backend)

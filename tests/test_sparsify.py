@@ -394,7 +394,7 @@ def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch):
 
     def decide(weight, m):
         s = timings[weight.shape][m]
-        return Decision("sparse" if s >= 1 else "dense", sparse_ms=1.0, dense_ms=s, measured=True)
+        return Decision("cusparselt" if s >= 1 else "dense", sparse_ms=1.0, dense_ms=s, measured=True)
 
     monkeypatch.setattr(walker, "sparse_unavailable_reason", lambda device: None)
     monkeypatch.setattr(walker, "_probe_weight", lambda n, k, dtype, device: sf.compress_2_4(torch.zeros(n, k)))

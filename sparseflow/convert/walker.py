@@ -201,7 +201,7 @@ def _measure(
     for m in expected_tokens:
         d = DISPATCHER.decide(probe, int(m))
         speedups[int(m)] = d.speedup
-        if d.choice != "sparse" or (d.speedup is not None and d.speedup < min_speedup):
+        if d.choice == "dense" or (d.speedup is not None and d.speedup < min_speedup):
             slower.append(int(m))
     if slower:
         return False, f"2:4 measured slower than dense at M={slower}", speedups

@@ -18,8 +18,9 @@ from sparseflow.ops import BACKENDS, _cuda_backend, _handle, _validate, cuda_for
 class SparseLinear(nn.Module):
     """y = x W^T + b with W (out_features x in_features) in the portable 2:4 form.
 
-    ``backend``: "auto" (measured per shape and M-bucket: 2:4 kernel or dense cuBLAS, whichever
-    is faster), "sparse" or "dense". Inference only (no backward).
+    ``backend``: "auto" (measured per shape and M-bucket: dense cuBLAS, cuSPARSELt or our decode
+    kernel, whichever is fastest), "sparse" (the faster 2:4 kernel), "dense", "cusparselt" or
+    "decode". Inference only (no backward).
     """
 
     def __init__(
@@ -92,11 +93,18 @@ class SparseLinear(nn.Module):
         return self.weight_2_4.nbytes
 
     def memory_bytes(self) -> dict[str, int]:
-        """Device bytes this layer holds now: the portable form, cuSPARSELt's copy of it, and a
-        dense copy where the dispatcher chose dense for some M (the price of never being slower)."""
+        """Device bytes this layer holds now: the portable form, the kernel layouts derived from it
+        (cuSPARSELt's buffer, the decode kernel's fragments) for the kernels the dispatcher chose,
+        and a dense copy where it chose dense for some M (the price of never being slower)."""
         cache = self.weight_2_4._cache
         size = {k: (cache[k].numel() * cache[k].element_size() if k in cache else 0) for k in ("cslt", "dense")}
-        return {"portable": self.weight_nbytes, "cusparselt": size["cslt"], "dense_fallback": size["dense"]}
+        decode = cache["decode"].nbytes if "decode" in cache else 0
+        return {
+            "portable": self.weight_nbytes,
+            "cusparselt": size["cslt"],
+            "decode": decode,
+            "dense_fallback": size["dense"],
+        }
 
     @torch.compiler.disable
     def _prepare(self, x: torch.Tensor) -> tuple:

@@ -1,0 +1,125 @@
+"""Our small-M (decode) 2:4 kernel: the weight layout it reads and its Python entry points.
+
+The kernel (``csrc/decode_gemm.cu``) runs ``mma.sp.m16n8k32`` with the weight as the sparse
+operand. This module rearranges the portable form (values + 2-bit positions, see
+``sparseflow.format``) into the per-lane fragment order the instruction wants, once per weight
+and on the weight's device, so the kernel does nothing but 16-byte coalesced loads:
+
+* ``A[tile, kstep, lane, 0:4]``: the four 32-bit registers of lane ``lane``'s A fragment for
+  output rows ``16*tile .. +15`` and k ``32*kstep .. +31`` (8 kept values);
+* ``E[tile, chunk, slot, 0:4]``: metadata of k-steps ``4*chunk .. +3`` for the 16 lanes that
+  supply it (lane ``4g + t`` for t in {0, 1} reads slot ``2g + t``).
+
+Fragment and metadata positions follow the PTX ISA's description of sparse ``mma.m16n8k32``
+for 16-bit types: A as in the dense m16n8k16 fragment (row ``g`` / ``g+8``, compressed columns
+``2t, 2t+1`` / ``+8``); metadata of thread ``t`` (0 or 1) of group ``g``: k ``16t .. 16t+15``,
+bits 0-15 for row ``g`` and bits 16-31 for row ``g+8``, one nibble ``i0 | i1 << 2`` per group
+of four. ``tests/test_decode_kernel.py`` checks these readings against the hardware through
+``_C.mma_sp_probe``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparseflow._ext import _C
+
+__all__ = ["DECODE_MAX_M", "DecodeWeight", "decode_mm", "pack_decode", "pack_decode_swiglu"]
+
+DECODE_MAX_M = 64  # the kernel holds at most 8 n-tiles of 8 tokens
+_TILE, _KSTEP, _CHUNK, _TILES_PER_BLOCK = 16, 32, 128, 8
+_PAD_META = 0x44444444  # every nibble = positions (0, 1): valid metadata for all-zero padding
+
+
+@dataclass(frozen=True)
+class DecodeWeight:
+    """A weight in the decode kernel's layout (on one GPU)."""
+
+    A: torch.Tensor  # tiles x ksteps x 32 x 4 int32
+    E: torch.Tensor  # tiles x chunks x 16 x 4 int32
+    n_out: int  # output features (for SwiGLU: the intermediate size)
+    k: int
+    swiglu: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * 4 + self.E.numel() * 4
+
+
+def _lane_positions(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, compressed column) of the 8 values each lane holds, in register order."""
+    lane = torch.arange(32, device=device)
+    g, t = (lane // 4)[:, None], (lane % 4)[:, None]
+    half = torch.tensor([0, 0, 8, 8, 0, 0, 8, 8], device=device)
+    col = torch.tensor([0, 1, 0, 1, 8, 9, 8, 9], device=device)
+    return g + half, 2 * t + col
+
+
+def _to_int32(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def _pack_rows(values: torch.Tensor, idx: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values/idx: N x K/2 (idx = position 0..3 of each kept value) -> (A, E) with N padded to 16."""
+    npad, kpad = -(-n // _TILE) * _TILE, -(-k // _CHUNK) * _CHUNK
+    ks, tiles = kpad // _KSTEP, npad // _TILE
+    v = values.new_zeros(npad, kpad // 2)
+    v[:n, : k // 2] = values
+    ix = torch.arange(kpad // 2, device=idx.device).remainder(2).expand(npad, -1).clone()  # padding: (0, 1)
+    ix[:n, : k // 2] = idx
+    rows, cols = _lane_positions(values.device)
+    A = v.view(tiles, _TILE, ks, 16).permute(0, 2, 1, 3)[:, :, rows, cols]  # tiles x ks x 32 x 8
+    A = A.contiguous().view(torch.int32).reshape(tiles, ks, 32, 4)
+
+    nib = (ix[:, 0::2] | (ix[:, 1::2] << 2)).view(tiles, _TILE, ks, 8)  # per group of 4 k
+    shifts = 4 * torch.arange(4, device=ix.device)
+    half16 = (nib.view(tiles, _TILE, ks, 2, 4) << shifts).sum(-1)  # [..., t]: k 16t .. 16t+15
+    lo, hi = half16[:, :8], half16[:, 8:]  # rows g and g + 8: tiles x 8 x ks x 2
+    e = lo + (hi << 16)  # tiles x 8(g) x ks x 2(t)
+    e = e.permute(0, 2, 1, 3).reshape(tiles, ks // 4, 4, 16).permute(0, 1, 3, 2)  # tiles x chunks x 16 x 4
+    return A, _to_int32(e.contiguous())
+
+
+def _pad_tiles(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = -A.shape[0] % _TILES_PER_BLOCK
+    if extra:
+        A = torch.cat([A, A.new_zeros(extra, *A.shape[1:])])
+        E = torch.cat([E, E.new_full((extra, *E.shape[1:]), _to_int32(torch.tensor(_PAD_META)).item())])
+    return A.contiguous(), E.contiguous()
+
+
+def pack_decode(weight) -> DecodeWeight:
+    """Decode-kernel layout of a ``Sparse24Weight`` (built where the weight lives)."""
+    n, k = weight.shape
+    A, E = _pad_tiles(*_pack_rows(weight.values, weight.indices(), n, k))
+    return DecodeWeight(A, E, n, k)
+
+
+def pack_decode_swiglu(gate, up) -> DecodeWeight:
+    """One layout for gate and up (same shape): their 16-row tiles interleaved, so each block
+    holds both halves of its features and writes ``silu(gate) * up`` directly."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"pack_decode_swiglu: gate {gate} and up {up} differ in shape, dtype or device")
+    n, k = gate.shape
+    ag, eg = _pack_rows(gate.values, gate.indices(), n, k)
+    au, eu = _pack_rows(up.values, up.indices(), n, k)
+    A = torch.stack([ag, au], 1).flatten(0, 1)
+    E = torch.stack([eg, eu], 1).flatten(0, 1)
+    extra = -A.shape[0] % _TILES_PER_BLOCK  # pad whole (gate, up) pairs
+    A, E = _pad_tiles(A, E) if extra else (A.contiguous(), E.contiguous())
+    return DecodeWeight(A, E, n, k, swiglu=True)
+
+
+def decode_mm(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x of M <= 64 rows (2-D, contiguous); for a SwiGLU weight,
+    ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``split``: split-K
+    factor (0 = the kernel's default)."""
+    if x.data_ptr() % 4:
+        x = x.clone()
+    return _C.decode24_mm(x, w.A, w.E, bias, w.n_out, w.swiglu, split)
+
+
+def default_split(w: DecodeWeight) -> int:
+    return int(_C.decode24_default_split(w.A.shape[0], w.A.shape[1] * _KSTEP, w.A.device.index or 0))

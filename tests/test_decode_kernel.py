@@ -1,0 +1,235 @@
+"""Our small-M 2:4 kernel: the packed layout (CPU, by emulating mma.sp) and the kernel (GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparseflow as sf
+from sparseflow._ext import _C
+from sparseflow.decode import _lane_positions, decode_mm, pack_decode, pack_decode_swiglu
+from tests.conftest import TOL, random_2_4, rel_err
+
+needs_ext = pytest.mark.skipif(_C is None or not torch.cuda.is_available(), reason="needs the CUDA extension and a GPU")
+
+
+def _meta_position(r: int, q: int, layout: str) -> tuple[int, int]:
+    """(lane, bit shift) holding row r's nibble for k-group q (0..7) of an m16n8k32 step."""
+    if layout == "k-halves":  # our reading of the PTX ISA (sparseflow/decode.py)
+        return 4 * (r % 8) + q // 4, 16 * (r // 8) + 4 * (q % 4)
+    if layout == "rows":  # the other plausible reading: thread 0 row g, thread 1 row g + 8
+        return 4 * (r % 8) + r // 8, 4 * q
+    raise ValueError(layout)
+
+
+def emulate_mma_sp(a, b, e, dtype, layout="k-halves"):
+    """What one mma.sp m16n8k32 computes from per-lane registers (a, b: 32 x 4 int32, e: 32
+    int32), per lane as 32 x 4 float64 (c0..c3), under the given metadata reading."""
+    rows, cols = _lane_positions("cpu")
+    av = a.contiguous().view(dtype).double()  # 32 x 8
+    comp = torch.zeros(16, 16, dtype=torch.float64)
+    comp[rows, cols] = av
+    ev = e.to(torch.int64) & 0xFFFFFFFF
+    dense = torch.zeros(16, 32, dtype=torch.float64)
+    for r in range(16):
+        for q in range(8):
+            lane, shift = _meta_position(r, q, layout)
+            nib = int(ev[lane] >> shift) & 0xF
+            dense[r, 4 * q + (nib & 3)] = comp[r, 2 * q]
+            dense[r, 4 * q + (nib >> 2)] = comp[r, 2 * q + 1]
+    bv = b.contiguous().view(dtype).double()  # lane (g, t), half h = 2q + s -> k = 2t + 8q + s, n = g
+    B = torch.zeros(32, 8, dtype=torch.float64)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for h in range(8):
+            B[2 * t + 8 * (h // 2) + h % 2, g] = bv[lane, h]
+    D = dense @ B
+    out = torch.zeros(32, 4, dtype=torch.float64)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for c in range(4):
+            out[lane, c] = D[g + 8 * (c // 2), 2 * t + c % 2]
+    return out
+
+
+def _x_fragment(x_tile):
+    """x_tile: 8 tokens x 32 k -> the 32 x 4 int32 B registers."""
+    regs = torch.zeros(32, 8, dtype=x_tile.dtype)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for h in range(8):
+            regs[lane, h] = x_tile[g, 2 * t + 8 * (h // 2) + h % 2]
+    return regs.view(torch.int32)
+
+
+def emulate_decode(x, w, dtype):
+    """The decode kernel's arithmetic on the CPU, from the packed layout alone."""
+    tiles, ks = w.A.shape[:2]
+    m, k = x.shape
+    xp = torch.zeros(8, ks * 32, dtype=dtype)
+    out = torch.zeros(m, tiles * 16, dtype=torch.float64)
+    for n0 in range(0, m, 8):
+        xp.zero_()
+        xp[: min(8, m - n0), :k] = x[n0 : n0 + 8]
+        for s in range(ks):
+            b = _x_fragment(xp[:, 32 * s : 32 * s + 32])
+            for tile in range(tiles):
+                e = w.E[tile, s // 4, :, s % 4]
+                e32 = e[torch.arange(32) // 4 * 2 + torch.arange(32) % 2]  # lane 4g + t reads slot 2g + (t & 1)
+                c = emulate_mma_sp(w.A[tile, s], b, e32, dtype)
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    for q in range(4):
+                        tok = n0 + 2 * t + q % 2
+                        if tok < m:
+                            out[tok, tile * 16 + g + 8 * (q // 2)] += c[lane, q]
+    return out
+
+
+@pytest.mark.parametrize("n,k,m", [(16, 128, 1), (40, 200, 3), (24, 132, 9)])
+def test_packed_layout_reproduces_the_weight(n, k, m):
+    torch.manual_seed(n + k)
+    dense = random_2_4(n, k, torch.float16)
+    w = pack_decode(sf.compress_2_4(dense))
+    assert w.A.shape[0] % 8 == 0 and w.A.shape[1] % 4 == 0
+    x = torch.randn(m, k, dtype=torch.float16)
+    got = emulate_decode(x, w, torch.float16)[:, :n]
+    assert rel_err(got, F.linear(x.double(), dense.double())) < 1e-12
+
+
+def test_swiglu_layout_interleaves_gate_and_up_tiles():
+    torch.manual_seed(0)
+    gate, up = random_2_4(20, 128, torch.bfloat16), random_2_4(20, 128, torch.bfloat16)
+    w = pack_decode_swiglu(sf.compress_2_4(gate), sf.compress_2_4(up))
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    y = emulate_decode(x, w, torch.bfloat16)  # tiles: gate0, up0, gate1, up1, pad...
+    ref_g, ref_u = F.linear(x.double(), gate.double()), F.linear(x.double(), up.double())
+    assert rel_err(y[:, 0:16], ref_g[:, :16]) < 1e-12 and rel_err(y[:, 16:32], ref_u[:, :16]) < 1e-12
+    assert rel_err(y[:, 32:36], ref_g[:, 16:]) < 1e-12 and rel_err(y[:, 48:52], ref_u[:, 16:]) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def _random_regs(cases, dtype):
+    """Random A/B registers and valid ordered metadata (positions i0 < i1) for every lane."""
+    a = torch.randn(cases, 32, 8).to(dtype).view(torch.int32)
+    b = torch.randn(cases, 32, 8).to(dtype).view(torch.int32)
+    pairs = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    p = pairs[torch.randint(0, 6, (cases, 32, 8))]
+    nib = (p[..., 0] | (p[..., 1] << 2)) << (4 * torch.arange(8))
+    e = nib.sum(-1)
+    return a, b, torch.where(e >= 2**31, e - 2**32, e).to(torch.int32)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_sp_fragment_and_metadata_layout_on_hardware(dtype):
+    """The layout sparseflow/decode.py packs for is the one the tensor cores read."""
+    torch.manual_seed(1)
+    a, b, e = _random_regs(4, dtype)
+    got = _C.mma_sp_probe(a.cuda(), b.cuda(), e.cuda(), dtype == torch.bfloat16).cpu().double()
+    errs = {}
+    for layout in ("k-halves", "rows"):
+        want = torch.stack([emulate_mma_sp(a[i], b[i], e[i], dtype, layout) for i in range(4)])
+        errs[layout] = float((got - want).abs().max() / want.abs().max())
+    assert errs["k-halves"] < 1e-5, f"metadata layout differs from our reading; max rel err per reading: {errs}"
+
+
+DECODE_SHAPES = [
+    (1, 16, 128),
+    (3, 40, 200),
+    (8, 4096, 4096),
+    (9, 6144, 4096),
+    (16, 4096, 14336),
+    (17, 1000, 1028),
+    (33, 512, 1024),
+    (64, 2048, 4096),
+    (1, 28672, 4096),
+    (5, 4096, 14336),
+]
+
+
+def _poison():
+    junk = torch.empty(64 << 20, device="cuda", dtype=torch.float16).fill_(float("nan"))
+    del junk
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", DECODE_SHAPES)
+def test_decode_kernel_matches_float64(dtype, m, n, k):
+    torch.manual_seed(m + n + k)
+    dense = random_2_4(n, k, dtype, "cuda")
+    w = pack_decode(sf.compress_2_4(dense))
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    ref = F.linear(x.double(), dense.double(), bias.double())
+    for split in (0, 1, 3):
+        _poison()
+        y = decode_mm(x, w, bias, split=split)
+        torch.cuda.synchronize()
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert rel_err(y, ref) < TOL[dtype], f"split={split}"
+    assert rel_err(decode_mm(x, w), F.linear(x.double(), dense.double())) < TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 16, 40])
+def test_fused_swiglu_matches_reference(dtype, m):
+    torch.manual_seed(m)
+    n, k = 1040, 1024  # 65 tiles of 16: exercises pair padding
+    gate, up = random_2_4(n, k, dtype, "cuda"), random_2_4(n, k, dtype, "cuda")
+    w = pack_decode_swiglu(sf.compress_2_4(gate), sf.compress_2_4(up))
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(2 * n, device="cuda", dtype=dtype)
+    g = F.linear(x.double(), gate.double(), bias[:n].double())
+    u = F.linear(x.double(), up.double(), bias[n:].double())
+    _poison()
+    y = decode_mm(x, w, bias)
+    assert y.shape == (m, n)
+    assert rel_err(y, F.silu(g) * u) < 2 * TOL[dtype]
+
+
+@needs_ext
+def test_decode_kernel_deterministic_and_graph_capturable():
+    dense = random_2_4(4096, 4096, torch.float16, "cuda")
+    w = pack_decode(sf.compress_2_4(dense))
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
+    y0 = decode_mm(x, w, split=8)
+    assert all(torch.equal(decode_mm(x, w, split=8), y0) for _ in range(5))
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        decode_mm(x, w, split=8)  # warm: workspace allocated outside capture
+        with torch.cuda.graph(g):
+            yg = decode_mm(x, w, split=8)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(yg, F.linear(x.double(), dense.double())) < TOL[torch.float16]
+
+
+@needs_ext
+def test_decode_kernel_two_streams():
+    dense = random_2_4(4096, 14336, torch.bfloat16, "cuda")
+    w = pack_decode(sf.compress_2_4(dense))
+    xs = [torch.randn(8, 14336, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [None, None]
+    for _ in range(3):
+        for i in range(2):
+            with torch.cuda.stream(streams[i]):
+                outs[i] = decode_mm(xs[i], w, split=14)
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert rel_err(outs[i], F.linear(xs[i].double(), dense.double())) < TOL[torch.bfloat16]
+
+
+@needs_ext
+def test_decode_kernel_rejects_bad_input():
+    w = pack_decode(sf.compress_2_4(random_2_4(64, 256, torch.float16, "cuda")))
+    with pytest.raises(RuntimeError, match="M must be in 1..64"):
+        decode_mm(torch.randn(65, 256, device="cuda", dtype=torch.float16), w)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        decode_mm(torch.randn(2, 256, device="cuda"), w)
+    with pytest.raises(RuntimeError, match="does not fit K"):
+        decode_mm(torch.randn(2, 512, device="cuda", dtype=torch.float16), w)
