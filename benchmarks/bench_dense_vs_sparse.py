@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     for name, m, n, k, dtype in grid:
         r = bench_row(name, m, n, k, dtype, args.samples)
         rows.append(r)
+
         def ms(v, w=8):
             return f"{v:{w}.4f}" if v else f"{'-':>{w}}"
 
