@@ -6,7 +6,8 @@ cuBLAS (``F.linear``), PyTorch ``to_sparse_semi_structured``, cuSPARSELt through
 i.e. forced sparse) and ``SparseLinear`` as dispatched. For the decode kernel the achieved HBM
 bandwidth (compressed weight + x + y bytes / time) is reported against a measured copy. Each figure is
 the median over samples; a sample is one pass over a rotation of weight/input sets whose total
-size exceeds the L2 cache (so weights come from HBM, as in a real model). Writes
+size exceeds the L2 cache (so weights come from HBM, as in a real model), captured in a CUDA graph
+so that GPU time, not Python launch cost, is measured (host cost per call is reported apart). Writes
 ``benchmarks/results/linear_<gpu>.json`` and a PNG of speedup over cuBLAS vs M per layer.
 
     python benchmarks/bench_dense_vs_sparse.py            # full grid (~5 min on an H100/H200)
@@ -19,7 +20,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 import time
 import warnings
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
+from sparseflow import timing
 from sparseflow.decode import DECODE_MAX_M
 from sparseflow.nn import SparseLinear
 
@@ -39,20 +40,9 @@ ROTATE_BYTES = 256 << 20  # several times the 50-60 MB L2
 
 
 def median_ms(fns, samples: int) -> float:
-    """Median over samples of (time of one pass over fns) / len(fns); CUDA events."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(samples):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for f in fns:
-            f()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
-    return statistics.median(times)
+    """GPU time per call: one pass over fns captured in a CUDA graph, replayed between CUDA events
+    (median of samples); eager launches where a call cannot be captured."""
+    return timing.median_ms(fns, samples)
 
 
 def torch_semi_structured(w: torch.Tensor):
@@ -160,8 +150,11 @@ def plot(rows, path: Path, gpu: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(LLAMA3_8B) + ["square"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
+    names = [
+        n for n in [*LLAMA3_8B, "square"] if any(r["name"] == n or r["name"].startswith(n + "1") for r in rows)
+    ] or ["square"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, name in zip(axes, names):
         for dtype, ls in (("float16", "-"), ("bfloat16", "--")):
             sel = [
@@ -171,7 +164,8 @@ def plot(rows, path: Path, gpu: str) -> None:
             ]
             ms = [r["M"] for r in sel]
             for key, color, label in (
-                ("sparse_kernel_ms", "C0", "2:4 kernel"),
+                ("cusparselt_ms", "C0", "cuSPARSELt"),
+                ("decode_ms", "C1", "decode kernel"),
                 ("sparseflow_ms", "C2", "SparseLinear"),
                 ("torch_ms", "C3", "torch semi-structured"),
             ):

@@ -7,9 +7,10 @@
 //   2 kSparseB:    A = x (M x K row), B = W as K x N col (structured), D = M x N row == y
 //   3 kSparseATBt: as 1, but x described as PyTorch's _cslt_sparse_mm does: M x K row, opB = T
 //   4 kSparseABt:  as 0, with that description of x
-// Layouts 3 and 4 are opt-in (SPARSEFLOW_CSLT_LAYOUT) and have not yet run on a GPU: on the H200
-// PyTorch's own path (x described as in 3) ran its default algorithm faster than our layout 1
-// searched, so they are the next thing to measure (benchmarks/probe_cusparselt_layouts.py).
+// On an H200 with cuSPARSELt 0.8.0 (benchmarks/probe_cusparselt_layouts.py): layout 4 is the
+// fastest (best algorithm 1.46-1.52x over cuBLAS at M=4096) and is the default; its
+// cusparseLtMatmulSearch fails, so sparseflow.dispatch sweeps the algorithm ids itself. Layouts 0
+// and 2 crash inside the search; 1 and 3 need a transpose copy of the output.
 //
 // Plans are cached per (device, dtype, N, K, M, algorithm config); creating them per call is what
 // makes PyTorch's _cslt_sparse_mm slow. M is padded to a multiple of 16 (cuSPARSELt's alignment

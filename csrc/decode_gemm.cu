@@ -14,7 +14,8 @@
 // * x (tiny) is staged per chunk into shared memory in B-fragment order by the whole block, so
 //   each lane reads its B fragment with one conflict-free 16-byte load and the 8 warps (128
 //   output features) share it.
-// * Weight fragments for chunk c+1 are loaded (non-allocating in L1) while chunk c computes.
+// * Weight fragments stream through a per-warp cp.async ring in shared memory, kStages - 1 chunks
+//   ahead of the one being multiplied, so each SM keeps ~100 KB of loads in flight.
 // * Split-K across blocks (grid.y) fills all SMs when N is small (a 4096-row layer is only 32
 //   blocks): each split writes fp32 partials, the last block to finish a row block (atomic
 //   counter, reset by that block) adds them in a fixed order, so results are deterministic.
@@ -27,6 +28,7 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -37,7 +39,8 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kU = 4;  // k-steps (of 32) per chunk
+constexpr int kU = 4;       // k-steps (of 32) per chunk
+constexpr int kStages = 4;  // weight chunks in flight per warp (cp.async ring in shared memory)
 constexpr int kMaxM = 64;
 
 template <typename T>
@@ -62,14 +65,6 @@ struct MmaSp<__nv_bfloat16> {
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e));
   }
 };
-
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: keep it out of L1
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ uint32_t pick(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -124,14 +119,33 @@ struct XStage {
   }
 };
 
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <int NT>
+__host__ __device__ constexpr int xs_words() {  // double-buffered B fragments (reused as the epilogue's tile)
+  return 2 * kU * NT * 32 * 4;
+}
+constexpr int kRingUint4 = kStages * (kU + 1) * 32;  // per warp: per stage kU A fragments + metadata
+template <int NT>
+__host__ __device__ constexpr int smem_bytes() {
+  return xs_words<NT>() * 4 + kWarps * kRingUint4 * 16;
+}
+
 template <typename T, int NT, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
                                                             const T* __restrict__ x, const T* __restrict__ bias,
                                                             T* __restrict__ y, float4* __restrict__ ws,
                                                             int* __restrict__ counters, int M, int K, int KS,
                                                             int tiles, int n_out, int chunks_per_split) {
-  constexpr int kXsWords = 2 * kU * NT * 32 * 4;  // double-buffered B fragments
-  __shared__ __align__(16) uint32_t smem[kXsWords];
+  extern __shared__ __align__(16) uint32_t smem[];
   __shared__ int is_last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x * kWarps + warp;
@@ -141,17 +155,28 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
   const uint4* Ap = A + (size_t)tile * KS * 32 + lane;
   const uint4* Ep = E + (size_t)tile * C * 16 + g * 2 + (t & 1);
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
+  // This warp's ring of weight stages; each lane copies (cp.async) and later reads only its own
+  // 16-byte slots, so no synchronisation beyond cp.async.wait_group is needed for them.
+  uint4* ring = reinterpret_cast<uint4*>(smem + xs_words<NT>()) + warp * kRingUint4 + lane;
+
+  auto issue = [&](int c) {  // weight fragments of chunk c -> stage c % kStages
+    if (c < c1) {
+      uint4* st = ring + (c % kStages) * (kU + 1) * 32;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) cp_async16(st + u * 32, Ap + (size_t)(c * kU + u) * 32);
+      cp_async16(st + kU * 32, Ep + (size_t)c * 16);
+    }
+    cp_async_commit();  // always one group per chunk, so wait_group counts stay uniform
+  };
 
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  uint4 a_cur[kU], a_nxt[kU], e_cur, e_nxt;
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(c0 + i);
   XStage<NT> xst;
   if (c0 < c1) {
-#pragma unroll
-    for (int u = 0; u < kU; ++u) a_cur[u] = ld_stream(Ap + (size_t)(c0 * kU + u) * 32);
-    e_cur = ld_stream(Ep + (size_t)c0 * 16);
     xst.load(x32, M, K, c0);
     xst.store(smem);
   }
@@ -159,25 +184,23 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
   for (int c = c0; c < c1; ++c) {
     const int buf = (c - c0) & 1;
     const bool more = c + 1 < c1;
-    if (more) {
-#pragma unroll
-      for (int u = 0; u < kU; ++u) a_nxt[u] = ld_stream(Ap + (size_t)((c + 1) * kU + u) * 32);
-      e_nxt = ld_stream(Ep + (size_t)(c + 1) * 16);
-      xst.load(x32, M, K, c + 1);
-    }
+    issue(c + kStages - 1);
+    if (more) xst.load(x32, M, K, c + 1);
+    cp_async_wait<kStages - 1>();  // this lane's copies of chunk c have landed
+    const uint4* st = ring + (c % kStages) * (kU + 1) * 32;
+    const uint4 e4 = st[kU * 32];
     const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const uint32_t e = pick(e_cur, u);
+      const uint4 a = st[u * 32];
+      const uint32_t e = pick(e4, u);
 #pragma unroll
-      for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a_cur[u], xs[(u * NT + j) * 32 + lane], e);
+      for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
     }
     if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
     __syncthreads();
-#pragma unroll
-    for (int u = 0; u < kU; ++u) a_cur[u] = a_nxt[u];
-    e_cur = e_nxt;
   }
+  cp_async_wait<0>();
 
   const int splits = gridDim.y;
   if (splits > 1) {  // publish partials; the last block of this row block reduces them
@@ -204,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
 
   // Epilogue: fragments -> fin[warp][16 rows][8*NT tokens] -> coalesced row-major stores.
   constexpr int MP = 8 * NT;
-  float* fin = reinterpret_cast<float*>(smem);  // kWarps*16*MP floats == kXsWords
+  float* fin = reinterpret_cast<float*>(smem);  // kWarps*16*MP floats == xs_words<NT>()
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -280,7 +303,14 @@ int sm_count(int device) {
 template <typename T, int NT, bool SW>
 void launch(dim3 grid, const at::Tensor& x, const at::Tensor& A, const at::Tensor& E, const at::Tensor* bias,
             at::Tensor& y, float* ws, int* counters, int M, int K, int KS, int tiles, int n_out, int per) {
-  decode24_kernel<T, NT, SW><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  constexpr int bytes = smem_bytes<NT>();
+  static std::atomic<uint64_t> ready{0};  // devices on which the kernel may use > 48 KB of shared memory
+  const int dev = x.get_device();
+  if (!(ready.load() >> dev & 1)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(decode24_kernel<T, NT, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    ready.fetch_or(uint64_t{1} << dev);
+  }
+  decode24_kernel<T, NT, SW><<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint4*>(A.data_ptr()), reinterpret_cast<const uint4*>(E.data_ptr()),
       reinterpret_cast<const T*>(x.data_ptr()), bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
       reinterpret_cast<T*>(y.data_ptr()), reinterpret_cast<float4*>(ws), counters, M, K, KS, tiles, n_out, per);
@@ -301,7 +331,8 @@ void dispatch_nt(int nt, dim3 grid, const at::Tensor& x, const at::Tensor& A, co
 
 }  // namespace
 
-// Default split-K: enough blocks for ~2 per SM, each split at least 2 chunks (256 k) long.
+// Default split-K: enough blocks for ~2 per SM (the shared-memory ring allows 2), each split at
+// least 2 chunks (256 k) long.
 int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device) {
   const int64_t row_blocks = tiles / kWarps, chunks = k_padded / (kU * 32);
   const int64_t want = 2 * sm_count(static_cast<int>(device));
@@ -321,7 +352,7 @@ at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sparseflow decode kernel: x must be a contiguous 2-D tensor");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0, "sparseflow decode kernel: x must be 4-byte aligned");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M >= 1 && M <= kMaxM, "sparseflow decode kernel: M must be in 1..", kMaxM, ", got ", M);
+  TORCH_CHECK(M >= 1 && M <= kMaxM, "sparseflow decode kernel: M must be in 1..", static_cast<int64_t>(kMaxM), ", got ", M);
   TORCH_CHECK(A.scalar_type() == at::kInt && A.dim() == 4 && A.size(2) == 32 && A.size(3) == 4,
               "sparseflow decode kernel: bad packed values ", A.sizes());
   const int64_t tiles = A.size(0), KS = A.size(1);

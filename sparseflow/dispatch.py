@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import re
-import statistics
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, CSLT_LAYOUT, warn_once
+from sparseflow._ext import _C, CSLT_LAYOUT, CSLT_SEARCH_WORKS, warn_once
+from sparseflow.timing import median_ms
 
 # The seed's rule, kept where nothing can be measured (CPU, or inside CUDA-graph capture before
 # any measurement): sparse pays from M >= 2048.
@@ -75,36 +75,33 @@ def default_sparse(m: int) -> str:
     return "decode" if m <= DECODE_MAX_M else "cusparselt"
 
 
-def _median_ms(fn, iters: int = 7, warmup: int = 3, batch: int = 8) -> float:
-    """Median over ``iters`` samples of the mean time of ``batch`` back-to-back calls (CUDA events):
-    batching keeps host launch gaps of small problems out of the figure."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(batch):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / batch)
-    return statistics.median(times)
+_SCRUB: dict[torch.device, torch.Tensor] = {}
+
+
+def _median_ms(fn, iters: int = 7, batch: int = 4) -> float:
+    """GPU time of one call, with L2 scrubbed before each (operands come from HBM, as in a model
+    where other layers' weights pass through L2 in between) and host launch cost excluded."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    scrub = _SCRUB.get(dev)
+    if scrub is None:
+        scrub = _SCRUB[dev] = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    return median_ms([fn] * batch, samples=iters, scrub=scrub)
 
 
 def _search(x: torch.Tensor, packed: torch.Tensor, n: int) -> tuple[list[int], float, str]:
-    """Best cuSPARSELt config for this problem and its time: the library's own search, timed
-    against a sweep of every algorithm id when the search fails (it does for some small shapes)."""
-    try:
-        cfg = [int(v) for v in _C.cslt_search(x, packed, n, CSLT_LAYOUT)[:4]]
-        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT)), "cusparselt"
-    except RuntimeError:
-        pass
+    """Best cuSPARSELt config for this problem and its time: the library's own search where it
+    works for this layout, else (or when it fails) a timed sweep of every algorithm id."""
+    if CSLT_SEARCH_WORKS:
+        try:
+            cfg = [int(v) for v in _C.cslt_search(x, packed, n, CSLT_LAYOUT)[:4]]
+            return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT)), "cusparselt"
+        except RuntimeError:
+            pass
     best: tuple[list[int], float] | None = None
     for alg in range(int(_C.cslt_alg_count(x, packed, n, CSLT_LAYOUT))):
         cfg = [alg, 1, 0, 0]
         try:
-            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT), iters=3, warmup=1, batch=4)
+            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT), iters=3, batch=2)
         except RuntimeError:
             continue
         if best is None or ms < best[1]:
@@ -228,6 +225,7 @@ class Dispatcher:
                     ms = _median_ms(lambda split=split: decode_mm(x, w, None, split))
                     if d.decode_ms is None or ms < d.decode_ms:
                         d.decode_ms, d.decode_split = ms, split
+        _SCRUB.clear()  # back to the caching allocator
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).

@@ -1,0 +1,74 @@
+"""GPU timing shared by the dispatcher and the benchmarks.
+
+A pass over the calls is captured once in a CUDA graph and replayed between CUDA events, so the
+figure is the GPU's time for the kernels, not the Python/launch cost of issuing them (host cost
+is measured separately: ``benchmarks/bench_dense_vs_sparse.py`` reports it per call). Where a
+call cannot be captured, timing falls back to eager back-to-back launches.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["median_ms"]
+
+
+def _events_ms(run: Callable[[], None], samples: int) -> list[float]:
+    out = []
+    for _ in range(samples):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def _captured(fns: Sequence[Callable[[], object]]) -> Callable[[], None] | None:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            for f in fns:  # warm-up on the capture stream: plans, routes, per-stream workspaces
+                f()
+            with torch.cuda.graph(graph, stream=stream):
+                for f in fns:
+                    f()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay
+
+
+def median_ms(
+    fns: Sequence[Callable[[], object]], samples: int = 7, graph: bool = True, scrub: torch.Tensor | None = None
+) -> float:
+    """Median over ``samples`` of the time of one pass over ``fns``, divided by ``len(fns)``.
+
+    ``scrub``: a buffer (larger than L2) written before every call, so each call reads its
+    operands from HBM as in a model; the scrub's own time is measured alone and subtracted.
+    """
+    calls = list(fns)
+    if scrub is not None:
+        calls = [g for f in fns for g in (scrub.zero_, f)]
+    for f in calls:
+        f()
+    torch.cuda.synchronize()
+    run = _captured(calls) if graph else None
+    if run is None:
+
+        def run() -> None:
+            for f in calls:
+                f()
+
+    run()
+    total = statistics.median(_events_ms(run, samples))
+    if scrub is not None:
+        total -= median_ms([scrub.zero_] * len(fns), samples, graph) * len(fns)
+    return max(total, 1e-6) / len(fns)
