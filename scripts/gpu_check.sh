@@ -6,6 +6,9 @@
 #   BENCH=none  scripts/gpu_check.sh
 #   BENCH_ARGS="--no-square --ms 1,4,8,16" scripts/gpu_check.sh   # extra benchmark arguments
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
+#   SANITIZE=1 runs compute-sanitizer (memcheck, racecheck, synccheck) on the decode kernel
+#   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
+#   SKIP_BUILD=1 uses a sparseflow/_C*.so carried in from an earlier call's $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -16,15 +19,27 @@ summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
-if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
+if [ "${SKIP_BUILD:-0}" = 1 ]; then  # a _C built by an earlier call was carried in (see below)
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  summary+=("build: skipped, using carried $(ls sparseflow/_C*.so 2>/dev/null)")
+else
+  MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+  rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
+  if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
+  cp sparseflow/_C*.so "$OUT/" 2>/dev/null  # lets a following call skip the build (SKIP_BUILD=1, carry it)
+fi
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
 $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
 summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
 
+if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (issue: sanitizer-clean)
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool $PY scripts/sanitize_decode.py >"$OUT/sanitize_$tool.log" 2>&1
+    summary+=("compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1) $(grep -o 'worst rel err.*' "$OUT/sanitize_$tool.log")")
+  done
+fi
 if [ "${BENCH:-full}" != "none" ]; then
   args=(${BENCH_ARGS:-}); [ "${BENCH:-full}" = quick ] && args+=(--quick)
   $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
@@ -33,6 +48,10 @@ fi
 if [ "${DEMO:-1}" = 1 ]; then  # issue 3's GPU path: sf.sparsify on the GPU, then SparseLinear inference
   timeout 300 $PY examples/sparsify_gpu_demo.py 2>&1 | tee "$OUT/demo.log" | grep -v "^DEMO"
   summary+=("$(grep -E '^(sparsify|logits|greedy|converted|DEMO)' "$OUT/demo.log")")
+fi
+if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
+  timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
+  summary+=("$(grep '^MODEL' "$OUT/model.log")")
 fi
 if [ "${PROBE:-0}" != 0 ]; then  # per-algorithm cuSPARSELt sweep, crash-isolated (informational)
   timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"

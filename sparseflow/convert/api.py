@@ -28,6 +28,7 @@ from sparseflow.convert.methods import METHODS, InputStats, magnitude, sparsegpt
 from sparseflow.convert.report import LayerReport, SparsifyReport
 from sparseflow.convert.walker import Journal, Target, build_sparse, collect_targets, decide_fallback
 from sparseflow.format import compress_2_4
+from sparseflow.nn import fuse_gated_mlps
 
 __all__ = ["SparsifyConfig", "SparsifyError", "report", "sparsify"]
 
@@ -51,6 +52,7 @@ class SparsifyConfig:
     device: str | torch.device | None = None
     error_batches: int = 8
     rollback: bool = True
+    fuse_mlp: bool = True
     progress: bool = True
     verbose: bool = True
 
@@ -373,6 +375,8 @@ def sparsify(
     model block by block on this device), ``error_batches`` (batches used for the reported
     reconstruction error), ``rollback`` (keep originals until the end so a failure restores the
     model exactly; False frees them as it goes and a failure lists the converted layers),
+    ``fuse_mlp`` (default True: SwiGLU MLPs whose gate and up became 2:4 run both as one fused
+    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`),
     ``progress``, ``verbose`` (print the report table).
 
     Returns ``model`` (in eval mode); :func:`report` gives what was done per layer.
@@ -415,6 +419,8 @@ def sparsify(
             f"sparsify(method={cfg.method!r}) failed: {type(exc).__name__}: {exc}; {what}", left
         ) from exc
     journal.forget()
+    if cfg.fuse_mlp:
+        fuse_gated_mlps(model)
     rep = SparsifyReport(
         cfg.method,
         cfg.fallback,

@@ -28,7 +28,7 @@ from sparseflow.convert import hf_quantizer as _hf_quantizer  # noqa: F401 - reg
 from sparseflow.convert.atomic import atomic_directory, interrupted_saves
 from sparseflow.convert.shards import ShardReader, TensorInfo, read_headers, write_shards
 from sparseflow.convert.validation import CheckpointError, check_meta, dtype_from_name, dtype_name
-from sparseflow.nn import SparseLinear
+from sparseflow.nn import SparseLinear, fuse_gated_mlps
 
 __all__ = ["FORMAT_VERSION", "SECTION", "CheckpointError", "from_pretrained", "save_pretrained"]
 
@@ -444,7 +444,8 @@ def place(
 
 def finish(model: nn.Module, tied: dict[str, str], devices: dict[str, torch.device], device_map: DeviceMap) -> None:
     """Re-tie, move the non-persistent buffers next to their module's weights, prove that
-    nothing is left on meta, dispatch across devices when there are several, ``eval()``."""
+    nothing is left on meta, fuse SwiGLU MLPs (``SparseGatedMLP``), dispatch across devices
+    when there are several, ``eval()``."""
     tie(model, tied)
     for module_name, module in model.named_modules():
         for attr in module._non_persistent_buffers_set:
@@ -459,6 +460,7 @@ def finish(model: nn.Module, tied: dict[str, str], devices: dict[str, torch.devi
         for name, t in items:
             if t.device.type == "meta":
                 raise CheckpointError(f"{kind} {name!r} was not loaded from the checkpoint (still on the meta device)")
+    fuse_gated_mlps(model)  # before dispatch: accelerate's hooks then see the final modules
     used = set(devices.values())
     if device_map is not None:
         model.hf_device_map = {k: str(v) for k, v in devices.items()}

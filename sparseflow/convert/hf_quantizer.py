@@ -19,7 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparseflow.convert.validation import CheckpointError, check_meta
-from sparseflow.nn import SparseLinear
+from sparseflow.nn import SparseLinear, fuse_gated_mlps
 
 __all__ = ["SparseflowConfig", "SparseflowHfQuantizer"]
 
@@ -64,6 +64,7 @@ class SparseflowHfQuantizer(HfQuantizer):
         for name, mod in model.named_modules():
             if isinstance(mod, SparseLinear):
                 check_meta(mod.weight_meta, (mod.out_features, mod.in_features), f"tensor {name}.weight_meta")
+        fuse_gated_mlps(model)
         return model
 
     def is_serializable(self) -> bool:

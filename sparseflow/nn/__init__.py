@@ -1,5 +1,6 @@
 """Drop-in modules holding 2:4-compressed weights."""
 
+from sparseflow.nn.gated_mlp import SparseGatedMLP, fuse_gated_mlps
 from sparseflow.nn.linear import SparseLinear
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseGatedMLP", "SparseLinear", "fuse_gated_mlps"]

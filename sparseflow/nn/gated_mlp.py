@@ -1,0 +1,131 @@
+"""``SparseGatedMLP``: a SwiGLU MLP whose 2:4 gate and up projections run as one fused kernel.
+
+At decode sizes (M <= 64 tokens) the decode kernel computes ``silu(x G^T) * (x U^T)`` in one
+launch from an interleaved packing of G and U, so the 2x-wide gate/up output never reaches
+memory; ``down_proj`` follows as usual. Elsewhere (prefill, CPU, ``torch.compile``, fp32) it runs
+the model's own arithmetic through the ``SparseLinear`` submodules. Submodules keep the names
+of the MLP it replaces (Llama/Mistral/Qwen2 ``gate_proj``/``up_proj``/``down_proj``, Phi-3
+``gate_up_proj``/``down_proj``), so ``state_dict`` keys and checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseflow._ext import _C, sparse_unavailable_reason
+from sparseflow.decode import DECODE_MAX_M, DecodeWeight, decode_mm, pack_decode_swiglu
+from sparseflow.dispatch import DISPATCHER
+from sparseflow.format import Sparse24Weight
+from sparseflow.nn.linear import SparseLinear
+
+__all__ = ["SparseGatedMLP", "fuse_gated_mlps"]
+
+_SPLIT = ("gate_proj", "up_proj", "down_proj", "act_fn")  # Llama, Mistral, Qwen2
+_MERGED = ("gate_up_proj", "down_proj", "activation_fn")  # Phi-3
+
+
+def _is_silu(act: object) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _style(mlp: nn.Module) -> tuple[str, ...] | None:
+    """The submodule names if ``mlp`` is a SwiGLU MLP with 2:4 gate/up projections, else None."""
+    if all(hasattr(mlp, n) for n in _SPLIT):
+        g, u = mlp.gate_proj, mlp.up_proj
+        ok = isinstance(g, SparseLinear) and isinstance(u, SparseLinear) and _is_silu(mlp.act_fn)
+        return _SPLIT if ok and (g.in_features, g.out_features) == (u.in_features, u.out_features) else None
+    if all(hasattr(mlp, n) for n in _MERGED):
+        gu = mlp.gate_up_proj
+        ok = isinstance(gu, SparseLinear) and gu.out_features % 2 == 0 and _is_silu(mlp.activation_fn)
+        return _MERGED if ok else None
+    return None
+
+
+class SparseGatedMLP(nn.Module):
+    """Drop-in for a SwiGLU MLP whose gate/up projections are ``SparseLinear``."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        names = _style(mlp)
+        if names is None:
+            raise TypeError(f"SparseGatedMLP: {type(mlp).__name__} is not a SwiGLU MLP with SparseLinear gate/up")
+        self._names = names
+        for n in names:
+            setattr(self, n, getattr(mlp, n))
+        self._fused: tuple | None = None  # (key, DecodeWeight, bias)
+
+    # -- the two halves --------------------------------------------------------------------
+    def _gate_up(self) -> tuple[Sparse24Weight, Sparse24Weight, Sparse24Weight, torch.Tensor | None]:
+        """(gate, up, the weight the dispatcher measures, bias cat([gate, up]) or None)."""
+        if self._names is _SPLIT:
+            g, u = self.gate_proj, self.up_proj
+            bias = None if g.bias is None and u.bias is None else torch.cat([_bias(g), _bias(u)])
+            return g.weight_2_4, u.weight_2_4, g.weight_2_4, bias
+        gu = self.gate_up_proj
+        w, i = gu.weight_2_4, gu.out_features // 2
+        gate = Sparse24Weight(w.values[:i], w.meta[:i], (i, w.shape[1]))
+        up = Sparse24Weight(w.values[i:], w.meta[i:], (i, w.shape[1]))
+        return gate, up, w, gu.bias
+
+    def _fused_weight(self, gate, up, bias) -> tuple[DecodeWeight, torch.Tensor | None] | None:
+        key = (gate.values.data_ptr(), gate.values._version, up.values.data_ptr(), up.values._version)
+        if self._fused is not None and self._fused[0] == key:
+            return self._fused[1], self._fused[2]
+        if torch.cuda.is_current_stream_capturing():
+            return None  # packing inside a capture would be recorded into the graph: run unfused
+        packed = pack_decode_swiglu(gate, up)
+        for w in (gate, up):
+            w.drop_cached("decode")  # the fused layout replaces the per-projection ones
+        self._fused = (key, packed, bias)
+        return packed, bias
+
+    def _try_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not x.is_cuda or _C is None or torch.compiler.is_compiling():
+            return None
+        gate, up, measured, bias = self._gate_up()
+        k = gate.shape[1]
+        m = x.numel() // k if x.shape[-1] == k else 0
+        if not 1 <= m <= DECODE_MAX_M or x.dtype != gate.dtype or x.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        if x.device != gate.device or sparse_unavailable_reason(x.device) is not None:
+            return None
+        if DISPATCHER.decide(measured, m).choice != "decode":
+            return None
+        fused = self._fused_weight(gate, up, bias)
+        if fused is None:
+            return None
+        h = decode_mm(x.reshape(m, k).contiguous(), fused[0], fused[1])
+        return h.view(*x.shape[:-1], gate.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._try_fused(x)
+        if h is None:
+            if self._names is _SPLIT:
+                h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            else:
+                gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+                h = up * self.activation_fn(gate)
+        return self.down_proj(h)
+
+    def extra_repr(self) -> str:
+        return "fused SwiGLU at M <= 64 (decode kernel)"
+
+
+def _bias(lin: SparseLinear) -> torch.Tensor:
+    return lin.bias if lin.bias is not None else lin.weight_values.new_zeros(lin.out_features)
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Replace every SwiGLU MLP of ``model`` whose gate/up are ``SparseLinear`` by a
+    ``SparseGatedMLP`` (in place); returns how many were replaced."""
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name and not isinstance(mod, SparseGatedMLP) and _style(mod) is not None
+    ]
+    for name, mod in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, SparseGatedMLP(mod))
+    return len(found)
