@@ -79,7 +79,13 @@ def _extensions():
     _note(f"building sparseflow._C for {os.environ['TORCH_CUDA_ARCH_LIST']} with cuSPARSELt at {root}")
     ext = CUDAExtension(
         name="sparseflow._C",
-        sources=["csrc/module.cpp", "csrc/cusparselt_gemm.cpp", "csrc/format_kernels.cu", "csrc/decode_gemm.cu"],
+        sources=[
+            "csrc/module.cpp",
+            "csrc/cusparselt_gemm.cpp",
+            "csrc/format_kernels.cu",
+            "csrc/decode_gemm.cu",
+            "csrc/decode_ops.cpp",
+        ],
         include_dirs=[os.path.join(root, "include")] + _extra_cuda_includes(CUDA_HOME),
         library_dirs=[os.path.join(root, "lib")],
         libraries=[":" + os.path.basename(lib)],

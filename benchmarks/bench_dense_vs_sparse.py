@@ -133,11 +133,11 @@ def conversion_seconds_llama3_8b() -> dict:
     """Prune + compress on the GPU, timed on one gate_up weight, scaled to Llama-3-8B's linears."""
     n, k = LLAMA3_8B["gate_up"]
     w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-    sf.compress_2_4(sf.prune_2_4(w)).cslt_packed()
+    sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(4)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(3):
-        sf.compress_2_4(sf.prune_2_4(w)).cslt_packed()
+        sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(4)
     torch.cuda.synchronize()
     per_param = (time.perf_counter() - t0) / 3 / (n * k)
     params = 32 * sum(a * b for a, b in LLAMA3_8B.values())  # 32 decoder blocks

@@ -18,7 +18,8 @@ SHAPES = [(16, 28672, 4096), (4096, 4096, 4096), (4096, 28672, 4096), (1024, 409
 
 CHILD = r"""
 import statistics, sys, torch, torch.nn.functional as F, sparseflow as sf
-from sparseflow._ext import _C, CSLT_LAYOUT as L
+from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE
+L = int(CSLT_LAYOUT_OVERRIDE)
 m, n, k, start = (int(v) for v in sys.argv[1:5])
 
 def ms(fn, n=3, batch=4):

@@ -22,26 +22,19 @@
 // * Epilogue through shared memory: bias, optional SwiGLU (gate/up tiles interleaved in the
 //   packed weight: silu(gate) * up is written once, never the 2x-wide intermediate), coalesced
 //   row-major stores.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+// Argument checks, workspaces and the torch-facing entry points are in decode_ops.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/extension.h>
 
 #include <atomic>
-#include <map>
-#include <mutex>
-#include <tuple>
-#include <vector>
+#include <cstdint>
+
+#include "decode_gemm.h"
 
 namespace sparseflow {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kU = 4;       // k-steps (of 32) per chunk
-constexpr int kStages = 4;  // weight chunks in flight per warp (cp.async ring in shared memory)
-constexpr int kMaxM = 64;
+
 
 template <typename T>
 struct MmaSp;
@@ -268,154 +261,48 @@ __global__ void mma_probe_kernel(const uint4* a, const uint4* b, const uint32_t*
   d[i] = make_float4(c[0], c[1], c[2], c[3]);
 }
 
-struct Workspace {
-  at::Tensor partials, counters;
-  std::vector<at::Tensor> retired;  // kept alive: captured CUDA graphs may still point at them
-};
-
-Workspace& workspace_for(const at::Tensor& like, int64_t partial_floats, int64_t row_blocks) {
-  static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, Workspace> spaces;  // one per stream: no cross-stream races
-  std::lock_guard<std::mutex> lock(mu);
-  auto& w = spaces[{like.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
-  if (!w.partials.defined() || w.partials.numel() < partial_floats) {
-    if (w.partials.defined()) w.retired.push_back(w.partials);
-    w.partials = at::empty({std::max<int64_t>(partial_floats, 1 << 20)}, like.options().dtype(at::kFloat));
-  }
-  if (!w.counters.defined() || w.counters.numel() < row_blocks) {
-    if (w.counters.defined()) w.retired.push_back(w.counters);
-    w.counters = at::zeros({std::max<int64_t>(row_blocks, 4096)}, like.options().dtype(at::kInt));
-  }
-  return w;
-}
-
-int sm_count(int device) {
-  static std::mutex mu;
-  static std::map<int, int> counts;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = counts.find(device);
-  if (it != counts.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return counts[device] = n;
-}
-
 template <typename T, int NT, bool SW>
-void launch(dim3 grid, const at::Tensor& x, const at::Tensor& A, const at::Tensor& E, const at::Tensor* bias,
-            at::Tensor& y, float* ws, int* counters, int M, int K, int KS, int tiles, int n_out, int per) {
+cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
   constexpr int bytes = smem_bytes<NT>();
   static std::atomic<uint64_t> ready{0};  // devices on which the kernel may use > 48 KB of shared memory
-  const int dev = x.get_device();
-  if (!(ready.load() >> dev & 1)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(decode24_kernel<T, NT, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    ready.fetch_or(uint64_t{1} << dev);
+  if (!(ready.load() >> device & 1)) {
+    cudaError_t err = cudaFuncSetAttribute(decode24_kernel<T, NT, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+    ready.fetch_or(uint64_t{1} << device);
   }
-  decode24_kernel<T, NT, SW><<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint4*>(A.data_ptr()), reinterpret_cast<const uint4*>(E.data_ptr()),
-      reinterpret_cast<const T*>(x.data_ptr()), bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-      reinterpret_cast<T*>(y.data_ptr()), reinterpret_cast<float4*>(ws), counters, M, K, KS, tiles, n_out, per);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  decode24_kernel<T, NT, SW><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
+      static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const T*>(a.x),
+      static_cast<const T*>(a.bias), static_cast<T*>(a.y), reinterpret_cast<float4*>(a.ws), a.counters, a.M, a.K,
+      a.KS, a.tiles, a.n_out, a.per);
+  return cudaGetLastError();
 }
 
 template <typename T, bool SW>
-void dispatch_nt(int nt, dim3 grid, const at::Tensor& x, const at::Tensor& A, const at::Tensor& E,
-                 const at::Tensor* bias, at::Tensor& y, float* ws, int* counters, int M, int K, int KS, int tiles,
-                 int n_out, int per) {
-  switch (nt) {
-    case 1: return launch<T, 1, SW>(grid, x, A, E, bias, y, ws, counters, M, K, KS, tiles, n_out, per);
-    case 2: return launch<T, 2, SW>(grid, x, A, E, bias, y, ws, counters, M, K, KS, tiles, n_out, per);
-    case 4: return launch<T, 4, SW>(grid, x, A, E, bias, y, ws, counters, M, K, KS, tiles, n_out, per);
-    default: return launch<T, 8, SW>(grid, x, A, E, bias, y, ws, counters, M, K, KS, tiles, n_out, per);
+cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream) {
+  switch (a.nt) {
+    case 1: return launch_t<T, 1, SW>(a, device, stream);
+    case 2: return launch_t<T, 2, SW>(a, device, stream);
+    case 4: return launch_t<T, 4, SW>(a, device, stream);
+    default: return launch_t<T, 8, SW>(a, device, stream);
   }
 }
 
 }  // namespace
 
-// Default split-K: enough blocks for ~2 per SM (the shared-memory ring allows 2), each split at
-// least 2 chunks (256 k) long.
-int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device) {
-  const int64_t row_blocks = tiles / kWarps, chunks = k_padded / (kU * 32);
-  const int64_t want = 2 * sm_count(static_cast<int>(device));
-  int64_t split = std::min<int64_t>((want + row_blocks - 1) / row_blocks, std::max<int64_t>(chunks / 2, 1));
-  return std::max<int64_t>(split, 1);
+cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream) {
+  if (a.bf16) return a.swiglu ? launch_nt<__nv_bfloat16, true>(a, device, stream) : launch_nt<__nv_bfloat16, false>(a, device, stream);
+  return a.swiglu ? launch_nt<__half, true>(a, device, stream) : launch_nt<__half, false>(a, device, stream);
 }
 
-// x: M x K (contiguous, 4-byte aligned), A: tiles x KS x 32 x 4 int32, E: tiles x KS/4 x 16 x 4
-// int32 (sparseflow/decode.py). Returns y: M x n_out.
-at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& E,
-                       const c10::optional<at::Tensor>& bias, int64_t n_out, bool swiglu, int64_t split) {
-  TORCH_CHECK(x.is_cuda() && A.is_cuda() && E.is_cuda(), "sparseflow decode kernel: tensors must be CUDA");
-  TORCH_CHECK(x.get_device() == A.get_device() && A.get_device() == E.get_device(),
-              "sparseflow decode kernel: x and the packed weight are on different GPUs");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "sparseflow decode kernel: x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sparseflow decode kernel: x must be a contiguous 2-D tensor");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0, "sparseflow decode kernel: x must be 4-byte aligned");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M >= 1 && M <= kMaxM, "sparseflow decode kernel: M must be in 1..", static_cast<int64_t>(kMaxM), ", got ", M);
-  TORCH_CHECK(A.scalar_type() == at::kInt && A.dim() == 4 && A.size(2) == 32 && A.size(3) == 4,
-              "sparseflow decode kernel: bad packed values ", A.sizes());
-  const int64_t tiles = A.size(0), KS = A.size(1);
-  TORCH_CHECK(tiles % kWarps == 0 && KS % kU == 0 && KS * 32 >= K && KS * 32 < K + kU * 32,
-              "sparseflow decode kernel: packed weight (", tiles, " tiles, ", KS, " k-steps) does not fit K=", K);
-  TORCH_CHECK(E.scalar_type() == at::kInt && E.dim() == 4 && E.size(0) == tiles && E.size(1) == KS / kU &&
-                  E.size(2) == 16 && E.size(3) == 4,
-              "sparseflow decode kernel: bad packed metadata ", E.sizes());
-  const int64_t rows = swiglu ? tiles / 2 * 16 : tiles * 16;
-  TORCH_CHECK(n_out >= 1 && n_out <= rows, "sparseflow decode kernel: n_out=", n_out, " exceeds the packed rows ", rows);
-  const at::Tensor* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == x.scalar_type() && bias->is_contiguous() &&
-                    bias->numel() == (swiglu ? 2 * n_out : n_out),
-                "sparseflow decode kernel: bias must be a contiguous ", x.scalar_type(), " vector of ",
-                swiglu ? 2 * n_out : n_out);
-    b = &bias.value();
-  }
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t chunks = KS / kU, row_blocks = tiles / kWarps;
-  if (split <= 0) split = decode24_default_split(tiles, KS * 32, x.get_device());
-  split = std::min<int64_t>(split, chunks);
-  const int64_t per = (chunks + split - 1) / split;
-  split = (chunks + per - 1) / per;
-  const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
-  auto y = at::empty({M, n_out}, x.options());
-  float* ws = nullptr;
-  int* counters = nullptr;
-  if (split > 1) {
-    auto& w = workspace_for(x, split * tiles * nt * 32 * 4, row_blocks);
-    ws = w.partials.data_ptr<float>();
-    counters = w.counters.data_ptr<int>();
-  }
-  dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(split));
-  const int iM = static_cast<int>(M), iK = static_cast<int>(K), iKS = static_cast<int>(KS);
-  const int it = static_cast<int>(tiles), in = static_cast<int>(n_out), ip = static_cast<int>(per);
-  if (x.scalar_type() == at::kHalf) {
-    if (swiglu) dispatch_nt<__half, true>(nt, grid, x, A, E, b, y, ws, counters, iM, iK, iKS, it, in, ip);
-    else dispatch_nt<__half, false>(nt, grid, x, A, E, b, y, ws, counters, iM, iK, iKS, it, in, ip);
-  } else {
-    if (swiglu) dispatch_nt<__nv_bfloat16, true>(nt, grid, x, A, E, b, y, ws, counters, iM, iK, iKS, it, in, ip);
-    else dispatch_nt<__nv_bfloat16, false>(nt, grid, x, A, E, b, y, ws, counters, iM, iK, iKS, it, in, ip);
-  }
-  return y;
-}
-
-// a, b: cases x 32 x 4 int32 (per-lane registers), e: cases x 32 int32 -> d: cases x 32 x 4 float.
-at::Tensor mma_sp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e, bool bf16) {
-  TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kInt && a.is_contiguous() && a.dim() == 3 && a.size(1) == 32 &&
-                  a.size(2) == 4 && b.sizes() == a.sizes() && b.is_contiguous() && e.is_contiguous() &&
-                  e.numel() == a.size(0) * 32,
-              "mma_sp_probe: bad arguments");
-  c10::cuda::CUDAGuard guard(a.device());
-  auto d = at::empty({a.size(0), 32, 4}, a.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const auto* pa = reinterpret_cast<const uint4*>(a.data_ptr());
-  const auto* pb = reinterpret_cast<const uint4*>(b.data_ptr());
-  const auto* pe = reinterpret_cast<const uint32_t*>(e.data_ptr());
-  auto* pd = reinterpret_cast<float4*>(d.data_ptr());
-  if (bf16) mma_probe_kernel<__nv_bfloat16><<<a.size(0), 32, 0, stream>>>(pa, pb, pe, pd);
-  else mma_probe_kernel<__half><<<a.size(0), 32, 0, stream>>>(pa, pb, pe, pd);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return d;
+cudaError_t launch_mma_sp_probe(bool bf16, const void* a, const void* b, const void* e, void* d, int cases,
+                                cudaStream_t stream) {
+  const auto* pa = static_cast<const uint4*>(a);
+  const auto* pb = static_cast<const uint4*>(b);
+  const auto* pe = static_cast<const uint32_t*>(e);
+  auto* pd = static_cast<float4*>(d);
+  if (bf16) mma_probe_kernel<__nv_bfloat16><<<cases, 32, 0, stream>>>(pa, pb, pe, pd);
+  else mma_probe_kernel<__half><<<cases, 32, 0, stream>>>(pa, pb, pe, pd);
+  return cudaGetLastError();
 }
 
 }  // namespace sparseflow

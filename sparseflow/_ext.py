@@ -20,12 +20,9 @@ else:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
 
 # How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt_gemm.cpp): 0 sparse A with a
 # column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B;
-# 3 and 4 are 1 and 0 with x described as PyTorch describes it (M x K row-major, op T). On an
-# H200 with cuSPARSELt 0.8, layout 4 is fastest (1.46-1.52x over cuBLAS at M=4096 with its best
-# algorithm) but cusparseLtMatmulSearch fails on it, as it crashes on 0 and 2, so for those the
-# dispatcher times every algorithm id itself (benchmarks/probe_cusparselt_layouts.py).
-CSLT_LAYOUT = int(os.environ.get("SPARSEFLOW_CSLT_LAYOUT", "4"))
-CSLT_SEARCH_WORKS = CSLT_LAYOUT in (1, 3)
+# 3 and 4 are 1 and 0 with x described as PyTorch describes it (M x K row-major, op T).
+# sparseflow.dispatch.cslt_layout picks one per M; SPARSEFLOW_CSLT_LAYOUT forces one for all M.
+CSLT_LAYOUT_OVERRIDE = os.environ.get("SPARSEFLOW_CSLT_LAYOUT")
 
 _warned: set[str] = set()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, CSLT_LAYOUT, CSLT_SEARCH_WORKS, warn_once
+from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, warn_once
 from sparseflow.timing import median_ms
 
 # The seed's rule, kept where nothing can be measured (CPU, or inside CUDA-graph capture before
@@ -30,8 +30,27 @@ from sparseflow.timing import median_ms
 STATIC_SPARSE_MIN_M = 2048
 
 
+# cuSPARSELt is measured from this M-bucket up; below it our decode kernel (M <= 64) or dense wins.
+CSLT_MIN_BUCKET = 128
+
+
+def cslt_layout(bucket: int) -> int:
+    """How to pose the GEMM to cuSPARSELt at this M-bucket (csrc/cusparselt_gemm.cpp). Measured on
+    an H200 with cuSPARSELt 0.8.0 (benchmarks/probe_cusparselt_layouts.py): layout 4 (x as PyTorch
+    describes it, y written directly) is 1.46-1.52x over cuBLAS at M=4096 with its best algorithm,
+    but its search fails and some of its algorithms hit an illegal instruction at small M; layout 1
+    (y^T plus a transpose) is slower but searches safely at every M."""
+    if CSLT_LAYOUT_OVERRIDE:
+        return int(CSLT_LAYOUT_OVERRIDE)
+    return 4 if bucket >= 1024 else 1
+
+
+def _search_works(layout: int) -> bool:
+    return layout in (1, 3)  # cusparseLtMatmulSearch crashes (0, 2) or fails (4) on the others
+
+
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 KERNELS = ("dense", "cusparselt", "decode")
 
 
@@ -43,6 +62,7 @@ def m_bucket(m: int) -> int:
 class Decision:
     choice: str  # one of KERNELS
     cfg: list[int] = field(default_factory=lambda: [-1, 1, 0, 0])  # cuSPARSELt config id, split-k, mode, buffers
+    layout: int = 1  # cuSPARSELt GEMM layout cfg applies to
     sparse_ms: float | None = None  # cuSPARSELt, searched
     dense_ms: float | None = None
     decode_ms: float | None = None  # our decode kernel at its best split
@@ -88,28 +108,28 @@ def _median_ms(fn, iters: int = 7, batch: int = 4) -> float:
     return median_ms([fn] * batch, samples=iters, scrub=scrub)
 
 
-def _search(x: torch.Tensor, packed: torch.Tensor, n: int) -> tuple[list[int], float, str]:
+def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple[list[int], float, str]:
     """Best cuSPARSELt config for this problem and its time: the library's own search where it
     works for this layout, else (or when it fails) a timed sweep of every algorithm id."""
-    if CSLT_SEARCH_WORKS:
+    if _search_works(layout):
         try:
-            cfg = [int(v) for v in _C.cslt_search(x, packed, n, CSLT_LAYOUT)[:4]]
-            return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT)), "cusparselt"
+            cfg = [int(v) for v in _C.cslt_search(x, packed, n, layout)[:4]]
+            return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, layout)), "cusparselt"
         except RuntimeError:
             pass
     best: tuple[list[int], float] | None = None
-    for alg in range(int(_C.cslt_alg_count(x, packed, n, CSLT_LAYOUT))):
+    for alg in range(int(_C.cslt_alg_count(x, packed, n, layout))):
         cfg = [alg, 1, 0, 0]
         try:
-            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT), iters=3, batch=2)
+            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=3, batch=2)
         except RuntimeError:
             continue
         if best is None or ms < best[1]:
             best = (cfg, ms)
     if best is None:
         cfg = [-1, 1, 0, 0]
-        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, CSLT_LAYOUT)), "default"
-    return best[0], _median_ms(lambda: _C.cslt_mm(x, packed, n, best[0], CSLT_LAYOUT)), "sweep"
+        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, layout)), "default"
+    return best[0], _median_ms(lambda: _C.cslt_mm(x, packed, n, best[0], layout)), "sweep"
 
 
 class Dispatcher:
@@ -129,7 +149,8 @@ class Dispatcher:
     def cache_file(self, device: torch.device) -> Path:
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
-        return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}-layout{CSLT_LAYOUT}.json"
+        forced = f"-layout{CSLT_LAYOUT_OVERRIDE}" if CSLT_LAYOUT_OVERRIDE else ""
+        return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{forced}.json"
 
     @staticmethod
     def _key_str(key: tuple) -> str:
@@ -211,9 +232,9 @@ class Dispatcher:
         with torch.cuda.device(weight.device), torch.no_grad():
             x = torch.randn(bucket, k, dtype=weight.dtype, device=weight.device)
             d.dense_ms = _median_ms(functools.partial(F.linear, x, weight.dense_on_device(keep=False)))
-            if n % 32 == 0 and k % 32 == 0:  # cuSPARSELt's alignment
-                packed = weight.cslt_packed()
-                d.cfg, d.sparse_ms, d.search = _search(x, packed, n)
+            if n % 32 == 0 and k % 32 == 0 and bucket >= CSLT_MIN_BUCKET:  # cuSPARSELt's alignment
+                d.layout = cslt_layout(bucket)
+                d.cfg, d.sparse_ms, d.search = _search(x, weight.cslt_packed(d.layout), n, d.layout)
                 self.searches += 1
             if bucket <= DECODE_MAX_M:
                 w = weight.decode_packed()
@@ -229,9 +250,8 @@ class Dispatcher:
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
-        weight.drop_cached(
-            *(c for c, name in (("cslt", "cusparselt"), ("decode", "decode")) if c not in had and name != d.choice)
-        )
+        built = ((f"cslt{d.layout}", "cusparselt"), ("decode", "decode"))
+        weight.drop_cached(*(c for c, name in built if c not in had and name != d.choice))
         return d
 
     def table(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> list[dict]:
@@ -250,6 +270,7 @@ class Dispatcher:
                         "decode_ms": d.decode_ms,
                         "decode_split": d.decode_split,
                         "cusparselt_cfg": d.cfg,
+                        "cusparselt_layout": d.layout,
                     }
                 )
         return rows

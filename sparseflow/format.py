@@ -130,15 +130,14 @@ class Sparse24Weight:
                 cache["dense"] = dense
         return dense
 
-    def cslt_packed(self) -> torch.Tensor:
-        """cuSPARSELt's compressed buffer for this weight (CUDA, built once)."""
-        from sparseflow._ext import _C, CSLT_LAYOUT
+    def cslt_packed(self, layout: int) -> torch.Tensor:
+        """cuSPARSELt's compressed buffer for this weight and GEMM layout (CUDA, built once)."""
+        from sparseflow._ext import _C
 
         cache = self._fresh_cache()
-        packed = cache.get("cslt")
+        packed = cache.get(f"cslt{layout}")
         if packed is None:
-            packed = _C.cslt_compress(self.dense_on_device(keep=False), CSLT_LAYOUT)
-            cache["cslt"] = packed
+            packed = cache[f"cslt{layout}"] = _C.cslt_compress(self.dense_on_device(keep=False), layout)
         return packed
 
     def decode_packed(self):

@@ -16,9 +16,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, CSLT_LAYOUT, sparse_unavailable_reason, warn_once
+from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
 from sparseflow.decode import DECODE_MAX_M
-from sparseflow.dispatch import DISPATCHER, default_sparse, m_bucket
+from sparseflow.dispatch import DISPATCHER, cslt_layout, default_sparse, m_bucket
 from sparseflow.format import Sparse24Weight
 
 __all__ = ["BACKENDS", "sparse_mm"]
@@ -36,7 +36,8 @@ _handles: dict[int, weakref.ref] = {}
 _next_handle = itertools.count(1)
 
 
-# Hot-path routes: (handle, M-bucket, backend) -> (values version, kernel, weight layout, cfg). One
+# Hot-path routes: (handle, M-bucket, backend) -> (values version, kernel, weight layout, cfg,
+# cuSPARSELt GEMM layout). One
 # dict lookup per call instead of the dispatcher's keyed search; dropped with the weight.
 _routes: dict[tuple[int, int, int], tuple] = {}
 
@@ -88,14 +89,17 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     else:
         d = DISPATCHER.decide(w, m)
         kernel = d.choice
-        if backend == BACKENDS["sparse"] and (d.decode_ms or d.sparse_ms):
-            kernel = d.best_sparse
+        if backend == BACKENDS["sparse"]:
+            kernel = d.best_sparse if (d.decode_ms or d.sparse_ms) else default_sparse(m)
     d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m)
     if kernel == "dense":
-        return (w.values._version, _DENSE, w.dense_on_device(keep=True), None)
+        return (w.values._version, _DENSE, w.dense_on_device(keep=True), None, None)
     if kernel == "decode":
-        return (w.values._version, _DECODE, w.decode_packed(), d.decode_split if d else 0)
-    return (w.values._version, _CSLT, w.cslt_packed(), d.cfg if d else [-1, 1, 0, 0])
+        return (w.values._version, _DECODE, w.decode_packed(), d.decode_split if d else 0, None)
+    searched = d is not None and d.sparse_ms is not None
+    layout = d.layout if searched else cslt_layout(m_bucket(m))
+    cfg = d.cfg if searched else [-1, 1, 0, 0]
+    return (w.values._version, _CSLT, w.cslt_packed(layout), cfg, layout)
 
 
 def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, handle: int, backend: int):
@@ -116,7 +120,7 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
         x2 = x2.contiguous()
         y = _C.decode24_mm(x2 if x2.data_ptr() % 4 == 0 else x2.clone(), r[2].A, r[2].E, bias, n, False, r[3])
     else:
-        y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], CSLT_LAYOUT)
+        y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
         if bias is not None:
             y.add_(bias)
     return y.view(*x.shape[:-1], n)

@@ -92,7 +92,7 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     assert {r["m_bucket"] for r in info} >= {8, 128, 2048}
     for r in info:
         times = {"dense": r["dense_ms"], "cusparselt": r["cusparselt_ms"], "decode": r["decode_ms"]}
-        assert r["dense_ms"] > 0 and r["cusparselt_ms"] > 0
+        assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= 128)
         assert (r["decode_ms"] is not None) == (r["m_bucket"] <= 64)
         assert r["choice"] == min((t, k) for k, t in times.items() if t is not None)[1]  # the fastest wins
     mem = sl.memory_bytes()
@@ -136,7 +136,7 @@ def test_cuda_graph_capture_and_replay():
 @needs_ext
 def test_plan_cache_reused_across_calls():
     c = sf.compress_2_4(random_2_4(1024, 1024, torch.float16, "cuda"))
-    x = torch.randn(48, 1024, device="cuda", dtype=torch.float16)
+    x = torch.randn(200, 1024, device="cuda", dtype=torch.float16)
     sf.sparse_mm(x, c, backend="cusparselt")
     before = _C.plan_cache_stats()[1]
     for _ in range(5):

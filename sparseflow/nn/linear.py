@@ -97,13 +97,14 @@ class SparseLinear(nn.Module):
         (cuSPARSELt's buffer, the decode kernel's fragments) for the kernels the dispatcher chose,
         and a dense copy where it chose dense for some M (the price of never being slower)."""
         cache = self.weight_2_4._cache
-        size = {k: (cache[k].numel() * cache[k].element_size() if k in cache else 0) for k in ("cslt", "dense")}
+        cslt = sum(v.numel() * v.element_size() for k, v in cache.items() if k.startswith("cslt"))
+        dense = cache["dense"].numel() * cache["dense"].element_size() if "dense" in cache else 0
         decode = cache["decode"].nbytes if "decode" in cache else 0
         return {
             "portable": self.weight_nbytes,
-            "cusparselt": size["cslt"],
+            "cusparselt": cslt,
             "decode": decode,
-            "dense_fallback": size["dense"],
+            "dense_fallback": dense,
         }
 
     @torch.compiler.disable
