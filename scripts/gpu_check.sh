@@ -19,19 +19,18 @@ summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
-if [ "${SKIP_BUILD:-0}" = 1 ]; then  # a _C built by an earlier call was carried in (see below)
+if [ "${SKIP_BUILD:-0}" = 1 ]; then  # a sparseflow/_C*.so carried in by the caller
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   summary+=("build: skipped, using carried $(ls sparseflow/_C*.so 2>/dev/null)")
 else
   MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
   rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
   if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
-  cp sparseflow/_C*.so "$OUT/" 2>/dev/null  # lets a following call skip the build (SKIP_BUILD=1, carry it)
 fi
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
-$PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
+timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
 summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
 
 if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (issue: sanitizer-clean)
@@ -42,7 +41,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (iss
 fi
 if [ "${BENCH:-full}" != "none" ]; then
   args=(${BENCH_ARGS:-}); [ "${BENCH:-full}" = quick ] && args+=(--quick)
-  $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
+  timeout ${BENCH_TIMEOUT:-1800} $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
   summary+=("$(grep '^SUMMARY' "$OUT/bench.log")")
 fi
 if [ "${DEMO:-1}" = 1 ]; then  # issue 3's GPU path: sf.sparsify on the GPU, then SparseLinear inference

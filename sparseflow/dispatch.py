@@ -98,7 +98,7 @@ def default_sparse(m: int) -> str:
 _SCRUB: dict[torch.device, torch.Tensor] = {}
 
 
-def _median_ms(fn, iters: int = 7, batch: int = 4) -> float:
+def _median_ms(fn, iters: int = 5, batch: int = 4) -> float:
     """GPU time of one call, with L2 scrubbed before each (operands come from HBM, as in a model
     where other layers' weights pass through L2 in between) and host launch cost excluded."""
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -121,7 +121,7 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
     for alg in range(int(_C.cslt_alg_count(x, packed, n, layout))):
         cfg = [alg, 1, 0, 0]
         try:
-            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=3, batch=2)
+            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=2, batch=2)
         except RuntimeError:
             continue
         if best is None or ms < best[1]:
@@ -240,7 +240,7 @@ class Dispatcher:
                 w = weight.decode_packed()
                 chunks = w.A.shape[1] // 4
                 base = default_split(w)
-                for split in sorted({1, 2, 4, 8, 16, base, max(1, base // 2), 2 * base}):
+                for split in sorted({1, base, max(1, base // 2), 2 * base}):
                     if split > chunks:
                         continue
                     ms = _median_ms(lambda split=split: decode_mm(x, w, None, split))
