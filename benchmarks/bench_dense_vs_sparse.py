@@ -133,11 +133,11 @@ def conversion_seconds_llama3_8b() -> dict:
     """Prune + compress on the GPU, timed on one gate_up weight, scaled to Llama-3-8B's linears."""
     n, k = LLAMA3_8B["gate_up"]
     w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-    sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(4)
+    sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(1)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(3):
-        sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(4)
+        sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(1)
     torch.cuda.synchronize()
     per_param = (time.perf_counter() - t0) / 3 / (n * k)
     params = 32 * sum(a * b for a, b in LLAMA3_8B.values())  # 32 decoder blocks
@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", type=lambda v: [int(t) for t in v.split(",")], help="comma-separated M values")
     ap.add_argument("--layers", type=lambda v: v.split(","), help="comma-separated subset of qkv,o,gate_up,down")
     ap.add_argument("--no-square", action="store_true")
+    ap.add_argument("--bf16-ms", type=lambda v: [int(t) for t in v.split(",")], help="M values for bf16 rows")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
         for name, (n, k) in LLAMA3_8B.items():
             if args.layers and name not in args.layers:
                 continue
-            for m in args.ms or (MS if not args.quick else [1, 16, 4096]):
+            ms = args.ms or (MS if not args.quick else [1, 16, 4096])
+            for m in args.bf16_ms if (args.bf16_ms and dtype == torch.bfloat16) else ms:
                 grid.append((name, m, n, k, dtype))
     rows = []
     hdr = (

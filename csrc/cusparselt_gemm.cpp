@@ -8,9 +8,9 @@
 //   3 kSparseATBt: as 1, but x described as PyTorch's _cslt_sparse_mm does: M x K row, opB = T
 //   4 kSparseABt:  as 0, with that description of x
 // On an H200 with cuSPARSELt 0.8.0 (benchmarks/probe_cusparselt_layouts.py): layout 4 is the
-// fastest (best algorithm 1.46-1.52x over cuBLAS at M=4096) and is the default; its
-// cusparseLtMatmulSearch fails, so sparseflow.dispatch sweeps the algorithm ids itself. Layouts 0
-// and 2 crash inside the search; 1 and 3 need a transpose copy of the output.
+// fastest with its best algorithm (1.46-1.52x over cuBLAS at M=4096), but its search fails and
+// some of its algorithms hit an illegal instruction (M=8, M=2048); layouts 0 and 2 crash inside
+// the search. Layout 1 searches and runs safely and is the default (sparseflow.dispatch).
 //
 // Plans are cached per (device, dtype, N, K, M, algorithm config); creating them per call is what
 // makes PyTorch's _cslt_sparse_mm slow. M is padded to a multiple of 16 (cuSPARSELt's alignment

@@ -116,9 +116,27 @@ def decode_mm(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None = None
     """y = x @ W^T (+ bias) for x of M <= 64 rows (2-D, contiguous); for a SwiGLU weight,
     ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``split``: split-K
     factor (0 = the kernel's default)."""
+    _check(x, w, bias)
     if x.data_ptr() % 4:
         x = x.clone()
     return _C.decode24_mm(x, w.A, w.E, bias, w.n_out, w.swiglu, split)
+
+
+def _check(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None) -> None:
+    """Clear errors before anything reaches the extension."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"decode_mm: x must be a contiguous 2-D tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"decode_mm: x must be float16 or bfloat16, got {x.dtype}")
+    if not x.is_cuda or x.device != w.A.device:
+        raise ValueError(f"decode_mm: x is on {x.device} but the packed weight is on {w.A.device}")
+    if not 1 <= x.shape[0] <= DECODE_MAX_M:
+        raise ValueError(f"decode_mm: M must be in 1..{DECODE_MAX_M}, got {x.shape[0]}")
+    if x.shape[1] != w.k:
+        raise ValueError(f"decode_mm: x has K={x.shape[1]}, the weight has K={w.k}")
+    want = 2 * w.n_out if w.swiglu else w.n_out
+    if bias is not None and (tuple(bias.shape) != (want,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"decode_mm: bias must be a {x.dtype} vector of {want} on {x.device}")
 
 
 def default_split(w: DecodeWeight) -> int:

@@ -35,14 +35,16 @@ CSLT_MIN_BUCKET = 128
 
 
 def cslt_layout(bucket: int) -> int:
-    """How to pose the GEMM to cuSPARSELt at this M-bucket (csrc/cusparselt_gemm.cpp). Measured on
-    an H200 with cuSPARSELt 0.8.0 (benchmarks/probe_cusparselt_layouts.py): layout 4 (x as PyTorch
-    describes it, y written directly) is 1.46-1.52x over cuBLAS at M=4096 with its best algorithm,
-    but its search fails and some of its algorithms hit an illegal instruction at small M; layout 1
-    (y^T plus a transpose) is slower but searches safely at every M."""
+    """How to pose the GEMM to cuSPARSELt at this M-bucket (csrc/cusparselt_gemm.cpp). Layout 1
+    (sparse W, y^T output plus a transpose) is the one whose search and algorithms all run on an
+    H200 with cuSPARSELt 0.8.0. Layout 4 (x as PyTorch describes it, y written directly) is faster
+    with its best algorithm (1.46-1.52x over cuBLAS at M=4096, benchmarks/probe_cusparselt_layouts.py)
+    but its search fails and sweeping its algorithms hit an illegal instruction at M=8 and M=2048,
+    which kills the process, so it is opt-in only (SPARSEFLOW_CSLT_LAYOUT=4, at your own risk)."""
     if CSLT_LAYOUT_OVERRIDE:
         return int(CSLT_LAYOUT_OVERRIDE)
-    return 4 if bucket >= 1024 else 1
+    del bucket  # one layout for every M today; the argument keeps room for a per-M choice
+    return 1
 
 
 def _search_works(layout: int) -> bool:

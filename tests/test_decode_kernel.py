@@ -227,9 +227,11 @@ def test_decode_kernel_two_streams():
 @needs_ext
 def test_decode_kernel_rejects_bad_input():
     w = pack_decode(sf.compress_2_4(random_2_4(64, 256, torch.float16, "cuda")))
-    with pytest.raises(RuntimeError, match="M must be in 1..64"):
+    with pytest.raises(ValueError, match="M must be in 1..64"):
         decode_mm(torch.randn(65, 256, device="cuda", dtype=torch.float16), w)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
         decode_mm(torch.randn(2, 256, device="cuda"), w)
-    with pytest.raises(RuntimeError, match="does not fit K"):
+    with pytest.raises(ValueError, match="the weight has K=256"):
         decode_mm(torch.randn(2, 512, device="cuda", dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="bias must be"):
+        decode_mm(torch.randn(2, 256, device="cuda", dtype=torch.float16), w, torch.zeros(3, device="cuda"))
