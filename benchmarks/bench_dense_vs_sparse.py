@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     for name, m, n, k, dtype in grid:
         r = bench_row(name, m, n, k, dtype, args.samples)
         rows.append(r)
+        args.out.mkdir(parents=True, exist_ok=True)  # rows so far, in case the run is cut short
+        (args.out / f"linear_{tag}.json").write_text(json.dumps({"device": gpu, "rows": rows, "partial": True}))
 
         def ms(v, w=8):
             return f"{v:{w}.4f}" if v else f"{'-':>{w}}"

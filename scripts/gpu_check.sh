@@ -39,6 +39,10 @@ if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (iss
     summary+=("compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1) $(grep -o 'worst rel err.*' "$OUT/sanitize_$tool.log")")
   done
 fi
+if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
+  timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
+  summary+=("$(grep '^MODEL' "$OUT/model.log")")
+fi
 if [ "${BENCH:-full}" != "none" ]; then
   args=(${BENCH_ARGS:-}); [ "${BENCH:-full}" = quick ] && args+=(--quick)
   timeout ${BENCH_TIMEOUT:-1800} $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
@@ -47,10 +51,6 @@ fi
 if [ "${DEMO:-1}" = 1 ]; then  # issue 3's GPU path: sf.sparsify on the GPU, then SparseLinear inference
   timeout 300 $PY examples/sparsify_gpu_demo.py 2>&1 | tee "$OUT/demo.log" | grep -v "^DEMO"
   summary+=("$(grep -E '^(sparsify|logits|greedy|converted|DEMO)' "$OUT/demo.log")")
-fi
-if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
-  timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
-  summary+=("$(grep '^MODEL' "$OUT/model.log")")
 fi
 if [ "${PROBE:-0}" != 0 ]; then  # per-algorithm cuSPARSELt sweep, crash-isolated (informational)
   timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
