@@ -14,8 +14,8 @@
 // * x (tiny) is staged per chunk into shared memory in B-fragment order by the whole block, so
 //   each lane reads its B fragment with one conflict-free 16-byte load and the 8 warps (128
 //   output features) share it.
-// * Weight fragments stream through a per-warp cp.async ring in shared memory, kStages - 1 chunks
-//   ahead of the one being multiplied, so each SM keeps ~100 KB of loads in flight.
+// * Weight fragments stream either through registers (one chunk ahead) or through a per-warp
+//   cp.async ring in shared memory (kStages - 1 chunks ahead); the dispatcher times both.
 // * Split-K across blocks (grid.y) fills all SMs when N is small (a 4096-row layer is only 32
 //   blocks): each split writes fp32 partials, the last block to finish a row block (atomic
 //   counter, reset by that block) adds them in a fixed order, so results are deterministic.
@@ -58,6 +58,14 @@ struct MmaSp<__nv_bfloat16> {
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e));
   }
 };
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: keep it out of L1
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
 
 __device__ __forceinline__ uint32_t pick(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -127,12 +135,14 @@ __host__ __device__ constexpr int xs_words() {  // double-buffered B fragments (
   return 2 * kU * NT * 32 * 4;
 }
 constexpr int kRingUint4 = kStages * (kU + 1) * 32;  // per warp: per stage kU A fragments + metadata
-template <int NT>
+template <int NT, bool RING>
 __host__ __device__ constexpr int smem_bytes() {
-  return xs_words<NT>() * 4 + kWarps * kRingUint4 * 16;
+  return xs_words<NT>() * 4 + (RING ? kWarps * kRingUint4 * 16 : 0);
 }
 
-template <typename T, int NT, bool SWIGLU>
+// RING: weights stream through the cp.async ring (kStages - 1 chunks ahead); else through
+// registers, one chunk ahead. Which is faster depends on the shape; the dispatcher measures both.
+template <typename T, int NT, bool SWIGLU, bool RING>
 __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
                                                             const T* __restrict__ x, const T* __restrict__ bias,
                                                             T* __restrict__ y, float4* __restrict__ ws,
@@ -166,34 +176,69 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(c0 + i);
-  XStage<NT> xst;
-  if (c0 < c1) {
-    xst.load(x32, M, K, c0);
-    xst.store(smem);
-  }
-  __syncthreads();
-  for (int c = c0; c < c1; ++c) {
-    const int buf = (c - c0) & 1;
-    const bool more = c + 1 < c1;
-    issue(c + kStages - 1);
-    if (more) xst.load(x32, M, K, c + 1);
-    cp_async_wait<kStages - 1>();  // this lane's copies of chunk c have landed
-    const uint4* st = ring + (c % kStages) * (kU + 1) * 32;
-    const uint4 e4 = st[kU * 32];
-    const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const uint4 a = st[u * 32];
-      const uint32_t e = pick(e4, u);
-#pragma unroll
-      for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
+  if constexpr (RING) {
+  #pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) issue(c0 + i);
+    XStage<NT> xst;
+    if (c0 < c1) {
+      xst.load(x32, M, K, c0);
+      xst.store(smem);
     }
-    if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
     __syncthreads();
+    for (int c = c0; c < c1; ++c) {
+      const int buf = (c - c0) & 1;
+      const bool more = c + 1 < c1;
+      issue(c + kStages - 1);
+      if (more) xst.load(x32, M, K, c + 1);
+      cp_async_wait<kStages - 1>();  // this lane's copies of chunk c have landed
+      const uint4* st = ring + (c % kStages) * (kU + 1) * 32;
+      const uint4 e4 = st[kU * 32];
+      const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
+  #pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const uint4 a = st[u * 32];
+        const uint32_t e = pick(e4, u);
+  #pragma unroll
+        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
+      }
+      if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
+      __syncthreads();
+    }
+    cp_async_wait<0>();
+  } else {
+    uint4 a_cur[kU], a_nxt[kU], e_cur, e_nxt;
+    XStage<NT> xst;
+    if (c0 < c1) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) a_cur[u] = ld_stream(Ap + (size_t)(c0 * kU + u) * 32);
+      e_cur = ld_stream(Ep + (size_t)c0 * 16);
+      xst.load(x32, M, K, c0);
+      xst.store(smem);
+    }
+    __syncthreads();
+    for (int c = c0; c < c1; ++c) {
+      const int buf = (c - c0) & 1;
+      const bool more = c + 1 < c1;
+      if (more) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) a_nxt[u] = ld_stream(Ap + (size_t)((c + 1) * kU + u) * 32);
+        e_nxt = ld_stream(Ep + (size_t)(c + 1) * 16);
+        xst.load(x32, M, K, c + 1);
+      }
+      const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const uint32_t e = pick(e_cur, u);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a_cur[u], xs[(u * NT + j) * 32 + lane], e);
+      }
+      if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < kU; ++u) a_cur[u] = a_nxt[u];
+      e_cur = e_nxt;
+    }
   }
-  cp_async_wait<0>();
 
   const int splits = gridDim.y;
   if (splits > 1) {  // publish partials; the last block of this row block reduces them
@@ -261,37 +306,46 @@ __global__ void mma_probe_kernel(const uint4* a, const uint4* b, const uint32_t*
   d[i] = make_float4(c[0], c[1], c[2], c[3]);
 }
 
-template <typename T, int NT, bool SW>
+template <typename T, int NT, bool SW, bool RING>
 cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes<NT>();
+  constexpr int bytes = smem_bytes<NT, RING>();
   static std::atomic<uint64_t> ready{0};  // devices on which the kernel may use > 48 KB of shared memory
   if (!(ready.load() >> device & 1)) {
-    cudaError_t err = cudaFuncSetAttribute(decode24_kernel<T, NT, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaError_t err =
+        cudaFuncSetAttribute(decode24_kernel<T, NT, SW, RING>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
     ready.fetch_or(uint64_t{1} << device);
   }
-  decode24_kernel<T, NT, SW><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
+  decode24_kernel<T, NT, SW, RING><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
       static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const T*>(a.x),
       static_cast<const T*>(a.bias), static_cast<T*>(a.y), reinterpret_cast<float4*>(a.ws), a.counters, a.M, a.K,
       a.KS, a.tiles, a.n_out, a.per);
   return cudaGetLastError();
 }
 
-template <typename T, bool SW>
+template <typename T, bool SW, bool RING>
 cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream) {
   switch (a.nt) {
-    case 1: return launch_t<T, 1, SW>(a, device, stream);
-    case 2: return launch_t<T, 2, SW>(a, device, stream);
-    case 4: return launch_t<T, 4, SW>(a, device, stream);
-    default: return launch_t<T, 8, SW>(a, device, stream);
+    case 1: return launch_t<T, 1, SW, RING>(a, device, stream);
+    case 2: return launch_t<T, 2, SW, RING>(a, device, stream);
+    case 4: return launch_t<T, 4, SW, RING>(a, device, stream);
+    default: return launch_t<T, 8, SW, RING>(a, device, stream);
   }
+}
+
+template <typename T, bool SW>
+cudaError_t launch_ring(const DecodeArgs& a, int device, cudaStream_t stream) {
+  return a.ring ? launch_nt<T, SW, true>(a, device, stream) : launch_nt<T, SW, false>(a, device, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream) {
-  if (a.bf16) return a.swiglu ? launch_nt<__nv_bfloat16, true>(a, device, stream) : launch_nt<__nv_bfloat16, false>(a, device, stream);
-  return a.swiglu ? launch_nt<__half, true>(a, device, stream) : launch_nt<__half, false>(a, device, stream);
+  if (a.bf16) {
+    return a.swiglu ? launch_ring<__nv_bfloat16, true>(a, device, stream)
+                    : launch_ring<__nv_bfloat16, false>(a, device, stream);
+  }
+  return a.swiglu ? launch_ring<__half, true>(a, device, stream) : launch_ring<__half, false>(a, device, stream);
 }
 
 cudaError_t launch_mma_sp_probe(bool bf16, const void* a, const void* b, const void* e, void* d, int cases,

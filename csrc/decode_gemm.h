@@ -21,7 +21,7 @@ struct DecodeArgs {
   int M, K, KS, tiles, n_out, per;  // per: chunks per split
   unsigned row_blocks, split;
   int nt;               // n-tiles of 8 tokens: 1, 2, 4 or 8
-  bool bf16, swiglu;
+  bool bf16, swiglu, ring;  // ring: cp.async shared-memory pipeline, else registers
 };
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream);

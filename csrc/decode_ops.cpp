@@ -59,7 +59,8 @@ int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device) 
 // x: M x K (contiguous, 4-byte aligned), A: tiles x KS x 32 x 4 int32, E: tiles x KS/4 x 16 x 4
 // int32 (sparseflow/decode.py). Returns y: M x n_out.
 at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& E,
-                       const c10::optional<at::Tensor>& bias, int64_t n_out, bool swiglu, int64_t split) {
+                       const c10::optional<at::Tensor>& bias, int64_t n_out, bool swiglu, int64_t split,
+                       bool ring) {
   TORCH_CHECK(x.is_cuda() && A.is_cuda() && E.is_cuda(), "sparseflow decode kernel: tensors must be CUDA");
   TORCH_CHECK(x.get_device() == A.get_device() && A.get_device() == E.get_device(),
               "sparseflow decode kernel: x and the packed weight are on different GPUs");
@@ -105,7 +106,7 @@ at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   DecodeArgs args{A.data_ptr(), E.data_ptr(), x.data_ptr(), b ? b->data_ptr() : nullptr, y.data_ptr(), ws, counters,
                   static_cast<int>(M), static_cast<int>(K), static_cast<int>(KS), static_cast<int>(tiles),
                   static_cast<int>(n_out), static_cast<int>(per), static_cast<unsigned>(row_blocks),
-                  static_cast<unsigned>(split), nt, x.scalar_type() == at::kBFloat16, swiglu};
+                  static_cast<unsigned>(split), nt, x.scalar_type() == at::kBFloat16, swiglu, ring};
   C10_CUDA_CHECK(launch_decode24(args, x.get_device(), at::cuda::getCurrentCUDAStream()));
   return y;
 }

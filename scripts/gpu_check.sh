@@ -35,7 +35,7 @@ summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/
 
 if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (issue: sanitizer-clean)
   for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool $tool $PY scripts/sanitize_decode.py >"$OUT/sanitize_$tool.log" 2>&1
+    timeout ${SANITIZE_TIMEOUT:-600} compute-sanitizer --tool $tool $PY scripts/sanitize_decode.py >"$OUT/sanitize_$tool.log" 2>&1
     summary+=("compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1) $(grep -o 'worst rel err.*' "$OUT/sanitize_$tool.log")")
   done
 fi

@@ -112,14 +112,17 @@ def pack_decode_swiglu(gate, up) -> DecodeWeight:
     return DecodeWeight(A, E, n, k, swiglu=True)
 
 
-def decode_mm(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+def decode_mm(
+    x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None = None, split: int = 0, ring: bool = False
+) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x of M <= 64 rows (2-D, contiguous); for a SwiGLU weight,
     ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``split``: split-K
-    factor (0 = the kernel's default)."""
+    factor (0 = the kernel's default); ``ring``: stream the weight through the shared-memory
+    cp.async pipeline instead of registers (``sparseflow.dispatch`` times both)."""
     _check(x, w, bias)
     if x.data_ptr() % 4:
         x = x.clone()
-    return _C.decode24_mm(x, w.A, w.E, bias, w.n_out, w.swiglu, split)
+    return _C.decode24_mm(x, w.A, w.E, bias, w.n_out, w.swiglu, split, ring)
 
 
 def _check(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None) -> None:

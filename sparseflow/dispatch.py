@@ -52,7 +52,7 @@ def _search_works(layout: int) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 KERNELS = ("dense", "cusparselt", "decode")
 
 
@@ -69,6 +69,7 @@ class Decision:
     dense_ms: float | None = None
     decode_ms: float | None = None  # our decode kernel at its best split
     decode_split: int = 0
+    decode_ring: bool = False  # the decode kernel's weight pipeline: shared-memory ring or registers
     measured: bool = False
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "sweep"
 
@@ -242,12 +243,13 @@ class Dispatcher:
                 w = weight.decode_packed()
                 chunks = w.A.shape[1] // 4
                 base = default_split(w)
-                for split in sorted({1, base, max(1, base // 2), 2 * base}):
-                    if split > chunks:
-                        continue
-                    ms = _median_ms(lambda split=split: decode_mm(x, w, None, split))
-                    if d.decode_ms is None or ms < d.decode_ms:
-                        d.decode_ms, d.decode_split = ms, split
+                for ring in (False, True):
+                    for split in sorted({1, base, max(1, base // 2), 2 * base}):
+                        if split > chunks:
+                            continue
+                        ms = _median_ms(lambda split=split, ring=ring: decode_mm(x, w, None, split, ring))
+                        if d.decode_ms is None or ms < d.decode_ms:
+                            d.decode_ms, d.decode_split, d.decode_ring = ms, split, ring
         _SCRUB.clear()  # back to the caching allocator
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
@@ -271,6 +273,7 @@ class Dispatcher:
                         "cusparselt_ms": d.sparse_ms,
                         "decode_ms": d.decode_ms,
                         "decode_split": d.decode_split,
+                        "decode_ring": d.decode_ring,
                         "cusparselt_cfg": d.cfg,
                         "cusparselt_layout": d.layout,
                     }

@@ -95,7 +95,13 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     if kernel == "dense":
         return (w.values._version, _DENSE, w.dense_on_device(keep=True), None, None)
     if kernel == "decode":
-        return (w.values._version, _DECODE, w.decode_packed(), d.decode_split if d else 0, None)
+        return (
+            w.values._version,
+            _DECODE,
+            w.decode_packed(),
+            (d.decode_split, d.decode_ring) if d else (0, False),
+            None,
+        )
     searched = d is not None and d.sparse_ms is not None
     layout = d.layout if searched else cslt_layout(m_bucket(m))
     cfg = d.cfg if searched else [-1, 1, 0, 0]
@@ -118,7 +124,8 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
         y = F.linear(x2, r[2], bias)
     elif kernel == _DECODE:
         x2 = x2.contiguous()
-        y = _C.decode24_mm(x2 if x2.data_ptr() % 4 == 0 else x2.clone(), r[2].A, r[2].E, bias, n, False, r[3])
+        x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
+        y = _C.decode24_mm(x2, r[2].A, r[2].E, bias, n, False, r[3][0], r[3][1])
     else:
         y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
         if bias is not None:

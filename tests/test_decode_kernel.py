@@ -163,11 +163,12 @@ def test_decode_kernel_matches_float64(dtype, m, n, k):
     bias = torch.randn(n, device="cuda", dtype=dtype)
     ref = F.linear(x.double(), dense.double(), bias.double())
     for split in (0, 1, 3):
-        _poison()
-        y = decode_mm(x, w, bias, split=split)
-        torch.cuda.synchronize()
-        assert y.shape == (m, n) and y.dtype == dtype
-        assert rel_err(y, ref) < TOL[dtype], f"split={split}"
+        for ring in (False, True):
+            _poison()
+            y = decode_mm(x, w, bias, split=split, ring=ring)
+            torch.cuda.synchronize()
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel_err(y, ref) < TOL[dtype], f"split={split} ring={ring}"
     assert rel_err(decode_mm(x, w), F.linear(x.double(), dense.double())) < TOL[dtype]
 
 
@@ -183,10 +184,11 @@ def test_fused_swiglu_matches_reference(dtype, m):
     bias = torch.randn(2 * n, device="cuda", dtype=dtype)
     g = F.linear(x.double(), gate.double(), bias[:n].double())
     u = F.linear(x.double(), up.double(), bias[n:].double())
-    _poison()
-    y = decode_mm(x, w, bias)
-    assert y.shape == (m, n)
-    assert rel_err(y, F.silu(g) * u) < 2 * TOL[dtype]
+    for ring in (False, True):
+        _poison()
+        y = decode_mm(x, w, bias, ring=ring)
+        assert y.shape == (m, n)
+        assert rel_err(y, F.silu(g) * u) < 2 * TOL[dtype]
 
 
 @needs_ext

@@ -90,12 +90,15 @@ class SparseGatedMLP(nn.Module):
             return None
         if x.device != gate.device or sparse_unavailable_reason(x.device) is not None:
             return None
-        if DISPATCHER.decide(measured, m).choice != "decode":
+        d = DISPATCHER.decide(measured, m)
+        if d.choice != "decode":
             return None
         fused = self._fused_weight(gate, up, bias)
         if fused is None:
             return None
-        h = decode_mm(x.reshape(m, k).contiguous(), fused[0], fused[1])
+        # gate and up together have twice the rows the decision was measured on: half the split
+        split = max(1, d.decode_split // 2) if self._names is _SPLIT else d.decode_split
+        h = decode_mm(x.reshape(m, k).contiguous(), fused[0], fused[1], split, d.decode_ring)
         return h.view(*x.shape[:-1], gate.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
