@@ -78,6 +78,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
     row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
     row["decode_split"] = d.decode_split if d else None
+    row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
     del layers, comp
 
     row["torch_ms"], row["torch_error"] = None, None
