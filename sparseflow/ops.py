@@ -102,6 +102,12 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
             (d.decode_split, d.decode_ring) if d else (0, False),
             None,
         )
+    n, k = w.shape
+    if n % 32 or k % 32:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
+        raise ValueError(
+            f"sparseflow: cuSPARSELt cannot run this {n}x{k} weight at M={m} (N and K must be multiples of 32, "
+            "and the decode kernel takes M <= 64 only); use backend='auto' or 'dense'"
+        )
     searched = d is not None and d.sparse_ms is not None
     layout = d.layout if searched else cslt_layout(m_bucket(m))
     cfg = d.cfg if searched else [-1, 1, 0, 0]
@@ -194,6 +200,18 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
     return "dense"
 
 
+def resolve_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
+    """The backend a call will really use (shared by ``sparse_mm`` and ``SparseLinear``): on the
+    CPU the reference path serves "auto"/"dense" (with a one-time warning) and a forced GPU
+    kernel is an error; on CUDA see ``_cuda_backend``."""
+    if x.device.type == "cuda":
+        return _cuda_backend(x, w, backend)
+    if backend not in ("auto", "dense"):
+        raise ValueError(f"sparse_mm(backend={backend!r}): the 2:4 kernels need CUDA tensors, these are on {x.device}")
+    warn_once("cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)")
+    return backend
+
+
 def sparse_mm(
     x: torch.Tensor, weight: Sparse24Weight, bias: torch.Tensor | None = None, backend: str = "auto"
 ) -> torch.Tensor:
@@ -208,12 +226,7 @@ def sparse_mm(
     if backend not in BACKENDS:
         raise ValueError(f"sparse_mm: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     _validate(x, weight, bias)
-    if x.device.type == "cpu":
-        if backend not in ("auto", "dense"):
-            raise ValueError(f"sparse_mm(backend={backend!r}): the 2:4 kernels need CUDA tensors, these are on the CPU")
-        warn_once("cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)")
-    elif x.device.type == "cuda":
-        backend = _cuda_backend(x, weight, backend)
+    backend = resolve_backend(x, weight, backend)
     if x.numel() == 0:
         return x.new_zeros((*x.shape[:-1], weight.shape[0])) + (0 if bias is None else bias)
     if x.is_cuda and not torch.compiler.is_compiling():

@@ -95,3 +95,17 @@ def test_no_bias_module_constructed_directly():
     assert sl.bias is None and "bias" not in sl.state_dict()
     sl.load_state_dict(SparseLinear.from_dense(_pruned_linear(bias=False)).state_dict())
     assert sl(torch.randn(2, 64)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("backend", ["sparse", "decode", "cusparselt"])
+def test_forced_gpu_backend_on_cpu_is_the_same_error_for_module_and_function(backend):
+    lin = nn.Linear(64, 32)
+    layer = SparseLinear.from_dense(lin, prune=True, backend=backend)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        layer(x)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        sf.sparse_mm(x, layer.weight_2_4, backend=backend)
+    layer.backend = "auto"  # the reference path serves auto on the CPU
+    layer._route = None
+    assert rel_err(layer(x), nn.functional.linear(x, layer.dense_weight(), layer.bias)) < TOL[torch.float32]

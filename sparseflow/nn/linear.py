@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseflow._ext import warn_once
 from sparseflow.dispatch import DISPATCHER
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
-from sparseflow.ops import BACKENDS, _cuda_backend, _handle, _validate, cuda_forward
+from sparseflow.ops import BACKENDS, _handle, _validate, cuda_forward, resolve_backend
 
 
 class SparseLinear(nn.Module):
@@ -111,13 +110,7 @@ class SparseLinear(nn.Module):
     def _prepare(self, x: torch.Tensor) -> tuple:
         w = self.weight_2_4
         _validate(x, w, self.bias)
-        backend = self.backend
-        if x.device.type == "cuda":
-            backend = _cuda_backend(x, w, backend)
-        else:
-            warn_once(
-                "cpu", "sparseflow: 2:4 weights on the CPU run through a dense reference path (correct, not fast)"
-            )
+        backend = resolve_backend(x, w, self.backend)
         self._route = (w.values, w.meta, x.dtype, x.device, _handle(w), BACKENDS[backend], w)
         return self._route
 
