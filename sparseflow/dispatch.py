@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, warn_once
 from sparseflow.timing import median_ms
 
-# The seed's rule, kept where nothing can be measured (CPU, or inside CUDA-graph capture before
-# any measurement): sparse pays from M >= 2048.
-STATIC_SPARSE_MIN_M = 2048
+# Where nothing can be measured (inside CUDA-graph capture before any eager call at that size):
+# our decode kernel up to this M, dense above. It replaces the seed's "sparse from M >= 2048":
+# on the H200 the decode kernel beat cuBLAS on every Llama-3-8B layer at M <= 16 (1.13-1.74x) and
+# lost at M = 64, and cuSPARSELt lost to cuBLAS on most shapes even at M >= 2048.
+STATIC_DECODE_MAX_M = 16
 
 
 # cuSPARSELt is measured from this M-bucket up; below it our decode kernel (M <= 64) or dense wins.
@@ -88,7 +90,7 @@ class Decision:
 
 
 def static_decision(m: int) -> Decision:
-    return Decision("cusparselt" if m >= STATIC_SPARSE_MIN_M else "dense")
+    return Decision("decode" if m <= STATIC_DECODE_MAX_M else "dense")
 
 
 def default_sparse(m: int) -> str:
@@ -216,9 +218,9 @@ class Dispatcher:
             warn_once(
                 f"capture:{n}x{k}:{m}",
                 f"sparseflow: no measured decision for {n}x{k} at M={m} during CUDA-graph capture; using the "
-                "default 2:4 kernel. Run one eager forward at this size before capturing.",
+                f"static rule ({static_decision(m).choice}). Run one eager forward at this size before capturing.",
             )
-            return Decision(default_sparse(m))
+            return static_decision(m)
         with self._lock:
             key = (str(device), dtype, n, k, m_bucket(m))
             if key not in self._decisions:

@@ -62,3 +62,11 @@ def test_cpu_path_warns_once_that_it_is_not_fast(recwarn):
     sf.sparse_mm(torch.randn(2, 16), c)
     msgs = [str(w.message) for w in recwarn if "reference path" in str(w.message)]
     assert len(msgs) == 1
+
+
+def test_buckets_and_the_no_measurement_rule():
+    from sparseflow.dispatch import m_bucket, static_decision
+
+    assert [m_bucket(m) for m in (1, 8, 9, 16, 17, 64, 65, 2048, 2049)] == [8, 8, 16, 16, 32, 64, 128, 2048, 4096]
+    assert static_decision(1).choice == "decode" and static_decision(16).choice == "decode"
+    assert static_decision(17).choice == "dense" and static_decision(4096).choice == "dense"
