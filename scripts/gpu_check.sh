@@ -6,9 +6,8 @@
 #   BENCH=none  scripts/gpu_check.sh
 #   BENCH_ARGS="--no-square --ms 1,4,8,16" scripts/gpu_check.sh   # extra benchmark arguments
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
-#   SANITIZE=1 runs compute-sanitizer (memcheck, racecheck, synccheck) on the decode kernel
+#   SANITIZE=1 runs compute-sanitizer (SANITIZE_TOOLS, default memcheck racecheck synccheck) on the decode kernel
 #   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
-#   SKIP_BUILD=1 uses a sparseflow/_C*.so carried in from an earlier call's $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -19,14 +18,9 @@ summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
-if [ "${SKIP_BUILD:-0}" = 1 ]; then  # a sparseflow/_C*.so carried in by the caller
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  summary+=("build: skipped, using carried $(ls sparseflow/_C*.so 2>/dev/null)")
-else
-  MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-  rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
-  if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
-fi
+MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
+if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; fi
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
@@ -34,7 +28,7 @@ timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider ${TESTS:-test
 summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
 
 if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (issue: sanitizer-clean)
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     timeout ${SANITIZE_TIMEOUT:-600} compute-sanitizer --tool $tool $PY scripts/sanitize_decode.py >"$OUT/sanitize_$tool.log" 2>&1
     summary+=("compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1) $(grep -o 'worst rel err.*' "$OUT/sanitize_$tool.log")")
   done

@@ -123,7 +123,7 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     r = _routes.get(key)
     if r is None or r[0] != w.values._version:
         r = _routes[key] = _route(w, m, backend)
-        if backend in (0, 1) and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
+        if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
             _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
     kernel = r[1]
     if kernel == _DENSE:
@@ -177,14 +177,10 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
     reason = sparse_unavailable_reason(x.device)
     if reason is None and x.dtype not in _SPARSE_DTYPES:
         reason = f"{x.dtype} inputs have no 2:4 tensor-core path (use float16 or bfloat16)"
-    cslt_reason = (
-        None
-        if n % 32 == 0 and k % 32 == 0
-        else (
-            f"{'in_features K=' + str(k) if k % 32 else 'out_features N=' + str(n)} is not a multiple of 32, "
-            "which cuSPARSELt requires"
-        )
-    )
+    cslt_reason = None
+    if n % 32 or k % 32:
+        bad = f"in_features K={k}" if k % 32 else f"out_features N={n}"
+        cslt_reason = f"{bad} is not a multiple of 32, which cuSPARSELt requires"
     decode_reason = None if m <= DECODE_MAX_M else f"M={m} rows exceed the decode kernel's limit of {DECODE_MAX_M}"
     if reason is None and backend == "cusparselt":
         reason = cslt_reason
