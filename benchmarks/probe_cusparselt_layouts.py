@@ -98,9 +98,12 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--layouts", default="1,3,4,0,2")
     ap.add_argument("--shapes", default="", help="indices into SHAPES, e.g. 1,2 (default: all)")
+    ap.add_argument("--ms", default="", help="replace each shape's M by these, e.g. 8,128,2048 (M-buckets)")
     args = ap.parse_args()
     layouts = [int(v) for v in args.layouts.split(",")]
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    if args.ms:  # e.g. to find, per M-bucket, the algorithm ids that never crash
+        shapes = [(int(m), n, k) for _, n, k in shapes for m in args.ms.split(",")]
     per = max(40.0, args.budget_s / (len(layouts) * len(shapes)))  # a child needs ~10 s to import torch + sparseflow
     for layout in layouts:
         for shape in shapes:

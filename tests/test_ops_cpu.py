@@ -70,3 +70,41 @@ def test_buckets_and_the_no_measurement_rule():
     assert [m_bucket(m) for m in (1, 8, 9, 16, 17, 64, 65, 2048, 2049)] == [8, 8, 16, 16, 32, 64, 128, 2048, 4096]
     assert static_decision(1).choice == "decode" and static_decision(16).choice == "decode"
     assert static_decision(17).choice == "dense" and static_decision(4096).choice == "dense"
+
+
+def test_route_maps_decisions_to_kernels(monkeypatch):
+    """The GPU route table, driven by faked decisions and layouts (the kernels are not called)."""
+    from sparseflow import ops
+    from sparseflow.dispatch import Decision
+
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    monkeypatch.setattr(type(w), "decode_packed", lambda self: "DECODE")
+    monkeypatch.setattr(type(w), "cslt_packed", lambda self, layout: f"CSLT{layout}")
+    monkeypatch.setattr(type(w), "dense_on_device", lambda self, keep=True: "DENSE")
+    d = Decision(
+        "dense", cfg=[3, 1, 0, 0], sparse_ms=2.0, dense_ms=1.0, decode_ms=1.5, decode_split=4, decode_ring=True
+    )
+    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m: d)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert ops._route(w, 8, ops.BACKENDS["auto"])[1:3] == (ops._DENSE, "DENSE")
+    assert ops._route(w, 8, ops.BACKENDS["sparse"])[1:4] == (ops._DECODE, "DECODE", (4, True))  # faster 2:4 kernel
+    assert ops._route(w, 8, ops.BACKENDS["cusparselt"])[1:] == (ops._CSLT, "CSLT1", [3, 1, 0, 0], 1)
+    d.decode_ms = None  # M > 64: only cuSPARSELt was measured
+    assert ops._route(w, 200, ops.BACKENDS["sparse"])[1] == ops._CSLT
+    odd = sf.compress_2_4(sf.prune_2_4(torch.randn(100, 128)))  # N not a multiple of 32
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ops._route(odd, 200, ops.BACKENDS["cusparselt"])
+
+
+def test_route_during_capture_without_measurement_uses_the_static_rule(monkeypatch):
+    from sparseflow import ops
+
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    monkeypatch.setattr(type(w), "decode_packed", lambda self: "DECODE")
+    monkeypatch.setattr(type(w), "dense_on_device", lambda self, keep=True: "DENSE")
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.warns(RuntimeWarning, match="static rule"):
+        assert ops._route(w, 4, ops.BACKENDS["auto"])[1:4] == (ops._DECODE, "DECODE", (0, False))
+    assert ops._route(w, 100, ops.BACKENDS["auto"])[1:3] == (ops._DENSE, "DENSE")
