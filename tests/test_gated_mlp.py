@@ -95,7 +95,7 @@ def test_fused_path_on_gpu_matches_unfused(dtype, build):
             want = ref_mlp(x)
             got = mlp(x)
         assert rel_err(got, want) < 2 * TOL[dtype], f"M={m}"
-    choice = sf.DISPATCHER.decide(mlp._gate_up()[2], 1).choice
+    choice = sf.DISPATCHER.decide(mlp._projections()[0].weight_2_4, 1).choice
     assert (mlp._fused is not None) == (choice == "decode")
 
 

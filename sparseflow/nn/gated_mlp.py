@@ -55,25 +55,30 @@ class SparseGatedMLP(nn.Module):
             setattr(self, n, getattr(mlp, n))
         self._fused: tuple | None = None  # (key, DecodeWeight, bias)
 
-    # -- the two halves --------------------------------------------------------------------
-    def _gate_up(self) -> tuple[Sparse24Weight, Sparse24Weight, Sparse24Weight, torch.Tensor | None]:
-        """(gate, up, the weight the dispatcher measures, bias cat([gate, up]) or None)."""
+    # -- the fused layout --------------------------------------------------------------------
+    def _projections(self) -> tuple[SparseLinear, ...]:
+        """The 2:4 layers the fused layout is built from (the first is the one the dispatcher measures)."""
+        return (self.gate_proj, self.up_proj) if self._names is _SPLIT else (self.gate_up_proj,)
+
+    def _halves(self) -> tuple[Sparse24Weight, Sparse24Weight, torch.Tensor | None]:
+        """(gate, up, bias cat([gate, up]) or None); only needed when (re)packing."""
         if self._names is _SPLIT:
             g, u = self.gate_proj, self.up_proj
             bias = None if g.bias is None and u.bias is None else torch.cat([_bias(g), _bias(u)])
-            return g.weight_2_4, u.weight_2_4, g.weight_2_4, bias
+            return g.weight_2_4, u.weight_2_4, bias
         gu = self.gate_up_proj
         w, i = gu.weight_2_4, gu.out_features // 2
         gate = Sparse24Weight(w.values[:i], w.meta[:i], (i, w.shape[1]))
         up = Sparse24Weight(w.values[i:], w.meta[i:], (i, w.shape[1]))
-        return gate, up, w, gu.bias
+        return gate, up, gu.bias
 
-    def _fused_weight(self, gate, up, bias) -> tuple[DecodeWeight, torch.Tensor | None] | None:
-        key = (gate.values.data_ptr(), gate.values._version, up.values.data_ptr(), up.values._version)
+    def _fused_weight(self) -> tuple[DecodeWeight, torch.Tensor | None] | None:
+        key = tuple((p.weight_values.data_ptr(), p.weight_values._version) for p in self._projections())
         if self._fused is not None and self._fused[0] == key:
             return self._fused[1], self._fused[2]
         if torch.cuda.is_current_stream_capturing():
             return None  # packing inside a capture would be recorded into the graph: run unfused
+        gate, up, bias = self._halves()
         packed = pack_decode_swiglu(gate, up)
         for w in (gate, up):
             w.drop_cached("decode")  # the fused layout replaces the per-projection ones
@@ -83,23 +88,23 @@ class SparseGatedMLP(nn.Module):
     def _try_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         if not x.is_cuda or _C is None or torch.compiler.is_compiling():
             return None
-        gate, up, measured, bias = self._gate_up()
-        k = gate.shape[1]
+        measured = self._projections()[0].weight_2_4
+        k = measured.shape[1]
         m = x.numel() // k if x.shape[-1] == k else 0
-        if not 1 <= m <= DECODE_MAX_M or x.dtype != gate.dtype or x.dtype not in (torch.float16, torch.bfloat16):
+        if not 1 <= m <= DECODE_MAX_M or x.dtype != measured.dtype or x.dtype not in (torch.float16, torch.bfloat16):
             return None
-        if x.device != gate.device or sparse_unavailable_reason(x.device) is not None:
+        if x.device != measured.device or sparse_unavailable_reason(x.device) is not None:
             return None
         d = DISPATCHER.decide(measured, m)
         if d.choice != "decode":
             return None
-        fused = self._fused_weight(gate, up, bias)
+        fused = self._fused_weight()
         if fused is None:
             return None
         # gate and up together have twice the rows the decision was measured on: half the split
         split = max(1, d.decode_split // 2) if self._names is _SPLIT else d.decode_split
         h = decode_mm(x.reshape(m, k).contiguous(), fused[0], fused[1], split, d.decode_ring)
-        return h.view(*x.shape[:-1], gate.shape[0])
+        return h.view(*x.shape[:-1], fused[0].n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._try_fused(x)
