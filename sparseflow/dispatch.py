@@ -34,6 +34,15 @@ STATIC_DECODE_MAX_M = 16
 
 # cuSPARSELt is measured from this M-bucket up; below it our decode kernel (M <= 64) or dense wins.
 CSLT_MIN_BUCKET = 128
+CSLT_ALIGN = 32  # cuSPARSELt needs N and K to be multiples of this
+
+
+def cslt_unsupported(n: int, k: int) -> str | None:
+    """Why cuSPARSELt cannot take an N x K weight, or None when it can."""
+    if n % CSLT_ALIGN == 0 and k % CSLT_ALIGN == 0:
+        return None
+    bad = f"in_features K={k}" if k % CSLT_ALIGN else f"out_features N={n}"
+    return f"{bad} is not a multiple of {CSLT_ALIGN}, which cuSPARSELt requires"
 
 
 def cslt_layout(bucket: int) -> int:
@@ -55,7 +64,6 @@ def _search_works(layout: int) -> bool:
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
 _CACHE_VERSION = 4
-KERNELS = ("dense", "cusparselt", "decode")
 
 
 def m_bucket(m: int) -> int:
@@ -64,7 +72,7 @@ def m_bucket(m: int) -> int:
 
 @dataclass
 class Decision:
-    choice: str  # one of KERNELS
+    choice: str  # "dense", "cusparselt" or "decode"
     cfg: list[int] = field(default_factory=lambda: [-1, 1, 0, 0])  # cuSPARSELt config id, split-k, mode, buffers
     layout: int = 1  # cuSPARSELt GEMM layout cfg applies to
     sparse_ms: float | None = None  # cuSPARSELt, searched
@@ -237,7 +245,7 @@ class Dispatcher:
         with torch.cuda.device(weight.device), torch.no_grad():
             x = torch.randn(bucket, k, dtype=weight.dtype, device=weight.device)
             d.dense_ms = _median_ms(functools.partial(F.linear, x, weight.dense_on_device(keep=False)))
-            if n % 32 == 0 and k % 32 == 0 and bucket >= CSLT_MIN_BUCKET:  # cuSPARSELt's alignment
+            if bucket >= CSLT_MIN_BUCKET and cslt_unsupported(n, k) is None:
                 d.layout = cslt_layout(bucket)
                 d.cfg, d.sparse_ms, d.search = _search(x, weight.cslt_packed(d.layout), n, d.layout)
                 self.searches += 1

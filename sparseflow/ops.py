@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
 from sparseflow.decode import DECODE_MAX_M
-from sparseflow.dispatch import DISPATCHER, cslt_layout, default_sparse, m_bucket
+from sparseflow.dispatch import CSLT_ALIGN, DISPATCHER, cslt_layout, cslt_unsupported, default_sparse, m_bucket
 from sparseflow.format import Sparse24Weight
 
 __all__ = ["BACKENDS", "sparse_mm"]
@@ -102,11 +102,11 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
             (d.decode_split, d.decode_ring) if d else (0, False),
             None,
         )
-    n, k = w.shape
-    if n % 32 or k % 32:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
+    why = cslt_unsupported(*w.shape)
+    if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
         raise ValueError(
-            f"sparseflow: cuSPARSELt cannot run this {n}x{k} weight at M={m} (N and K must be multiples of 32, "
-            "and the decode kernel takes M <= 64 only); use backend='auto' or 'dense'"
+            f"sparseflow: cuSPARSELt cannot run this weight at M={m}: {why} (N and K must be multiples of "
+            f"{CSLT_ALIGN}, and the decode kernel takes M <= {DECODE_MAX_M} only); use backend='auto' or 'dense'"
         )
     searched = d is not None and d.sparse_ms is not None
     layout = d.layout if searched else cslt_layout(m_bucket(m))
@@ -177,10 +177,7 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
     reason = sparse_unavailable_reason(x.device)
     if reason is None and x.dtype not in _SPARSE_DTYPES:
         reason = f"{x.dtype} inputs have no 2:4 tensor-core path (use float16 or bfloat16)"
-    cslt_reason = None
-    if n % 32 or k % 32:
-        bad = f"in_features K={k}" if k % 32 else f"out_features N={n}"
-        cslt_reason = f"{bad} is not a multiple of 32, which cuSPARSELt requires"
+    cslt_reason = cslt_unsupported(n, k)
     decode_reason = None if m <= DECODE_MAX_M else f"M={m} rows exceed the decode kernel's limit of {DECODE_MAX_M}"
     if reason is None and backend == "cusparselt":
         reason = cslt_reason

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sparseflow._ext import sparse_unavailable_reason
-from sparseflow.dispatch import DISPATCHER
+from sparseflow.dispatch import DISPATCHER, cslt_unsupported
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
 from sparseflow.nn import SparseLinear
 
@@ -36,7 +36,6 @@ DEFAULT_EXCLUDE = ("lm_head",)
 # (cuSPARSELt's alignment) and N*K >= 4M elements (e.g. 2048x2048, 1024x4096): smaller GEMMs are
 # bound by launch and activation traffic, where halving the weight rarely pays.
 CPU_MIN_ELEMENTS = 1 << 22
-ALIGN = 32
 
 
 def conv1d_type() -> type | None:
@@ -173,8 +172,9 @@ def collect_targets(
 
 def shape_rule(n: int, k: int) -> tuple[bool, str]:
     """The no-GPU fallback rule (see CPU_MIN_ELEMENTS): (keep sparse?, why)."""
-    if n % ALIGN or k % ALIGN:
-        return False, f"{n}x{k} is not a multiple of {ALIGN} in both dims (cuSPARSELt alignment; shape rule)"
+    why = cslt_unsupported(n, k)
+    if why:
+        return False, f"{n}x{k}: {why} (shape rule)"
     if n * k < CPU_MIN_ELEMENTS:
         return False, f"N*K={n * k} < {CPU_MIN_ELEMENTS}: too small for 2:4 to pay (shape rule, no GPU to measure)"
     return True, "aligned and large enough (shape rule, no GPU to measure)"
@@ -191,8 +191,8 @@ def _measure(
     reason = sparse_unavailable_reason(device)
     if reason is None and dtype not in (torch.float16, torch.bfloat16):
         reason = f"{dtype} has no 2:4 tensor-core path (use float16 or bfloat16)"
-    if reason is None and (n % ALIGN or k % ALIGN):
-        reason = f"{n}x{k} is not a multiple of {ALIGN} in both dims, which cuSPARSELt requires"
+    if reason is None:
+        reason = cslt_unsupported(n, k)
     if reason is not None:
         return False, reason, None
     probe = _probe_weight(n, k, dtype, device)
