@@ -107,8 +107,7 @@ def pack_decode_swiglu(gate, up) -> DecodeWeight:
     au, eu = _pack_rows(up.values, up.indices(), n, k)
     A = torch.stack([ag, au], 1).flatten(0, 1)
     E = torch.stack([eg, eu], 1).flatten(0, 1)
-    extra = -A.shape[0] % _TILES_PER_BLOCK  # pad whole (gate, up) pairs
-    A, E = _pad_tiles(A, E) if extra else (A.contiguous(), E.contiguous())
+    A, E = _pad_tiles(A, E)  # 2T tiles padded to a multiple of 8: whole (gate, up) pairs
     return DecodeWeight(A, E, n, k, swiglu=True)
 
 
