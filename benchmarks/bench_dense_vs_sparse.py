@@ -58,11 +58,19 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(sets)]
     row = {"name": name, "M": m, "N": n, "K": k, "dtype": str(dtype).replace("torch.", ""), "sets": sets}
 
-    row["cublas_ms"] = median_ms([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], samples)
-
     comp = [sf.compress_2_4(w) for w in ws]
     layers = [SparseLinear.from_compressed(c, None) for c in comp]
-    row["sparseflow_ms"] = median_ms([lambda sl=sl, x=x: sl(x) for sl, x in zip(layers, xs)], samples)
+    layers[0](xs[0])  # the dispatcher measures this shape once (not timed)
+    # Interleaved: SparseLinear may run the very same cuBLAS call, and must not look slower (or
+    # faster) only because the GPU clocks down over the row.
+    both = timing.interleaved_ms(
+        {
+            "cublas_ms": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)],
+            "sparseflow_ms": [lambda sl=sl, x=x: sl(x) for sl, x in zip(layers, xs)],
+        },
+        samples,
+    )
+    row.update(both)
     for key, backend in (("cusparselt_ms", "cusparselt"), ("decode_ms", "decode")):
         row[key] = None
         if backend == "decode" and m > DECODE_MAX_M:
@@ -77,6 +85,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
         row["decode_vs_cublas_bandwidth"] = row["decode_gbps"] / row["cublas_gbps"]
     d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
     row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
+    row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
     del layers, comp

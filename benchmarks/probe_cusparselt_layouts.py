@@ -1,113 +1,156 @@
-"""Which way of posing y = x W^T to cuSPARSELt runs and is fastest on this GPU, per algorithm id?
+"""Which cuSPARSELt algorithms run, give right answers, and are fastest, per layout and shape?
 
-cuSPARSELt 0.8.0 on an H200 hits an illegal instruction (which poisons the CUDA context) for some
-algorithm ids of layouts 0 and 2, so every id is timed in a child process that is restarted after
-the id that killed it. Prints, per layout and shape: dense time, default, fastest id, crashing ids.
-    python benchmarks/probe_cusparselt_layouts.py [--budget-s 150]
+cuSPARSELt 0.8.0 on an H200 hits an illegal instruction (which poisons the CUDA context, so the
+process is lost) for some algorithm ids of some layouts at some shapes. Every (layout, shape,
+algorithm id) is therefore run in a child process that the parent restarts just past the id that
+killed it. Per shape the child also times cuBLAS and PyTorch's own cuSPARSELt path, checks each
+algorithm's output against a float32 reference, and finally tries cusparseLtMatmulSearch (with
+the plan's own workspace, as PyTorch does). Prints one line per (layout, shape) and writes JSON.
+    python benchmarks/probe_cusparselt_layouts.py --layouts 3,4 --ms 256,1024,4096 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 
-SHAPES = [(16, 28672, 4096), (4096, 4096, 4096), (4096, 28672, 4096), (1024, 4096, 14336)]
+LLAMA = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 CHILD = r"""
-import statistics, sys, torch, torch.nn.functional as F, sparseflow as sf
-from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE
-L = int(CSLT_LAYOUT_OVERRIDE)
-m, n, k, start = (int(v) for v in sys.argv[1:5])
-
-def ms(fn, n=3, batch=4):
-    fn()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(batch): fn()
-        b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / batch)
-    return statistics.median(ts)
-
-w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
-x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-packed = _C.cslt_compress(w, L)
-if start == 0:
-    print("DENSE", ms(lambda: F.linear(x, w)), flush=True)
-    print("DEFAULT", ms(lambda: _C.cslt_mm(x, packed, n, [-1, 1, 0, 0], L)), flush=True)
-for alg in range(start, int(_C.cslt_alg_count(x, packed, n, L))):
-    print("TRY", alg, flush=True)
+import json, sys, torch, torch.nn.functional as F, sparseflow as sf
+from sparseflow._ext import _C
+from sparseflow.timing import median_ms
+jobs = json.loads(sys.argv[1])
+start_job, start_alg = int(sys.argv[2]), int(sys.argv[3])
+def say(*a): print(*a, flush=True)
+for j, (L, m, n, k) in enumerate(jobs):
+    if j < start_job: continue
+    torch.manual_seed(j)
+    w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ref = F.linear(x.float(), w.float())
+    scale = ref.abs().max().item()
+    packed = _C.cslt_compress(w, L)
+    t = lambda fn: median_ms([fn] * 4, samples=5)
+    first = start_alg if j == start_job else 0
+    if first == 0:
+        say("JOB", j, "DENSE", t(lambda: F.linear(x, w)))
+        say("JOB", j, "DEFAULT", t(lambda: _C.cslt_mm(x, packed, n, [-1, 1, 0, 0], L)))
+        if L == 3:  # PyTorch's own path poses the GEMM this way (alg 0, result transposed view)
+            tp = torch._cslt_compress(w)
+            say("JOB", j, "TORCH", t(lambda: torch._cslt_sparse_mm(tp, x.t())))
+    count = int(_C.cslt_alg_count(x, packed, n, L))
+    for alg in range(first, count):
+        say("JOB", j, "TRY", alg)
+        try:
+            y = _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L)
+            err = ((y.float() - ref).abs().max().item()) / scale
+            say("JOB", j, "ALG", alg, t(lambda: _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L)), err)
+        except RuntimeError as e:
+            say("JOB", j, "ERR", alg, str(e)[:60].replace(" ", "_"))
+    say("JOB", j, "TRY", count)  # the search: a crash here is reported as id == count
     try:
-        print("ALG", alg, ms(lambda: _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L)), flush=True)
+        cfg = [int(v) for v in _C.cslt_search(x, packed, n, L, -1)[:4]]
+        say("JOB", j, "SEARCH", t(lambda: _C.cslt_mm(x, packed, n, cfg, L)), *cfg)
     except RuntimeError as e:
-        print("ERR", alg, str(e)[:60], flush=True)
-print("DONE", flush=True)
-cfg = [int(v) for v in _C.cslt_search(x, packed, n, L)[:4]]  # may crash: printed after DONE
-print("SEARCH", ms(lambda: _C.cslt_mm(x, packed, n, cfg, L)), cfg[0], flush=True)
+        say("JOB", j, "SEARCHERR", str(e)[:60].replace(" ", "_"))
+    say("JOB", j, "DONE")
 """
 
 
-def probe(layout: int, shape, deadline: float) -> str:
-    env = {**os.environ, "SPARSEFLOW_CSLT_LAYOUT": str(layout)}
-    start, times, crashed, dense, default, searched = 0, {}, [], None, None, None
-    while time.time() < deadline:
+def run_jobs(jobs: list, deadline: float) -> dict:
+    res = {j: {"algs": {}, "crashed": [], "wrong": [], "errors": []} for j in range(len(jobs))}
+    start_job, start_alg = 0, 0
+    while start_job < len(jobs) and time.time() < deadline:
+        err = ""
         try:
             r = subprocess.run(
-                [sys.executable, "-c", CHILD, *map(str, shape), str(start)],
+                [sys.executable, "-c", CHILD, json.dumps(jobs), str(start_job), str(start_alg)],
                 check=False,
-                env=env,
                 capture_output=True,
                 text=True,
                 timeout=max(5.0, deadline - time.time()),
             )
-            out = r.stdout
+            out, err = r.stdout, r.stderr
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         last = None
         for line in out.splitlines():
             f = line.split()
-            if f[0] == "DENSE":
-                dense = float(f[1])
-            elif f[0] == "DEFAULT":
-                default = float(f[1])
-            elif f[0] == "TRY":
-                last = int(f[1])
-            elif f[0] == "ALG":
-                times[int(f[1])] = float(f[2])
-            elif f[0] == "SEARCH":
-                searched = float(f[1])
-        if "DONE" in out or last is None:
+            if len(f) < 3 or f[0] != "JOB":
+                continue
+            j, what, rest = int(f[1]), f[2], f[3:]
+            d = res[j]
+            if what in ("DENSE", "DEFAULT", "TORCH"):
+                d[what.lower()] = float(rest[0])
+            elif what == "TRY":
+                last = (j, int(rest[0]))
+            elif what == "ALG":
+                d["algs"][int(rest[0])] = float(rest[1])
+                if float(rest[2]) > 2e-2:
+                    d["wrong"].append(int(rest[0]))
+            elif what == "ERR":
+                d["errors"].append(int(rest[0]))
+            elif what == "SEARCH":
+                d["search"] = float(rest[0])
+                d["search_cfg"] = [int(v) for v in rest[1:]]
+            elif what == "SEARCHERR":
+                d["search"] = "error: " + rest[0]
+            elif what == "DONE":
+                last = (j + 1, -1)
+        if last is None:  # the child died before starting (import error?)
+            print("child produced nothing:", err[-2000:], flush=True)
             break
-        crashed.append(last)
-        start = last + 1
-    best = min(times.items(), key=lambda kv: kv[1]) if times else None
-    m, n, k = shape
-    us = lambda v: f"{v * 1e3:8.1f}us" if v else "     n/a"
-    line = f"layout {layout} M={m:5d} N={n:5d} K={k:5d} dense={us(dense)} default={us(default)}"
-    if best and dense:
+        j, alg = last
+        if alg >= 0:  # it died at (j, alg)
+            res[j]["crashed"].append(alg)
+            start_job, start_alg = j, alg + 1
+        else:
+            start_job, start_alg = j, 0
+    return res
+
+
+def fmt(job, d) -> str:
+    L, m, n, k = job
+    us = lambda v: f"{v * 1e3:8.1f}us" if isinstance(v, float) else f"{v!s:>10}"
+    dense = d.get("dense")
+    ok = {a: t for a, t in d["algs"].items() if a not in d["wrong"]}
+    line = f"layout {L} M={m:5d} N={n:5d} K={k:5d} dense={us(dense)} default={us(d.get('default'))}"
+    if "torch" in d and dense:
+        line += f" torch={us(d['torch'])} ({dense / d['torch']:.2f}x)"
+    if ok and dense:
+        best = min(ok.items(), key=lambda kv: kv[1])
         line += f" best alg {best[0]}={us(best[1])} ({dense / best[1]:.2f}x)"
-    line += f" search={us(searched)}" if searched else " search=failed"
-    return line + f" ids timed={len(times)} crashing ids={crashed}"
+    s = d.get("search")
+    line += f" search={us(s)}" + (
+        f" ({dense / s:.2f}x, cfg {d['search_cfg']})" if isinstance(s, float) and dense else ""
+    )
+    return line + f" ids ok={len(ok)} crashed={d['crashed']} wrong={d['wrong']} errors={len(d['errors'])}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=150.0)
-    ap.add_argument("--layouts", default="1,3,4,0,2")
-    ap.add_argument("--shapes", default="", help="indices into SHAPES, e.g. 1,2 (default: all)")
-    ap.add_argument("--ms", default="", help="replace each shape's M by these, e.g. 8,128,2048 (M-buckets)")
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--layouts", default="3,4")
+    ap.add_argument("--layers", default="qkv,o,gate_up,down")
+    ap.add_argument("--ms", default="256,1024,4096,16384")
+    ap.add_argument("--square", default="2048,4096,8192", help="square M=N=K sizes ('' for none)")
+    ap.add_argument("--out", default="")
     args = ap.parse_args()
-    layouts = [int(v) for v in args.layouts.split(",")]
-    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
-    if args.ms:  # e.g. to find, per M-bucket, the algorithm ids that never crash
-        shapes = [(int(m), n, k) for _, n, k in shapes for m in args.ms.split(",")]
-    per = max(40.0, args.budget_s / (len(layouts) * len(shapes)))  # a child needs ~10 s to import torch + sparseflow
-    for layout in layouts:
-        for shape in shapes:
-            print(probe(layout, shape, time.time() + per), flush=True)
+    shapes = [(int(m), *LLAMA[name]) for name in args.layers.split(",") if name for m in args.ms.split(",")]
+    shapes += [(int(s), int(s), int(s)) for s in args.square.split(",") if s]
+    jobs = [(int(L), *s) for L in args.layouts.split(",") for s in shapes]
+    res = run_jobs(jobs, time.time() + args.budget_s)
+    for j, job in enumerate(jobs):
+        print(fmt(job, res[j]), flush=True)
+    if args.out:
+        path = os.path.join(args.out, "probe_cusparselt.json")
+        with open(path, "w") as f:
+            json.dump([{"layout": L, "M": m, "N": n, "K": k, **res[j]} for j, (L, m, n, k) in enumerate(jobs)], f)
     return 0
 
 

@@ -204,10 +204,12 @@ static at::Tensor pad_rows(const at::Tensor& x, int64_t m_pad) {
   return xp;
 }
 
+// search_ws_mb: workspace offered to cusparseLtMatmulSearch, which may then also try split-k
+// configurations that need more than the default plan; < 0: the plan's own (as PyTorch does).
 static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const at::Tensor& xp, at::Tensor& y,
-                bool search) {
-  // The search also tries split-k configurations, which need more workspace than the default plan.
-  const size_t ws_bytes = search ? std::max<size_t>(p->workspace, size_t(256) << 20) : p->workspace;
+                bool search, int64_t search_ws_mb = -1) {
+  const size_t ws_bytes =
+      search && search_ws_mb > 0 ? std::max<size_t>(p->workspace, size_t(search_ws_mb) << 20) : p->workspace;
   at::Tensor ws;
   if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, xp.options().dtype(at::kByte));
   void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
@@ -251,7 +253,8 @@ at::Tensor cslt_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n, std
 
 // Runs cusparseLtMatmulSearch for this shape and returns the winning config
 // [config id, split-k, split-k mode, split-k buffers, workspace bytes].
-std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout) {
+std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout,
+                                 int64_t search_ws_mb) {
   check_inputs(x, packed, n);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1);
@@ -260,7 +263,7 @@ std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, 
   std::shared_ptr<Plan> p = make_plan(x.get_device(), cuda_type(x), n, k, m_pad, AlgConfig{-1, 1, 0, 0}, static_cast<int>(layout));
   auto xp = pad_rows(x, m_pad);
   auto y = alloc_out(x, m_pad, n, static_cast<int>(layout));
-  run(p, packed, xp, y, true);
+  run(p, packed, xp, y, true, search_ws_mb);
   int alg = 0, split_k = 1, buffers = 0;
   cusparseLtSplitKMode_t mode = CUSPARSELT_INVALID_MODE;
   SF_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(p->h, &p->sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(int)));

@@ -4,7 +4,8 @@
 namespace sparseflow {
 at::Tensor cslt_compress(const at::Tensor& dense, int64_t layout);
 at::Tensor cslt_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n, std::vector<int64_t> cfg, int64_t layout);
-std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout);
+std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout,
+                                 int64_t search_ws_mb);
 int64_t cslt_version();
 int64_t cslt_alg_count(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t layout);
 std::vector<int64_t> plan_cache_stats();

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, warn_once
+from sparseflow.format import cslt_cache_key
 from sparseflow.timing import median_ms
 
 # Where nothing can be measured (inside CUDA-graph capture before any eager call at that size):
@@ -46,16 +47,23 @@ def cslt_unsupported(n: int, k: int) -> str | None:
 
 
 def cslt_layout(bucket: int) -> int:
-    """How to pose the GEMM to cuSPARSELt at this M-bucket (csrc/cusparselt_gemm.cpp). Layout 1
-    (sparse W, y^T output plus a transpose) is the one whose search and algorithms all run on an
-    H200 with cuSPARSELt 0.8.0. Layout 4 (x as PyTorch describes it, y written directly) is faster
-    with its best algorithm (1.46-1.52x over cuBLAS at M=4096, benchmarks/probe_cusparselt_layouts.py)
-    but its search fails and sweeping its algorithms hit an illegal instruction at M=8 and M=2048,
-    which kills the process, so it is opt-in only (SPARSEFLOW_CSLT_LAYOUT=4, at your own risk)."""
+    """The layout used where nothing was measured (csrc/cusparselt_gemm.cpp): 1, the one whose
+    library search and every algorithm run safely on an H200 with cuSPARSELt 0.8.0."""
     if CSLT_LAYOUT_OVERRIDE:
         return int(CSLT_LAYOUT_OVERRIDE)
-    del bucket  # one layout for every M today; the argument keeps room for a per-M choice
+    del bucket  # one default for every M; measured decisions may pick another
     return 1
+
+
+def cslt_candidates() -> list[int]:
+    """Layouts the dispatcher measures. Layout 1 (sparse W, y^T output plus a transpose) searches
+    in-process. Layout 4 (x described as PyTorch does, y written directly) is faster with its best
+    algorithm (1.3-1.45x over cuBLAS at M >= 1024 on the H200) but has no working library search
+    and a few algorithm ids that crash, so its ids are swept in a child process
+    (``sparseflow.cslt_tuner``); ``SPARSEFLOW_CSLT_TUNER=0`` turns that off."""
+    if CSLT_LAYOUT_OVERRIDE:
+        return [int(CSLT_LAYOUT_OVERRIDE)]
+    return [1] if os.environ.get("SPARSEFLOW_CSLT_TUNER", "1") == "0" else [1, 4]
 
 
 def _search_works(layout: int) -> bool:
@@ -63,7 +71,7 @@ def _search_works(layout: int) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5
 
 
 def m_bucket(m: int) -> int:
@@ -81,7 +89,7 @@ class Decision:
     decode_split: int = 0
     decode_ring: bool = False  # the decode kernel's weight pipeline: shared-memory ring or registers
     measured: bool = False
-    search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "sweep"
+    search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cslt_tuner)
 
     @property
     def best_sparse(self) -> str:
@@ -121,28 +129,27 @@ def _median_ms(fn, iters: int = 5, batch: int = 4) -> float:
     return median_ms([fn] * batch, samples=iters, scrub=scrub)
 
 
-def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple[list[int], float, str]:
-    """Best cuSPARSELt config for this problem and its time: the library's own search where it
-    works for this layout, else (or when it fails) a timed sweep of every algorithm id."""
+def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple[list[int], float, str] | None:
+    """Best cuSPARSELt config for this problem and its time (in this process, L2 scrubbed): the
+    library's own search where it works for this layout, else the fastest algorithm id that ran
+    correctly in the tuner's child process. None when nothing usable was found."""
     if _search_works(layout):
         try:
-            cfg = [int(v) for v in _C.cslt_search(x, packed, n, layout)[:4]]
+            cfg = [int(v) for v in _C.cslt_search(x, packed, n, layout, 256)[:4]]
             return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, layout)), "cusparselt"
         except RuntimeError:
-            pass
+            return None
+    from sparseflow.cslt_tuner import TUNER
+
+    m, k = x.shape
+    times = TUNER.sweep(x.device.index, str(x.dtype).replace("torch.", ""), n, k, m, layout)
     best: tuple[list[int], float] | None = None
-    for alg in range(int(_C.cslt_alg_count(x, packed, n, layout))):
+    for alg in sorted(times, key=times.get)[:2]:  # the child's two fastest, timed again here
         cfg = [alg, 1, 0, 0]
-        try:
-            ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=2, batch=2)
-        except RuntimeError:
-            continue
+        ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout))
         if best is None or ms < best[1]:
             best = (cfg, ms)
-    if best is None:
-        cfg = [-1, 1, 0, 0]
-        return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, layout)), "default"
-    return best[0], _median_ms(lambda: _C.cslt_mm(x, packed, n, best[0], layout)), "sweep"
+    return (best[0], best[1], "tuner") if best else None
 
 
 class Dispatcher:
@@ -246,9 +253,12 @@ class Dispatcher:
             x = torch.randn(bucket, k, dtype=weight.dtype, device=weight.device)
             d.dense_ms = _median_ms(functools.partial(F.linear, x, weight.dense_on_device(keep=False)))
             if bucket >= CSLT_MIN_BUCKET and cslt_unsupported(n, k) is None:
-                d.layout = cslt_layout(bucket)
-                d.cfg, d.sparse_ms, d.search = _search(x, weight.cslt_packed(d.layout), n, d.layout)
-                self.searches += 1
+                for layout in cslt_candidates():
+                    found = _search(x, weight.cslt_packed(layout), n, layout)
+                    self.searches += 1
+                    if found and (d.sparse_ms is None or found[1] < d.sparse_ms):
+                        d.cfg, d.sparse_ms, d.search = found
+                        d.layout = layout
             if bucket <= DECODE_MAX_M:
                 w = weight.decode_packed()
                 chunks = w.A.shape[1] // 4
@@ -264,7 +274,7 @@ class Dispatcher:
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
-        built = ((f"cslt{d.layout}", "cusparselt"), ("decode", "decode"))
+        built = ((cslt_cache_key(1), "cusparselt"), (cslt_cache_key(2), "cusparselt"), ("decode", "decode"))
         weight.drop_cached(*(c for c, name in built if c not in had and name != d.choice))
         return d
 

@@ -135,9 +135,10 @@ class Sparse24Weight:
         from sparseflow._ext import _C
 
         cache = self._fresh_cache()
-        packed = cache.get(f"cslt{layout}")
+        key = cslt_cache_key(layout)
+        packed = cache.get(key)
         if packed is None:
-            packed = cache[f"cslt{layout}"] = _C.cslt_compress(self.dense_on_device(keep=False), layout)
+            packed = cache[key] = _C.cslt_compress(self.dense_on_device(keep=False), layout)
         return packed
 
     def decode_packed(self):
@@ -174,6 +175,11 @@ class Sparse24Weight:
 
     def __repr__(self) -> str:
         return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+def cslt_cache_key(layout: int) -> str:
+    """Layouts with W as the sparse operand (all but 2) share one compressed buffer."""
+    return "cslt_sparse_b" if layout == 2 else "cslt"
 
 
 def _pack_indices(idx: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["median_ms"]
+__all__ = ["interleaved_ms", "median_ms"]
 
 
 def _events_ms(run: Callable[[], None], samples: int) -> list[float]:
@@ -72,3 +72,27 @@ def median_ms(
     if scrub is not None:
         total -= median_ms([scrub.zero_] * len(fns), samples, graph) * len(fns)
     return max(total, 1e-6) / len(fns)
+
+
+def interleaved_ms(columns: dict[str, Sequence[Callable[[], object]]], samples: int = 7) -> dict[str, float]:
+    """``median_ms`` for several alternatives at once, their samples interleaved (a, b, a, b, ...),
+    so clock or temperature drift over a long run does not favour whichever was timed first."""
+    runs = {}
+    for name, fns in columns.items():
+        for f in fns:
+            f()
+        torch.cuda.synchronize()
+        run = _captured(list(fns))
+        if run is None:
+
+            def run(fns=fns) -> None:
+                for f in fns:
+                    f()
+
+        run()
+        runs[name] = run
+    times: dict[str, list[float]] = {name: [] for name in columns}
+    for _ in range(samples):
+        for name, run in runs.items():
+            times[name] += _events_ms(run, 1)
+    return {name: max(statistics.median(t), 1e-6) / len(columns[name]) for name, t in times.items()}

@@ -158,6 +158,40 @@ def test_from_pretrained_device_map_auto_on_gpu(ckpt, llama):
         assert torch.equal(v, state[k].cpu()), k
 
 
+def _param_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("how", ["dict", "sequential", "auto"])
+def test_from_pretrained_across_two_gpus(tmp_path, how):
+    """A checkpoint split over two GPUs (accelerate's hooks move activations between them) gives
+    the logits and greedy tokens of the same checkpoint on one GPU; the 2:4 kernels run on each."""
+    model = sparsify(tiny("llama", dtype=torch.float16))
+    save_pretrained(model, tmp_path / "m")
+    one = from_pretrained(tmp_path / "m", device_map="cuda:0")
+    if how == "dict":
+        layers = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1}
+        # lm_head is tied to embed_tokens: it stays with it
+        two = from_pretrained(tmp_path / "m", device_map={**layers, "model.norm": 1, "lm_head": 0})
+    elif how == "sequential":  # cap GPU 0 below the model size so the rest goes to GPU 1
+        cap = _param_bytes(model) * 3 // 4
+        two = from_pretrained(tmp_path / "m", device_map="sequential", max_memory={0: cap, 1: 1 << 30})
+    else:
+        two = from_pretrained(tmp_path / "m", device_map="auto")
+    devices = {str(t.device) for t in two.parameters()}
+    if how != "auto":  # "auto" balances by size and may keep a model this small on one GPU
+        assert devices == {"cuda:0", "cuda:1"}, two.hf_device_map
+    x = inputs().to("cuda:0")
+    with torch.no_grad():
+        a, b = one(x).logits.float(), two(x).logits.float()
+    assert b.device.type == "cuda" and torch.isfinite(b).all()
+    assert (a - b.to(a.device)).abs().max() <= 2e-3 * a.abs().max(), how
+    g1 = one.generate(x[:1, :4], max_new_tokens=6, do_sample=False)
+    g2 = two.generate(x[:1, :4], max_new_tokens=6, do_sample=False)
+    assert g1.shape == g2.shape and g1.shape[1] == 10
+
+
 def test_transformers_auto_model_loads_our_checkpoint(ckpt, llama):
     loaded = T.AutoModelForCausalLM.from_pretrained(ckpt)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, SparseLinear)

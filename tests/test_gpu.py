@@ -161,7 +161,8 @@ def test_decisions_persist_across_processes(tmp_path):
     ]
     for r in runs:
         assert r.returncode == 0, r.stderr
-    assert "SEARCHES 1" in runs[0].stdout and "SEARCHES 0" in runs[1].stdout
+    searches = [int(r.stdout.split("SEARCHES")[1].split()[0]) for r in runs]
+    assert searches[0] >= 1 and searches[1] == 0, searches
     assert list(tmp_path.glob("dispatch-*.json"))
 
 
