@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import sparseflow as sf
 from sparseflow import timing
+from sparseflow.cslt_tuner import TUNER
 from sparseflow.decode import DECODE_MAX_M
 from sparseflow.nn import SparseLinear
 
@@ -297,6 +298,10 @@ def main(argv=None) -> int:
         "host_us_per_call": host,
         "conversion": conversion,
         "seconds": time.time() - t_start,
+        "cusparselt_tuner": {
+            "children": TUNER.children,
+            "crashed": [{**r, "alg": alg} for r, alg in TUNER.crashed],  # ids that killed a child
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     data = {
@@ -318,6 +323,8 @@ def main(argv=None) -> int:
             f"{d['vs_cusparselt']:.2f}x cuSPARSELt, {100 * d['hbm_fraction']:.0f}% of copy bandwidth, "
             f"{100 * d['bandwidth_vs_cublas']:.0f}% of cuBLAS's bandwidth"
         )
+    crashes = [(r["n"], r["k"], r["m"], r["layout"], alg) for r, alg in TUNER.crashed]
+    print(f"cuSPARSELt tuner: {TUNER.children} child processes; ids that crashed one (N, K, M, layout, id): {crashes}")
     errs = sorted({r["torch_error"] for r in rows if r["torch_error"]})
     for e in errs:
         print("torch semi-structured failure:", e)

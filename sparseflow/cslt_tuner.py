@@ -122,8 +122,20 @@ def _sweep_one(r: dict) -> None:
             err = (_C.cslt_mm(x, packed, n, cfg, layout).float() - ref).abs().max().item() / scale
             ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=3, batch=2)
         except RuntimeError:
+            _exit_if_context_lost()
             continue
         print("OK", alg, ms, err, flush=True)
+
+
+def _exit_if_context_lost() -> None:
+    """An illegal instruction does not always end the process: it leaves the CUDA context broken,
+    so every later call fails. Exit then, so the parent records a crash and starts a fresh child."""
+    import torch
+
+    try:
+        torch.ones(1, device="cuda").add_(1).item()
+    except RuntimeError:
+        os._exit(3)
 
 
 def _child() -> None:

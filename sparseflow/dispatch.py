@@ -169,7 +169,9 @@ class Dispatcher:
     def cache_file(self, device: torch.device) -> Path:
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
+        # Decisions measured over fewer candidates are kept apart from the default's.
         forced = f"-layout{CSLT_LAYOUT_OVERRIDE}" if CSLT_LAYOUT_OVERRIDE else ""
+        forced += "-notuner" if not CSLT_LAYOUT_OVERRIDE and cslt_candidates() == [1] else ""
         return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{forced}.json"
 
     @staticmethod

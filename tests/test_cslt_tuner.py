@@ -67,3 +67,30 @@ def test_real_child_sweeps_cusparselt_layout_4():
         assert times and all(ms > 0 for ms in times.values())
     finally:
         t.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dispatcher_with_the_tuner_measures_layout_4(monkeypatch, tmp_path):
+    import sparseflow as sf
+    from sparseflow import extension_available
+    from sparseflow.dispatch import Dispatcher
+    from tests.conftest import TOL, random_2_4, rel_err
+
+    if not extension_available():
+        pytest.skip("extension not built")
+    from sparseflow.cslt_tuner import TUNER
+
+    monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "1")
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    swept = []
+    real = TUNER.sweep
+    monkeypatch.setattr(TUNER, "sweep", lambda *a: swept.append(a) or real(*a))
+    w = random_2_4(2048, 2048, torch.float16, "cuda")
+    c = sf.compress_2_4(w)
+    d = Dispatcher().decide(c, 512)
+    assert [a[-1] for a in swept] == [4] and swept[0][2:5] == (2048, 2048, 512)
+    assert d.measured and d.sparse_ms and d.layout in (1, 4) and d.search in ("cusparselt", "tuner"), d
+    monkeypatch.setattr(sf.ops, "DISPATCHER", Dispatcher())  # route through a fresh dispatcher
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.float16)
+    y = sf.sparse_mm(x, c, backend="cusparselt")
+    assert rel_err(y, x.double() @ w.double().t()) < TOL[torch.float16]
