@@ -18,23 +18,33 @@ import os
 import subprocess
 import sys
 import threading
+import time
+
+from sparseflow._ext import warn_once
 
 __all__ = ["TUNER", "Tuner"]
 
 _REL_TOL = 2e-2  # an algorithm whose output is further than this from the reference is not used
-_TIMEOUT_S = float(os.environ.get("SPARSEFLOW_TUNER_TIMEOUT", "180"))
+_TIMEOUT_S = float(os.environ.get("SPARSEFLOW_TUNER_TIMEOUT", "90"))
 
 
 class Tuner:
-    """Parent side: one child process, restarted after a crash."""
+    """Parent side: one child process, restarted after a crash, with bounds so that a sweep that
+    goes wrong costs seconds, not minutes: two crashes in a row end the sweep (and the ids from
+    there up are skipped for that layout from then on, as is a tail of ids the library refuses),
+    each request has a time budget, and after repeated trouble the tuner turns itself off."""
 
     def __init__(self, cmd: list[str] | None = None, timeout_s: float = _TIMEOUT_S) -> None:
         self.cmd = cmd or [sys.executable, "-m", "sparseflow.cslt_tuner"]
-        self.timeout_s = timeout_s  # per request; a child silent for longer is killed
+        self.timeout_s = timeout_s  # per request: a child still busy after this is killed
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
-        self.crashed: list[tuple] = []  # (request, algorithm id) pairs that killed a child
+        self.crashed: list[tuple[dict, int]] = []  # (request, algorithm id) pairs that killed a child
+        self.failed: list[tuple[dict, int]] = []  # ids the library refused (an error, the child lived)
+        self.stop_at: dict[tuple, int] = {}  # (layout, dtype) -> ids from here up are not tried
         self.children = 0
+        self.troubles = 0  # requests that ended without a finished sweep
+        self.disabled = False
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
@@ -55,43 +65,89 @@ class Tuner:
             self._proc.wait()
         self._proc = None
 
+    def _run(self, req: dict, times: dict[int, float], deadline: float) -> tuple[bool, int | None, list[int]]:
+        """One child conversation: (finished, last id started, ids refused)."""
+        proc = self._start()
+        last, done, refused = None, False, []
+        watchdog = threading.Timer(max(1.0, deadline - time.time()), proc.kill)
+        watchdog.start()
+        try:
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            for line in proc.stdout:  # ends at EOF when the child dies
+                f = line.split()
+                if not f:
+                    continue
+                if f[0] == "TRY":
+                    last = int(f[1])
+                elif f[0] == "OK" and float(f[3]) <= _REL_TOL:
+                    times[int(f[1])] = float(f[2])
+                elif f[0] == "FAIL":
+                    refused.append(int(f[1]))
+                elif f[0] == "END":
+                    done = True
+                    break
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            watchdog.cancel()
+        return done, last, refused
+
     def sweep(self, device: int, dtype: str, n: int, k: int, m: int, layout: int) -> dict[int, float]:
         """{algorithm id: ms} for every id that ran and gave a right answer; ids that crashed a
-        child, failed, or gave a wrong answer are left out."""
+        child, failed, or gave a wrong answer are left out. Empty when the tuner is off or the
+        child could not run at all."""
+        family = (layout, dtype)
         req = {"device": device, "dtype": dtype, "n": n, "k": k, "m": m, "layout": layout, "start": 0}
+        req["stop"] = self.stop_at.get(family, 1 << 30)
         times: dict[int, float] = {}
         with self._lock:
-            for _ in range(64):  # a crash costs one id; this bounds the restarts
-                proc = self._start()
-                last, done = None, False
-                watchdog = threading.Timer(self.timeout_s, proc.kill)  # a hung child counts as a crash
-                watchdog.start()
-                try:
-                    proc.stdin.write(json.dumps(req) + "\n")
-                    proc.stdin.flush()
-                    for line in proc.stdout:  # ends at EOF when the child dies
-                        f = line.split()
-                        if not f:
-                            continue
-                        if f[0] == "TRY":
-                            last = int(f[1])
-                        elif f[0] == "OK" and float(f[3]) <= _REL_TOL:
-                            times[int(f[1])] = float(f[2])
-                        elif f[0] == "END":
-                            done = True
-                            break
-                except (BrokenPipeError, OSError):
-                    pass
-                finally:
-                    watchdog.cancel()
+            if self.disabled:
+                return times
+            deadline = time.time() + self.timeout_s
+            prev_crash, fresh_retry = None, True
+            while time.time() < deadline:
+                done, last, refused = self._run(req, times, deadline)
+                self.failed += [(dict(req), alg) for alg in refused]
                 if done:
+                    tail = _refused_tail(refused, last)
+                    if tail is not None:
+                        self.stop_at[family] = min(tail, self.stop_at.get(family, 1 << 30))
+                    if refused:  # the library errored: continue in a fresh child, clean state
+                        self.close()
                     return times
                 self.close()
-                if last is None:  # the child could not even start the sweep
-                    return times
+                if last is None:  # died before its first id: retry once in a fresh child
+                    if not fresh_retry:
+                        break
+                    fresh_retry = False
+                    continue
                 self.crashed.append((dict(req), last))
-                req["start"] = last + 1
+                if prev_crash == last - 1:  # two in a row: what follows is not worth a child each
+                    self.stop_at[family] = min(prev_crash, self.stop_at.get(family, 1 << 30))
+                    return times
+                prev_crash, req["start"] = last, last + 1
+            self.troubles += 1
+            if self.troubles >= 3:
+                self.disabled = True
+                warn_once(
+                    "tuner-off",
+                    "sparseflow: the cuSPARSELt tuner's child process keeps failing; measuring only "
+                    "cuSPARSELt's searched layout from now on",
+                )
         return times
+
+
+def _refused_tail(refused: list[int], last: int | None) -> int | None:
+    """The first id of a run of refused ids (>= 2) that reaches the last id tried, else None."""
+    if last is None or len(refused) < 2 or refused[-1] != last:
+        return None
+    start = last
+    for alg in reversed(refused):
+        if alg != start and alg != start - 1:
+            break
+        start = alg
+    return start if last - start >= 1 else None
 
 
 TUNER = Tuner()
@@ -115,7 +171,7 @@ def _sweep_one(r: dict) -> None:
     ref = F.linear(x.float(), w.float())
     scale = ref.abs().max().item() or 1.0
     packed = _C.cslt_compress(w, layout)
-    for alg in range(r["start"], int(_C.cslt_alg_count(x, packed, n, layout))):
+    for alg in range(r["start"], min(r["stop"], int(_C.cslt_alg_count(x, packed, n, layout)))):
         print("TRY", alg, flush=True)
         cfg = [alg, 1, 0, 0]
         try:
@@ -123,6 +179,7 @@ def _sweep_one(r: dict) -> None:
             ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=3, batch=2)
         except RuntimeError:
             _exit_if_context_lost()
+            print("FAIL", alg, flush=True)
             continue
         print("OK", alg, ms, err, flush=True)
 

@@ -9,50 +9,74 @@ import torch
 
 from sparseflow.cslt_tuner import Tuner
 
-# A stand-in child: ids 0..4; id 1 kills the process, id 3 gives a wrong answer, id 4 fails.
+# A stand-in child with ids 0..6: id 1 kills the process (as an illegal instruction would), id 2
+# hangs when M == 7 and kills it too when M == 9, id 3 gives a wrong answer, ids 4..6 are refused
+# by the library (an error; the child lives on).
 FAKE = textwrap.dedent(
     """
     import json, os, sys, time
     for line in sys.stdin:
         r = json.loads(line)
-        for alg in range(r["start"], 5):
+        for alg in range(r["start"], min(r["stop"], 7)):
             print("TRY", alg, flush=True)
-            if alg == 1:
-                os._exit(134)  # as an illegal instruction would end it
+            if alg == 1 or (alg == 2 and r["m"] == 9):
+                os._exit(134)
             if alg == 2 and r["m"] == 7:
-                time.sleep(60)  # hangs
-            if alg == 4:
-                continue  # the library refused this id
+                time.sleep(60)
+            if alg >= 4:
+                print("FAIL", alg, flush=True)
+                continue
             print("OK", alg, 0.1 * (alg + 1), 0.5 if alg == 3 else 1e-4, flush=True)
         print("END", flush=True)
     """
 )
 
 
-def test_tuner_skips_crashing_wrong_and_failing_ids():
-    t = Tuner([sys.executable, "-c", FAKE])
+def _fake(**kw) -> Tuner:
+    return Tuner([sys.executable, "-c", FAKE], **kw)
+
+
+def test_tuner_skips_crashing_wrong_and_refused_ids():
+    t = _fake()
     try:
-        times = t.sweep(0, "float16", 64, 64, 16, 4)
-        assert times == pytest.approx({0: 0.1, 2: 0.3})
-        assert [alg for _, alg in t.crashed] == [1] and t.children == 2
-        again = t.sweep(0, "float16", 64, 64, 32, 4)  # the restarted child serves the next request
-        assert again.keys() == {0, 2} and t.children == 3  # (id 1 crashes it once more)
+        assert t.sweep(0, "float16", 64, 64, 16, 4) == pytest.approx({0: 0.1, 2: 0.3})
+        assert [alg for _, alg in t.crashed] == [1] and [alg for _, alg in t.failed] == [4, 5, 6]
+        assert t.stop_at == {(4, "float16"): 4}  # the refused tail is not tried again
+        assert t.children == 2  # restarted after the crash; closed after the refusals
+        assert t.sweep(0, "float16", 64, 64, 32, 4).keys() == {0, 2}
+        assert [alg for _, alg in t.failed] == [4, 5, 6] and t.children == 4
     finally:
         t.close()
 
 
-def test_tuner_kills_a_hung_child_and_goes_on():
-    t = Tuner([sys.executable, "-c", FAKE], timeout_s=3)
+def test_two_crashes_in_a_row_end_the_sweep():
+    t = _fake()
     try:
-        times = t.sweep(0, "float16", 64, 64, 7, 4)
-        assert times.keys() == {0} and [alg for _, alg in t.crashed] == [1, 2]
+        assert t.sweep(0, "float16", 64, 64, 9, 4).keys() == {0}
+        assert [alg for _, alg in t.crashed] == [1, 2] and t.stop_at == {(4, "float16"): 1}
+        t.sweep(0, "float16", 64, 64, 16, 4)  # later sweeps of the layout stop before id 1
+        assert len(t.crashed) == 2
     finally:
         t.close()
 
 
-def test_tuner_reports_nothing_when_the_child_cannot_start():
+def test_a_hung_child_is_killed_within_the_request_budget():
+    t = _fake(timeout_s=4)
+    try:
+        assert t.sweep(0, "float16", 64, 64, 7, 4).keys() == {0}
+        assert 2 in [alg for _, alg in t.crashed]
+    finally:
+        t.close()
+
+
+def test_a_child_that_cannot_start_turns_the_tuner_off():
     t = Tuner([sys.executable, "-c", "import sys; sys.exit(1)"])
-    assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.crashed == []
+    assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.sweep(0, "float16", 64, 64, 16, 4) == {}
+    with pytest.warns(RuntimeWarning, match="tuner"):
+        t.sweep(0, "float16", 64, 64, 16, 4)  # the third failed request
+    assert t.disabled and t.crashed == []
+    started = t.children
+    assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.children == started
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
