@@ -34,10 +34,12 @@ class Tuner:
     there up are skipped for that layout from then on, as is a tail of ids the library refuses),
     each request has a time budget, and after repeated trouble the tuner turns itself off."""
 
-    def __init__(self, cmd: list[str] | None = None, timeout_s: float = _TIMEOUT_S) -> None:
+    def __init__(self, cmd: list[str] | None = None, timeout_s: float = _TIMEOUT_S, idle_s: float = 60.0) -> None:
         self.cmd = cmd or [sys.executable, "-m", "sparseflow.cslt_tuner"]
         self.timeout_s = timeout_s  # per request: a child still busy after this is killed
+        self.idle_s = idle_s  # an idle child is ended after this, giving back its GPU memory
         self._lock = threading.Lock()
+        self._idle: threading.Timer | None = None
         self._proc: subprocess.Popen | None = None
         self.crashed: list[tuple[dict, int]] = []  # (request, algorithm id) pairs that killed a child
         self.failed: list[tuple[dict, int]] = []  # ids the library refused (an error, the child lived)
@@ -48,8 +50,12 @@ class Tuner:
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
+            # The child imports sparseflow from wherever this process did (sys.path, not just the
+            # environment's PYTHONPATH), and sees the same GPUs (CUDA_VISIBLE_DEVICES is inherited).
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
             self._proc = subprocess.Popen(
                 self.cmd,
+                env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -58,6 +64,13 @@ class Tuner:
             )
             self.children += 1
         return self._proc
+
+    def _close_if_idle(self) -> None:
+        if self._lock.acquire(blocking=False):  # a sweep in progress keeps its child
+            try:
+                self.close()
+            finally:
+                self._lock.release()
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -102,40 +115,50 @@ class Tuner:
         req["stop"] = self.stop_at.get(family, 1 << 30)
         times: dict[int, float] = {}
         with self._lock:
-            if self.disabled:
-                return times
-            deadline = time.time() + self.timeout_s
-            prev_crash, fresh_retry = None, True
-            while time.time() < deadline:
-                done, last, refused = self._run(req, times, deadline)
-                self.failed += [(dict(req), alg) for alg in refused]
-                if done:
-                    tail = _refused_tail(refused, last)
-                    if tail is not None:
-                        self.stop_at[family] = min(tail, self.stop_at.get(family, 1 << 30))
-                    if refused:  # the library errored: continue in a fresh child, clean state
-                        self.close()
-                    return times
-                self.close()
-                if last is None:  # died before its first id: retry once in a fresh child
-                    if not fresh_retry:
-                        break
-                    fresh_retry = False
-                    continue
-                self.crashed.append((dict(req), last))
-                if prev_crash == last - 1:  # two in a row: what follows is not worth a child each
-                    self.stop_at[family] = min(prev_crash, self.stop_at.get(family, 1 << 30))
-                    return times
-                prev_crash, req["start"] = last, last + 1
-            self.troubles += 1
-            if self.troubles >= 3:
-                self.disabled = True
-                warn_once(
-                    "tuner-off",
-                    "sparseflow: the cuSPARSELt tuner's child process keeps failing; measuring only "
-                    "cuSPARSELt's searched layout from now on",
-                )
+            if self._idle is not None:
+                self._idle.cancel()
+            try:
+                if not self.disabled:
+                    self._sweep(req, family, times)
+            finally:
+                self._idle = threading.Timer(self.idle_s, self._close_if_idle)
+                self._idle.daemon = True
+                self._idle.start()
         return times
+
+    def _sweep(self, req: dict, family: tuple, times: dict[int, float]) -> None:
+        """Fill ``times``; restart past crashes within the bounds the class docstring names."""
+        deadline = time.time() + self.timeout_s
+        prev_crash, fresh_retry = None, True
+        while time.time() < deadline:
+            done, last, refused = self._run(req, times, deadline)
+            self.failed += [(dict(req), alg) for alg in refused]
+            if done:
+                tail = _refused_tail(refused, last)
+                if tail is not None:
+                    self.stop_at[family] = min(tail, self.stop_at.get(family, 1 << 30))
+                if refused:  # the library errored: continue in a fresh child, clean state
+                    self.close()
+                return
+            self.close()
+            if last is None:  # died before its first id: retry once in a fresh child
+                if not fresh_retry:
+                    break
+                fresh_retry = False
+                continue
+            self.crashed.append((dict(req), last))
+            if prev_crash == last - 1:  # two in a row: what follows is not worth a child each
+                self.stop_at[family] = min(prev_crash, self.stop_at.get(family, 1 << 30))
+                return
+            prev_crash, req["start"] = last, last + 1
+        self.troubles += 1
+        if self.troubles >= 3:
+            self.disabled = True
+            warn_once(
+                "tuner-off",
+                "sparseflow: the cuSPARSELt tuner's child process keeps failing; measuring only "
+                "cuSPARSELt's searched layout from now on",
+            )
 
 
 def _refused_tail(refused: list[int], last: int | None) -> int | None:

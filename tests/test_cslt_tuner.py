@@ -79,6 +79,33 @@ def test_a_child_that_cannot_start_turns_the_tuner_off():
     assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.children == started
 
 
+def test_an_idle_child_is_ended_and_the_next_request_starts_one():
+    t = _fake(idle_s=0.5)
+    try:
+        t.sweep(0, "float16", 64, 64, 32, 4)  # learns the refused tail (that child is replaced)
+        t.sweep(0, "float16", 64, 64, 32, 4)  # crash at id 1, then a child that finishes cleanly
+        live = t._proc
+        assert live is not None and live.poll() is None
+        live.wait(timeout=10)  # ended by the idle timer
+        assert t.sweep(0, "float16", 64, 64, 32, 4).keys() == {0, 2}
+    finally:
+        t.close()
+
+
+def test_the_child_finds_sparseflow_through_the_parents_sys_path(tmp_path, monkeypatch):
+    (tmp_path / "probe_child.py").write_text(
+        "import sys\nfor line in sys.stdin:\n    print('TRY', 0, flush=True)\n"
+        "    print('OK', 0, 0.25, 0.0, flush=True)\n    print('END', flush=True)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here only through sys.path
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    t = Tuner([sys.executable, "-m", "probe_child"])
+    try:
+        assert t.sweep(0, "float16", 64, 64, 16, 4) == {0: 0.25}
+    finally:
+        t.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_child_sweeps_cusparselt_layout_4():
     from sparseflow import extension_available

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sparseflow as sf
 from tests.conftest import TOL, random_2_4, rel_err
@@ -108,3 +109,23 @@ def test_route_during_capture_without_measurement_uses_the_static_rule(monkeypat
     with pytest.warns(RuntimeWarning, match="static rule"):
         assert ops._route(w, 4, ops.BACKENDS["auto"])[1:4] == (ops._DECODE, "DECODE", (0, False))
     assert ops._route(w, 100, ops.BACKENDS["auto"])[1:3] == (ops._DENSE, "DENSE")
+
+
+@pytest.mark.parametrize("shape", [(5, 128), (2, 3, 128), (0, 128)])
+def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
+    """cuda_forward's shape handling (2-D fast path, N-D reshape), driven on the CPU through a
+    faked dense route (the same F.linear call the GPU's dense route makes)."""
+    from sparseflow import ops
+    from sparseflow.dispatch import Decision
+
+    dense = sf.prune_2_4(torch.randn(64, 128))
+    w = sf.compress_2_4(dense)
+    d = Decision("dense", dense_ms=1.0, measured=True)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(
+        ops, "_route", lambda weight, m, backend: (weight.values._version, ops._DENSE, dense, None, None)
+    )
+    x, bias = torch.randn(*shape), torch.randn(64)
+    y = ops.cuda_forward(x, w, bias, handle=1, backend=ops.BACKENDS["auto"])
+    assert y.shape == (*shape[:-1], 64)
+    assert torch.allclose(y, F.linear(x, dense, bias))
