@@ -122,6 +122,7 @@ def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
     w = sf.compress_2_4(dense)
     d = Decision("dense", dense_ms=1.0, measured=True)
     monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(ops, "_routes", {})  # this test's routes stay out of the real table
     monkeypatch.setattr(
         ops, "_route", lambda weight, m, backend: (weight.values._version, ops._DENSE, dense, None, None)
     )
