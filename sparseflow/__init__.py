@@ -3,7 +3,7 @@
 from sparseflow._ext import extension_available
 from sparseflow.convert import SparsifyConfig, SparsifyError, report, sparsify
 from sparseflow.convert.checkpoint import CheckpointError, from_pretrained, save_pretrained
-from sparseflow.dispatch import DISPATCHER
+from sparseflow.dispatch import DISPATCHER, autotune
 from sparseflow.format import Sparse24Weight, compress_2_4, decompress_2_4, is_2_4, prune_2_4
 from sparseflow.nn import SparseLinear
 from sparseflow.ops import sparse_mm
@@ -16,6 +16,7 @@ __all__ = [
     "SparseLinear",
     "SparsifyConfig",
     "SparsifyError",
+    "autotune",
     "compress_2_4",
     "decompress_2_4",
     "extension_available",

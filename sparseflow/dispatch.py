@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -309,3 +310,40 @@ class Dispatcher:
 
 
 DISPATCHER = Dispatcher()
+
+
+def _on_gpu(weight) -> bool:
+    return weight.device.type == "cuda"
+
+
+def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 2048)) -> list[dict]:
+    """Measure now what the first forward at each size would measure: for every distinct 2:4
+    layer shape (dtype, N, K) on a GPU in ``model`` and every row count in ``tokens`` (M = batch
+    x sequence length), the dispatcher's decision (cuBLAS vs our decode kernel vs cuSPARSELt,
+    including the cuSPARSELt tuner's sweep). Decisions persist on disk, so this is the one-time
+    cost of a new GPU/shape, paid before serving instead of inside the first requests.
+    Returns one row per (shape, M); empty for a model on the CPU."""
+    from sparseflow.nn import SparseLinear
+
+    weights = {}
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear) and _on_gpu(mod.weight_2_4):
+            w = mod.weight_2_4
+            weights.setdefault((str(w.device), w.dtype, *w.shape), w)
+    rows = []
+    for (device, dtype, n, k), w in weights.items():
+        for m in sorted({int(t) for t in tokens}):
+            d = DISPATCHER.decide(w, m)
+            rows.append(
+                {
+                    "device": device,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "N": n,
+                    "K": k,
+                    "M": m,
+                    "m_bucket": m_bucket(m),
+                    "choice": d.choice,
+                    "speedup_vs_dense": d.speedup,
+                }
+            )
+    return rows

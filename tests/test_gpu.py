@@ -246,3 +246,20 @@ def test_gpu_below_sm80_falls_back_to_dense_with_warning(monkeypatch):
     assert rel_err(out, _ref(x, c.decompress())) < TOL[torch.float16]
     with pytest.raises(ValueError, match="sm_80"):
         sf.sparse_mm(x, c, backend="sparse")
+
+
+@needs_ext
+def test_autotune_measures_before_the_first_forward(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    sf.DISPATCHER.clear()
+    layer = SparseLinear.from_dense(torch.nn.Linear(1536, 768), prune=True).half().cuda()
+    rows = sf.autotune(torch.nn.Sequential(layer), tokens=(4, 200))
+    assert [(r["M"], r["m_bucket"]) for r in rows] == [(4, 8), (200, 256)]
+    assert all(r["choice"] in ("dense", "decode", "cusparselt") for r in rows)
+    searches = sf.DISPATCHER.searches
+    for m in (3, 200):  # same buckets: served from the decisions, nothing measured again
+        x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
+        assert rel_err(layer(x), _ref(x, layer.weight_2_4.decompress(), layer.bias)) < TOL[torch.float16]
+    assert sf.DISPATCHER.searches == searches
+    assert list(tmp_path.glob("dispatch-*.json"))
+    sf.DISPATCHER.clear()

@@ -130,3 +130,32 @@ def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
     y = ops.cuda_forward(x, w, bias, handle=1, backend=ops.BACKENDS["auto"])
     assert y.shape == (*shape[:-1], 64)
     assert torch.allclose(y, F.linear(x, dense, bias))
+
+
+def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
+    """sf.autotune walks the model, dedups layer shapes and asks the dispatcher per M (the
+    decisions themselves are faked: on the CPU there is nothing to measure)."""
+    from torch import nn
+
+    from sparseflow import dispatch
+    from sparseflow.dispatch import Decision
+    from sparseflow.nn import SparseLinear
+
+    def sl(n, k):
+        return SparseLinear.from_dense(nn.Linear(k, n), prune=True)
+
+    model = nn.Sequential(sl(64, 128), sl(64, 128), sl(32, 64))
+    assert sf.autotune(model) == []  # on the CPU: nothing to tune
+    asked = []
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda w: True)
+    monkeypatch.setattr(
+        dispatch.DISPATCHER, "decide", lambda w, m: asked.append((*w.shape, m)) or Decision("dense", dense_ms=1.0)
+    )
+    rows = sf.autotune(model, tokens=(16, 1, 16))
+    assert asked == [(64, 128, 1), (64, 128, 16), (32, 64, 1), (32, 64, 16)]
+    assert [(r["N"], r["K"], r["M"], r["m_bucket"], r["choice"]) for r in rows] == [
+        (64, 128, 1, 8, "dense"),
+        (64, 128, 16, 16, "dense"),
+        (32, 64, 1, 8, "dense"),
+        (32, 64, 16, 16, "dense"),
+    ]
