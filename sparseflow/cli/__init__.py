@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="decode steps for the speed test (default: 32)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length for the speed test (default: 128)")
     p.add_argument("--device", help="default: cuda if available")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="dtype both models run in after float32 pruning (default: float16 on a GPU, float32 on the CPU)",
+    )
     p.set_defaults(run="demo")
     return parser
 
