@@ -80,7 +80,10 @@ class Tuner:
 
     def _run(self, req: dict, times: dict[int, float], deadline: float) -> tuple[bool, int | None, list[int]]:
         """One child conversation: (finished, last id started, ids refused)."""
-        proc = self._start()
+        try:
+            proc = self._start()
+        except OSError:  # no usable interpreter (embedded Python, a frozen app): no child, no sweep
+            return False, None, []
         last, done, refused = None, False, []
         watchdog = threading.Timer(max(1.0, deadline - time.time()), proc.kill)
         watchdog.start()

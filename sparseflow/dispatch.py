@@ -143,7 +143,13 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
     from sparseflow.cslt_tuner import TUNER
 
     m, k = x.shape
-    times = TUNER.sweep(x.device.index, str(x.dtype).replace("torch.", ""), n, k, m, layout)
+    try:
+        times = TUNER.sweep(x.device.index, str(x.dtype).replace("torch.", ""), n, k, m, layout)
+    except Exception as exc:  # noqa: BLE001 -- tuning must never break a forward: measure without it
+        warn_once(
+            f"tuner:{type(exc).__name__}", f"sparseflow: cuSPARSELt tuner failed ({exc}); layout {layout} skipped"
+        )
+        return None
     best: tuple[list[int], float] | None = None
     for alg in sorted(times, key=times.get)[:2]:  # the child's two fastest, timed again here
         cfg = [alg, 1, 0, 0]

@@ -69,6 +69,11 @@ def test_a_hung_child_is_killed_within_the_request_budget():
         t.close()
 
 
+def test_no_interpreter_for_the_child_is_not_an_error():
+    t = Tuner(["/nonexistent/python3", "-m", "sparseflow.cslt_tuner"])
+    assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.children == 0
+
+
 def test_a_child_that_cannot_start_turns_the_tuner_off():
     t = Tuner([sys.executable, "-c", "import sys; sys.exit(1)"])
     assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.sweep(0, "float16", 64, 64, 16, 4) == {}
