@@ -109,3 +109,16 @@ def test_forced_gpu_backend_on_cpu_is_the_same_error_for_module_and_function(bac
     layer.backend = "auto"  # the reference path serves auto on the CPU
     layer._route = None
     assert rel_err(layer(x), nn.functional.linear(x, layer.dense_weight(), layer.bias)) < TOL[torch.float32]
+
+
+def test_backend_can_be_changed_after_a_forward():
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 32), prune=True)
+    x = torch.randn(3, 64)
+    layer(x)
+    assert layer._route is not None
+    layer.backend = "dense"  # e.g. on every layer of a model; must not be ignored by a cached route
+    assert layer._route is None and layer.backend == "dense"
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight_2_4.decompress(), layer.bias))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer.backend = "fastest"
+    assert layer.backend == "dense"

@@ -95,8 +95,11 @@ class SparseGatedMLP(nn.Module):
             return None
         if x.device != measured.device or sparse_unavailable_reason(x.device) is not None:
             return None
+        backend = self._projections()[0].backend  # the fused kernel is the decode kernel: honour it
+        if backend in ("dense", "cusparselt"):
+            return None
         d = DISPATCHER.decide(measured, m)
-        if d.choice != "decode":
+        if {"auto": d.choice, "sparse": d.best_sparse, "decode": "decode"}[backend] != "decode":
             return None
         fused = self._fused_weight()
         if fused is None:

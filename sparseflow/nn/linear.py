@@ -34,8 +34,6 @@ class SparseLinear(nn.Module):
         super().__init__()
         if in_features % 4:
             raise ValueError(f"SparseLinear: in_features={in_features} must be a multiple of 4 for 2:4 groups")
-        if backend not in BACKENDS:
-            raise ValueError(f"SparseLinear: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         dtype = dtype or torch.get_default_dtype()
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.register_buffer("weight_values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
@@ -47,6 +45,20 @@ class SparseLinear(nn.Module):
         self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
         self._w: Sparse24Weight | None = None
         self._route: tuple | None = None  # (values, meta, x dtype, device) -> (handle, backend code)
+
+    @property
+    def backend(self) -> str:
+        # (a module pickled before backend was a property holds it as "backend")
+        return self.__dict__.get("_backend", self.__dict__.get("backend", "auto"))
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        """Settable at any time (e.g. ``"sparse"`` on every layer of a model to never build a
+        dense fallback copy on the GPU); the next call routes afresh."""
+        if value not in BACKENDS:
+            raise ValueError(f"SparseLinear: backend must be one of {sorted(BACKENDS)}, got {value!r}")
+        self._backend = value
+        self._route = None
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, prune: bool = False, backend: str = "auto") -> SparseLinear:
