@@ -12,6 +12,7 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow._ext import _C
+from sparseflow.dispatch import CSLT_MIN_BUCKET
 from sparseflow.nn import SparseLinear
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
@@ -92,7 +93,7 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     assert {r["m_bucket"] for r in info} >= {8, 128, 2048}
     for r in info:
         times = {"dense": r["dense_ms"], "cusparselt": r["cusparselt_ms"], "decode": r["decode_ms"]}
-        assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= 128)
+        assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= CSLT_MIN_BUCKET)
         assert (r["decode_ms"] is not None) == (r["m_bucket"] <= 64)
         assert r["choice"] == min((t, k) for k, t in times.items() if t is not None)[1]  # the fastest wins
     mem = sl.memory_bytes()
