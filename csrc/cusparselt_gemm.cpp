@@ -98,8 +98,9 @@ static void init_sparse_desc(const cusparseLtHandle_t* h, cusparseLtMatDescripto
 static void set_alg(const cusparseLtHandle_t* h, cusparseLtMatmulAlgSelection_t* sel, const AlgConfig& c) {
   if (c[0] < 0) return;
   SF_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &c[0], sizeof(int)));
-  // Split-k settings as the search reported them. Values the library reports but does not accept
-  // back (e.g. -1 for "its own choice") are left at its default.
+  // Split-k settings as the search or the tuner found them: > 1 splits K, -1 is Segment-K (a
+  // Hopper schedule). A value the library refuses leaves its default (no split), so a config read
+  // back from a search and set again never fails the call.
   if (c[1] != 1) cusparseLtMatmulAlgSetAttribute(h, sel, CUSPARSELT_MATMUL_SPLIT_K, &c[1], sizeof(int));
   if (c[2] != 0) {
     cusparseLtSplitKMode_t mode = static_cast<cusparseLtSplitKMode_t>(c[2]);

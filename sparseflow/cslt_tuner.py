@@ -6,8 +6,9 @@ working ``cusparseLtMatmulSearch``, and a few of its algorithm ids hit an illega
 some shapes, which poisons the CUDA context for good. So the dispatcher sweeps the ids here: a
 long-lived child (started once per process, ~5-10 s) runs each id on random data of the right
 shape, checks it against a float32 reference and times it; if the child dies, the id it was
-running is recorded as crashing and a new child carries on past it. The parent then runs only
-ids that completed. Results are cached with the dispatcher's decisions, so this happens once per
+running is recorded as crashing and a new child carries on past it. The fastest few ids are then
+tried again with Segment-K (split-k -1), the Hopper schedule the library's own search picks for
+most shapes of the layout where it works. The parent runs only configurations that completed. Results are cached with the dispatcher's decisions, so this happens once per
 (GPU, dtype, N, K, M-bucket).
 """
 
@@ -26,6 +27,7 @@ __all__ = ["TUNER", "Tuner"]
 
 _REL_TOL = 2e-2  # an algorithm whose output is further than this from the reference is not used
 _TIMEOUT_S = float(os.environ.get("SPARSEFLOW_TUNER_TIMEOUT", "90"))
+_SEGMENT_K_TOP = 6  # how many of the fastest ids are tried again with Segment-K
 
 
 class Tuner:
@@ -109,25 +111,35 @@ class Tuner:
             watchdog.cancel()
         return done, last, refused
 
-    def sweep(self, device: int, dtype: str, n: int, k: int, m: int, layout: int) -> dict[int, float]:
-        """{algorithm id: ms} for every id that ran and gave a right answer; ids that crashed a
-        child, failed, or gave a wrong answer are left out. Empty when the tuner is off or the
-        child could not run at all."""
-        family = (layout, dtype)
-        req = {"device": device, "dtype": dtype, "n": n, "k": k, "m": m, "layout": layout, "start": 0}
-        req["stop"] = self.stop_at.get(family, 1 << 30)
-        times: dict[int, float] = {}
+    def sweep(self, device: int, dtype: str, n: int, k: int, m: int, layout: int) -> dict[tuple[int, int], float]:
+        """{(algorithm id, split-k): ms} for every configuration that ran and gave a right answer;
+        those that crashed a child, failed, or gave a wrong answer are left out. First every id
+        with the library's split-k, then the fastest few again with Segment-K (split-k -1, a
+        Hopper-specific schedule cuSPARSELt's own search often picks). Empty when the tuner is
+        off or the child could not run at all."""
+        base = {"device": device, "dtype": dtype, "n": n, "k": k, "m": m, "layout": layout, "start": 0}
+        found: dict[tuple[int, int], float] = {}
         with self._lock:
             if self._idle is not None:
                 self._idle.cancel()
             try:
                 if not self.disabled:
-                    self._sweep(req, family, times)
+                    family = (layout, dtype)
+                    times: dict[int, float] = {}
+                    self._sweep({**base, "stop": self.stop_at.get(family, 1 << 30)}, family, times)
+                    found = {(alg, 1): ms for alg, ms in times.items()}
+                    top = sorted(times, key=times.get)[:_SEGMENT_K_TOP]
+                    family = (layout, dtype, "segment-k")
+                    if top and not self.disabled and self.stop_at.get(family, 1) > 0:
+                        variants = [[alg, -1] for alg in top]
+                        times = {}
+                        self._sweep({**base, "variants": variants, "stop": len(variants)}, family, times)
+                        found.update({(variants[i][0], -1): ms for i, ms in times.items()})
             finally:
                 self._idle = threading.Timer(self.idle_s, self._close_if_idle)
                 self._idle.daemon = True
                 self._idle.start()
-        return times
+        return found
 
     def _sweep(self, req: dict, family: tuple, times: dict[int, float]) -> None:
         """Fill ``times``; restart past crashes within the bounds the class docstring names."""
@@ -197,17 +209,20 @@ def _sweep_one(r: dict) -> None:
     ref = F.linear(x.float(), w.float())
     scale = ref.abs().max().item() or 1.0
     packed = _C.cslt_compress(w, layout)
-    for alg in range(r["start"], min(r["stop"], int(_C.cslt_alg_count(x, packed, n, layout)))):
-        print("TRY", alg, flush=True)
-        cfg = [alg, 1, 0, 0]
+    # Entry i of the list is what "TRY i" refers to: every algorithm id (library split-k), or the
+    # parent's explicit [id, split-k] pairs.
+    variants = r.get("variants") or [[alg, 1] for alg in range(int(_C.cslt_alg_count(x, packed, n, layout)))]
+    for i in range(r["start"], min(r["stop"], len(variants))):
+        print("TRY", i, flush=True)
+        cfg = [variants[i][0], variants[i][1], 0, 0]
         try:
             err = (_C.cslt_mm(x, packed, n, cfg, layout).float() - ref).abs().max().item() / scale
             ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout), iters=3, batch=2)
         except RuntimeError:
             _exit_if_context_lost()
-            print("FAIL", alg, flush=True)
+            print("FAIL", i, flush=True)
             continue
-        print("OK", alg, ms, err, flush=True)
+        print("OK", i, ms, err, flush=True)
 
 
 def _exit_if_context_lost() -> None:

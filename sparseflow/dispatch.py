@@ -154,8 +154,8 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
         )
         return None
     best: tuple[list[int], float] | None = None
-    for alg in sorted(times, key=times.get)[:2]:  # the child's two fastest, timed again here
-        cfg = [alg, 1, 0, 0]
+    for alg, split_k in sorted(times, key=times.get)[:2]:  # the child's two fastest, timed again here
+        cfg = [alg, split_k, 0, 0]
         ms = _median_ms(lambda cfg=cfg: _C.cslt_mm(x, packed, n, cfg, layout))
         if best is None or ms < best[1]:
             best = (cfg, ms)

@@ -11,12 +11,22 @@ from sparseflow.cslt_tuner import Tuner
 
 # A stand-in child with ids 0..6: id 1 kills the process (as an illegal instruction would), id 2
 # hangs when M == 7 and kills it too when M == 9, id 3 gives a wrong answer, ids 4..6 are refused
-# by the library (an error; the child lives on).
+# by the library (an error; the child lives on). Segment-K variants run twice as fast, except at
+# M == 48, where every one of them kills the child.
 FAKE = textwrap.dedent(
     """
     import json, os, sys, time
     for line in sys.stdin:
         r = json.loads(line)
+        if "variants" in r:
+            for i in range(r["start"], min(r["stop"], len(r["variants"]))):
+                alg, split = r["variants"][i]
+                print("TRY", i, flush=True)
+                if r["m"] == 48:
+                    os._exit(134)
+                print("OK", i, 0.05 * (alg + 1), 1e-4, flush=True)
+            print("END", flush=True)
+            continue
         for alg in range(r["start"], min(r["stop"], 7)):
             print("TRY", alg, flush=True)
             if alg == 1 or (alg == 2 and r["m"] == 9):
@@ -36,15 +46,34 @@ def _fake(**kw) -> Tuner:
     return Tuner([sys.executable, "-c", FAKE], **kw)
 
 
-def test_tuner_skips_crashing_wrong_and_refused_ids():
+def _ids(times: dict, split_k: int = 1) -> set[int]:
+    return {alg for alg, s in times if s == split_k}
+
+
+def test_tuner_skips_crashing_wrong_and_refused_ids_then_tries_segment_k():
     t = _fake()
     try:
-        assert t.sweep(0, "float16", 64, 64, 16, 4) == pytest.approx({0: 0.1, 2: 0.3})
+        got = t.sweep(0, "float16", 64, 64, 16, 4)
+        assert got == pytest.approx({(0, 1): 0.1, (2, 1): 0.3, (0, -1): 0.05, (2, -1): 0.15})
         assert [alg for _, alg in t.crashed] == [1] and [alg for _, alg in t.failed] == [4, 5, 6]
         assert t.stop_at == {(4, "float16"): 4}  # the refused tail is not tried again
-        assert t.children == 2  # restarted after the crash; closed after the refusals
-        assert t.sweep(0, "float16", 64, 64, 32, 4).keys() == {0, 2}
+        assert t.children == 3  # restarted after the crash; replaced after the refusals
+        again = t.sweep(0, "float16", 64, 64, 32, 4)
+        assert _ids(again) == {0, 2} and _ids(again, -1) == {0, 2}
         assert [alg for _, alg in t.failed] == [4, 5, 6] and t.children == 4
+    finally:
+        t.close()
+
+
+def test_segment_k_that_crashes_is_given_up():
+    t = _fake()
+    try:
+        got = t.sweep(0, "float16", 64, 64, 48, 4)
+        assert _ids(got) == {0, 2} and _ids(got, -1) == set()
+        assert t.stop_at[(4, "float16", "segment-k")] == 0
+        crashes = len(t.crashed)
+        assert _ids(t.sweep(0, "float16", 64, 64, 16, 4), -1) == set()  # not tried again
+        assert len(t.crashed) == crashes + 1  # (only id 1's usual crash)
     finally:
         t.close()
 
@@ -52,8 +81,8 @@ def test_tuner_skips_crashing_wrong_and_refused_ids():
 def test_two_crashes_in_a_row_end_the_sweep():
     t = _fake()
     try:
-        assert t.sweep(0, "float16", 64, 64, 9, 4).keys() == {0}
-        assert [alg for _, alg in t.crashed] == [1, 2] and t.stop_at == {(4, "float16"): 1}
+        assert _ids(t.sweep(0, "float16", 64, 64, 9, 4)) == {0}
+        assert [alg for _, alg in t.crashed] == [1, 2] and t.stop_at[(4, "float16")] == 1
         t.sweep(0, "float16", 64, 64, 16, 4)  # later sweeps of the layout stop before id 1
         assert len(t.crashed) == 2
     finally:
@@ -63,7 +92,7 @@ def test_two_crashes_in_a_row_end_the_sweep():
 def test_a_hung_child_is_killed_within_the_request_budget():
     t = _fake(timeout_s=4)
     try:
-        assert t.sweep(0, "float16", 64, 64, 7, 4).keys() == {0}
+        assert _ids(t.sweep(0, "float16", 64, 64, 7, 4)) == {0}
         assert 2 in [alg for _, alg in t.crashed]
     finally:
         t.close()
@@ -92,7 +121,7 @@ def test_an_idle_child_is_ended_and_the_next_request_starts_one():
         live = t._proc
         assert live is not None and live.poll() is None
         live.wait(timeout=10)  # ended by the idle timer
-        assert t.sweep(0, "float16", 64, 64, 32, 4).keys() == {0, 2}
+        assert _ids(t.sweep(0, "float16", 64, 64, 32, 4)) == {0, 2}
     finally:
         t.close()
 
@@ -106,7 +135,7 @@ def test_the_child_finds_sparseflow_through_the_parents_sys_path(tmp_path, monke
     monkeypatch.delenv("PYTHONPATH", raising=False)
     t = Tuner([sys.executable, "-m", "probe_child"])
     try:
-        assert t.sweep(0, "float16", 64, 64, 16, 4) == {0: 0.25}
+        assert t.sweep(0, "float16", 64, 64, 16, 4) == {(0, 1): 0.25, (0, -1): 0.25}
     finally:
         t.close()
 
