@@ -159,3 +159,28 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
         (32, 64, 1, 8, "dense"),
         (32, 64, 16, 16, "dense"),
     ]
+
+
+def test_layout_4_search_retimes_the_tuners_two_fastest(monkeypatch):
+    """dispatch._search for a layout without a library search: the tuner's sweep (faked) ranks
+    configurations, the two fastest are timed again in this process, the faster one wins."""
+    from types import SimpleNamespace
+
+    from sparseflow import dispatch
+    from sparseflow.cslt_tuner import TUNER
+
+    here = {(5, -1): 0.30, (3, 1): 0.20, (7, 1): 0.10}  # this process's times (id 7: not in the top 2)
+    monkeypatch.setattr(TUNER, "sweep", lambda *a: {(5, -1): 0.1, (3, 1): 0.2, (7, 1): 0.9, (9, 1): 0.3})
+    monkeypatch.setattr(dispatch, "_C", SimpleNamespace(cslt_mm=lambda x, p, n, cfg, layout: here[tuple(cfg[:2])]))
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn, **kw: fn())
+    x = torch.zeros(256, 64, dtype=torch.float16)
+    assert dispatch._search(x, None, 128, 4) == ([3, 1, 0, 0], 0.20, "tuner")
+    monkeypatch.setattr(TUNER, "sweep", lambda *a: {})  # the tuner found nothing usable
+    assert dispatch._search(x, None, 128, 4) is None
+
+    def broken(*a):
+        raise RuntimeError("child protocol error")
+
+    monkeypatch.setattr(TUNER, "sweep", broken)  # a tuner bug never reaches the forward
+    with pytest.warns(RuntimeWarning, match="tuner failed"):
+        assert dispatch._search(x, None, 128, 4) is None
