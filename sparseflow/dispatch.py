@@ -75,7 +75,7 @@ def _search_works(layout: int) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 5
+_CACHE_VERSION = 6
 
 
 def m_bucket(m: int) -> int:
