@@ -1,15 +1,16 @@
 """Time cuSPARSELt's algorithms in a child process, so one that crashes cannot take the caller down.
 
 On an H200 with cuSPARSELt 0.8.0 the fastest way to pose y = x W^T (layout 4 in
-csrc/cusparselt_gemm.cpp: 1.3-1.45x over cuBLAS at M >= 1024 on Llama-3-8B's qkv/o) has no
+csrc/cusparselt_gemm.cpp: 1.34-1.61x over cuBLAS at M >= 1024 on Llama-3-8B's layers) has no
 working ``cusparseLtMatmulSearch``, and a few of its algorithm ids hit an illegal instruction at
 some shapes, which poisons the CUDA context for good. So the dispatcher sweeps the ids here: a
 long-lived child (started once per process, ~5-10 s) runs each id on random data of the right
 shape, checks it against a float32 reference and times it; if the child dies, the id it was
 running is recorded as crashing and a new child carries on past it. The fastest few ids are then
 tried again with Segment-K (split-k -1), the Hopper schedule the library's own search picks for
-most shapes of the layout where it works. The parent runs only configurations that completed. Results are cached with the dispatcher's decisions, so this happens once per
-(GPU, dtype, N, K, M-bucket).
+most shapes of the layout where it works. The parent runs only configurations that completed.
+Results are cached with the dispatcher's decisions, so this happens once per (GPU, dtype, N, K,
+M-bucket).
 """
 
 from __future__ import annotations
