@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SPARSEFLOW_CACHE_DIR="${SPARSEFLOW_CACHE_DIR:-/tmp/sparseflow_cache}"
+export SPARSEFLOW_TUNER_LOG="${SPARSEFLOW_TUNER_LOG:-$OUT/tuner.log}"  # the cuSPARSELt tuner child's stderr
 PY=${PYTHON:-python3}
 summary=()
 
@@ -58,5 +59,7 @@ fi
 if [ "${PROBE:-0}" != 0 ]; then  # per-algorithm cuSPARSELt sweep, crash-isolated (informational)
   timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
 fi
+# At most 8 files come back from a device call: the logs travel as one archive.
+(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
 echo "================ gpu_check summary ================"
 printf '%s\n' "${summary[@]}"

@@ -56,12 +56,13 @@ class Tuner:
             # The child imports sparseflow from wherever this process did (sys.path, not just the
             # environment's PYTHONPATH), and sees the same GPUs (CUDA_VISIBLE_DEVICES is inherited).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            log = os.environ.get("SPARSEFLOW_TUNER_LOG")  # the child's stderr, for diagnosing crashes
             self._proc = subprocess.Popen(
                 self.cmd,
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
+                stderr=open(log, "a") if log else subprocess.DEVNULL,  # noqa: SIM115 -- the child owns it
                 text=True,
                 bufsize=1,
             )
@@ -95,17 +96,18 @@ class Tuner:
             proc.stdin.flush()
             for line in proc.stdout:  # ends at EOF when the child dies
                 f = line.split()
-                if not f:
+                try:
+                    if f and f[0] == "TRY":
+                        last = int(f[1])
+                    elif f and f[0] == "OK" and float(f[3]) <= _REL_TOL:
+                        times[int(f[1])] = float(f[2])
+                    elif f and f[0] == "FAIL":
+                        refused.append(int(f[1]))
+                    elif f and f[0] == "END":
+                        done = True
+                        break
+                except (IndexError, ValueError):  # a stray line a library printed: not ours
                     continue
-                if f[0] == "TRY":
-                    last = int(f[1])
-                elif f[0] == "OK" and float(f[3]) <= _REL_TOL:
-                    times[int(f[1])] = float(f[2])
-                elif f[0] == "FAIL":
-                    refused.append(int(f[1]))
-                elif f[0] == "END":
-                    done = True
-                    break
         except (BrokenPipeError, OSError):
             pass
         finally:
