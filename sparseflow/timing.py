@@ -46,17 +46,8 @@ def _captured(fns: Sequence[Callable[[], object]]) -> Callable[[], None] | None:
     return graph.replay
 
 
-def median_ms(
-    fns: Sequence[Callable[[], object]], samples: int = 7, graph: bool = True, scrub: torch.Tensor | None = None
-) -> float:
-    """Median over ``samples`` of the time of one pass over ``fns``, divided by ``len(fns)``.
-
-    ``scrub``: a buffer (larger than L2) written before every call, so each call reads its
-    operands from HBM as in a model; the scrub's own time is measured alone and subtracted.
-    """
-    calls = list(fns)
-    if scrub is not None:
-        calls = [g for f in fns for g in (scrub.zero_, f)]
+def _runner(calls: list[Callable[[], object]], graph: bool) -> Callable[[], None]:
+    """One pass over ``calls``, warmed up: a CUDA-graph replay where capture works, else eager."""
     for f in calls:
         f()
     torch.cuda.synchronize()
@@ -68,6 +59,21 @@ def median_ms(
                 f()
 
     run()
+    return run
+
+
+def median_ms(
+    fns: Sequence[Callable[[], object]], samples: int = 7, graph: bool = True, scrub: torch.Tensor | None = None
+) -> float:
+    """Median over ``samples`` of the time of one pass over ``fns``, divided by ``len(fns)``.
+
+    ``scrub``: a buffer (larger than L2) written before every call, so each call reads its
+    operands from HBM as in a model; the scrub's own time is measured alone and subtracted.
+    """
+    calls = list(fns)
+    if scrub is not None:
+        calls = [g for f in fns for g in (scrub.zero_, f)]
+    run = _runner(calls, graph)
     total = statistics.median(_events_ms(run, samples))
     if scrub is not None:
         total -= median_ms([scrub.zero_] * len(fns), samples, graph) * len(fns)
@@ -77,20 +83,7 @@ def median_ms(
 def interleaved_ms(columns: dict[str, Sequence[Callable[[], object]]], samples: int = 7) -> dict[str, float]:
     """``median_ms`` for several alternatives at once, their samples interleaved (a, b, a, b, ...),
     so clock or temperature drift over a long run does not favour whichever was timed first."""
-    runs = {}
-    for name, fns in columns.items():
-        for f in fns:
-            f()
-        torch.cuda.synchronize()
-        run = _captured(list(fns))
-        if run is None:
-
-            def run(fns=fns) -> None:
-                for f in fns:
-                    f()
-
-        run()
-        runs[name] = run
+    runs = {name: _runner(list(fns), graph=True) for name, fns in columns.items()}
     times: dict[str, list[float]] = {name: [] for name in columns}
     for _ in range(samples):
         for name, run in runs.items():
