@@ -334,6 +334,10 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
     Returns one row per (shape, M); empty for a model on the CPU."""
     from sparseflow.nn import SparseLinear
 
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"autotune: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(tokens, (int, str)) or not all(isinstance(t, int) and t >= 1 for t in tokens):
+        raise ValueError(f"autotune: tokens must be a sequence of positive row counts, got {tokens!r}")
     weights = {}
     for mod in model.modules():
         if isinstance(mod, SparseLinear) and _on_gpu(mod.weight_2_4):
@@ -341,7 +345,7 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
             weights.setdefault((str(w.device), w.dtype, *w.shape), w)
     rows = []
     for (device, dtype, n, k), w in weights.items():
-        for m in sorted({int(t) for t in tokens}):
+        for m in sorted(set(tokens)):
             d = DISPATCHER.decide(w, m)
             rows.append(
                 {

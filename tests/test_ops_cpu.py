@@ -151,6 +151,11 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
     monkeypatch.setattr(
         dispatch.DISPATCHER, "decide", lambda w, m: asked.append((*w.shape, m)) or Decision("dense", dense_ms=1.0)
     )
+    for bad in (0, (16, 0), (1.5,), "16"):
+        with pytest.raises(ValueError, match="positive row counts"):
+            sf.autotune(model, tokens=bad)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        sf.autotune([model])
     rows = sf.autotune(model, tokens=(16, 1, 16))
     assert asked == [(64, 128, 1), (64, 128, 16), (32, 64, 1), (32, 64, 16)]
     assert [(r["N"], r["K"], r["M"], r["m_bucket"], r["choice"]) for r in rows] == [
