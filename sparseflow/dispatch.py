@@ -40,6 +40,11 @@ STATIC_DECODE_MAX_M = 16
 # searched plans), and the dispatcher keeps whichever is measured fastest.
 CSLT_MIN_BUCKET = 16
 CSLT_ALIGN = 32  # cuSPARSELt needs N and K to be multiples of this
+# The tuner's sweep of a layout without a working library search costs seconds per (shape,
+# M-bucket). Below this dense time the GEMM is launch-bound (a 135M model's layers), a better
+# cuSPARSELt algorithm can save a microsecond or two, and layout 1's in-process search is kept.
+# Llama-3-8B's layers take >= 12 us at every M on an H200, so they are always swept.
+TUNER_MIN_DENSE_MS = float(os.environ.get("SPARSEFLOW_TUNER_MIN_US", "10")) / 1000
 
 
 def cslt_unsupported(n: int, k: int) -> str | None:
@@ -72,6 +77,12 @@ def cslt_candidates() -> list[int]:
 
 def _search_works(layout: int) -> bool:
     return layout in (1, 3)  # cusparseLtMatmulSearch crashes (0, 2) or fails (4) on the others
+
+
+def _worth_measuring(layout: int, dense_ms: float) -> bool:
+    """A layout that needs the tuner's sweep is measured only where the GEMM is not launch-bound
+    (``TUNER_MIN_DENSE_MS``), unless the user forced that layout."""
+    return _search_works(layout) or bool(CSLT_LAYOUT_OVERRIDE) or dense_ms >= TUNER_MIN_DENSE_MS
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
@@ -266,6 +277,8 @@ class Dispatcher:
             d.dense_ms = _median_ms(functools.partial(F.linear, x, weight.dense_on_device(keep=False)))
             if bucket >= CSLT_MIN_BUCKET and cslt_unsupported(n, k) is None:
                 for layout in cslt_candidates():
+                    if not _worth_measuring(layout, d.dense_ms):
+                        continue
                     found = _search(x, weight.cslt_packed(layout), n, layout)
                     self.searches += 1
                     if found and (d.sparse_ms is None or found[1] < d.sparse_ms):

@@ -157,7 +157,7 @@ def test_real_child_sweeps_cusparselt_layout_4():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dispatcher_with_the_tuner_measures_layout_4(monkeypatch, tmp_path):
     import sparseflow as sf
-    from sparseflow import extension_available
+    from sparseflow import dispatch, extension_available
     from sparseflow.dispatch import Dispatcher
     from tests.conftest import TOL, random_2_4, rel_err
 
@@ -172,6 +172,10 @@ def test_dispatcher_with_the_tuner_measures_layout_4(monkeypatch, tmp_path):
     monkeypatch.setattr(TUNER, "sweep", lambda *a: swept.append(a) or real(*a))
     w = random_2_4(2048, 2048, torch.float16, "cuda")
     c = sf.compress_2_4(w)
+    monkeypatch.setattr(dispatch, "TUNER_MIN_DENSE_MS", 1e9)  # every GEMM counts as launch-bound
+    d = Dispatcher().decide(c, 256)
+    assert swept == [] and d.measured and d.layout == 1, d  # no sweep; layout 1 (in-process search)
+    monkeypatch.setattr(dispatch, "TUNER_MIN_DENSE_MS", 0.0)
     d = Dispatcher().decide(c, 512)
     assert [a[-1] for a in swept] == [4] and swept[0][2:5] == (2048, 2048, 512)
     assert d.measured and d.sparse_ms and d.layout in (1, 4) and d.search in ("cusparselt", "tuner"), d

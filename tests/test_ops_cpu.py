@@ -166,6 +166,17 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
     ]
 
 
+def test_the_tuner_is_spent_only_where_the_gemm_is_not_launch_bound(monkeypatch):
+    from sparseflow import dispatch
+
+    limit = dispatch.TUNER_MIN_DENSE_MS
+    assert dispatch._worth_measuring(1, 0.001)  # layout 1 searches in-process: always measured
+    assert not dispatch._worth_measuring(4, 0.5 * limit)  # a sweep would cost seconds for ~1 us
+    assert dispatch._worth_measuring(4, limit)
+    monkeypatch.setattr(dispatch, "CSLT_LAYOUT_OVERRIDE", "4")  # a forced layout is always measured
+    assert dispatch._worth_measuring(4, 0.001)
+
+
 def test_layout_4_search_retimes_the_tuners_two_fastest(monkeypatch):
     """dispatch._search for a layout without a library search: the tuner's sweep (faked) ranks
     configurations, the two fastest are timed again in this process, the faster one wins."""

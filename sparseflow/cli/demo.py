@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 
 import torch
 
@@ -27,7 +28,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from sparseflow.convert import report, sparsify, text_windows
     from sparseflow.convert.checkpoint import from_pretrained, save_pretrained
     from sparseflow.convert.info import checkpoint_info
-    from sparseflow.data import eval_windows, greedy_answer, load_gguf, perplexity, pydoc_texts, smollm2_path
+    from sparseflow.data import chat_ids, eval_windows, greedy_answer, load_gguf, perplexity, pydoc_texts, smollm2_path
+    from sparseflow.dispatch import DISPATCHER, autotune
 
     if args.samples < 1 or args.seqlen < 2 or args.eval_windows < 1:
         raise ValueError("--samples and --eval-windows must be >= 1, --seqlen >= 2")
@@ -64,6 +66,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         step(f"saved to {out}; reloading with sparseflow.from_pretrained")
         sparse = from_pretrained(out, dtype=run_dtype, device_map=None if device.type == "cpu" else device).eval()
         tok = AutoTokenizer.from_pretrained(out)
+        if device.type == "cuda":  # the one-time measurement, as its own step rather than inside the first calls
+            step(f"measuring the kernels for each layer shape on this GPU (once; cached in {DISPATCHER.cache_dir()})")
+            sizes = (1, chat_ids(tok, args.prompt).shape[1], args.prompt_tokens, args.seqlen)
+            chosen = Counter(row["choice"] for row in autotune(sparse, sizes))
+            print(
+                f"  {sum(chosen.values())} (shape, M) pairs, M in {sizes}: "
+                + ", ".join(f"{n} {c}" for c, n in sorted(chosen.items()))
+            )
         sparse_answer = greedy_answer(sparse, tok, args.prompt, args.max_new_tokens)
         step("2:4 model: perplexity, speed")
         sparse_ppl = perplexity(sparse, evaluation, progress="perplexity (2:4)")
