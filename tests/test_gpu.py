@@ -264,3 +264,19 @@ def test_autotune_measures_before_the_first_forward(tmp_path, monkeypatch):
     assert sf.DISPATCHER.searches == searches
     assert list(tmp_path.glob("dispatch-*.json"))
     sf.DISPATCHER.clear()
+
+
+@needs_ext
+def test_demo_autotune_step_summarises_the_kernels_chosen(tmp_path, monkeypatch):
+    """``sparseflow demo``'s GPU-only step: sf.autotune on the reloaded model, one line out."""
+    from sparseflow.cli.demo import autotune_summary
+    from tests.ckpt_helpers import tiny
+
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    sf.DISPATCHER.clear()
+    model = sf.sparsify(tiny("llama"), "magnitude", fallback="never", verbose=False).half().cuda()
+    line = autotune_summary(model, (1, 12, 128))
+    n_shapes = len({m.weight_2_4.shape for m in model.modules() if isinstance(m, SparseLinear)})
+    assert line.startswith(f"{3 * n_shapes} (layer shape, M) pairs, M in (1, 12, 128): "), line
+    assert all(part.split()[1] in ("cusparselt", "decode", "dense") for part in line.split(": ", 1)[1].split(", "))
+    sf.DISPATCHER.clear()

@@ -146,6 +146,9 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
 
     model = nn.Sequential(sl(64, 128), sl(64, 128), sl(32, 64))
     assert sf.autotune(model) == []  # on the CPU: nothing to tune
+    from sparseflow.cli.demo import autotune_summary
+
+    assert autotune_summary(model, (1, 8)) == "0 (layer shape, M) pairs, M in (1, 8): no 2:4 layer on a GPU"
     asked = []
     monkeypatch.setattr(dispatch, "_on_gpu", lambda w: True)
     monkeypatch.setattr(

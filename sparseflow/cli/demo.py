@@ -29,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from sparseflow.convert.checkpoint import from_pretrained, save_pretrained
     from sparseflow.convert.info import checkpoint_info
     from sparseflow.data import chat_ids, eval_windows, greedy_answer, load_gguf, perplexity, pydoc_texts, smollm2_path
-    from sparseflow.dispatch import DISPATCHER, autotune
+    from sparseflow.dispatch import DISPATCHER
 
     if args.samples < 1 or args.seqlen < 2 or args.eval_windows < 1:
         raise ValueError("--samples and --eval-windows must be >= 1, --seqlen >= 2")
@@ -69,11 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if device.type == "cuda":  # the one-time measurement, as its own step rather than inside the first calls
             step(f"measuring the kernels for each layer shape on this GPU (once; cached in {DISPATCHER.cache_dir()})")
             sizes = (1, chat_ids(tok, args.prompt).shape[1], args.prompt_tokens, args.seqlen)
-            chosen = Counter(row["choice"] for row in autotune(sparse, sizes))
-            print(
-                f"  {sum(chosen.values())} (shape, M) pairs, M in {sizes}: "
-                + ", ".join(f"{n} {c}" for c, n in sorted(chosen.items()))
-            )
+            print("  " + autotune_summary(sparse, sizes))
         sparse_answer = greedy_answer(sparse, tok, args.prompt, args.max_new_tokens)
         step("2:4 model: perplexity, speed")
         sparse_ppl = perplexity(sparse, evaluation, progress="perplexity (2:4)")
@@ -96,6 +92,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if device.type == "cpu":
         print("note: on the CPU 2:4 layers run a reference path (decompress + dense matmul); the speed path is the GPU")
     step("done" + ("" if args.out else " (temporary checkpoint removed; --out DIR keeps it)"))
+
+
+def autotune_summary(model: torch.nn.Module, sizes: tuple[int, ...]) -> str:
+    """``sf.autotune`` for these row counts, summarised as the kernels chosen."""
+    from sparseflow.dispatch import autotune
+
+    chosen = Counter(row["choice"] for row in autotune(model, sizes))
+    picks = ", ".join(f"{n} {c}" for c, n in sorted(chosen.items())) or "no 2:4 layer on a GPU"
+    return f"{sum(chosen.values())} (layer shape, M) pairs, M in {sizes}: {picks}"
 
 
 def _run_dtype(name: str, device: torch.device) -> torch.dtype:
