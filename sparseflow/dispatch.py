@@ -69,10 +69,21 @@ def cslt_candidates() -> list[int]:
     in-process. Layout 4 (x described as PyTorch does, y written directly) is faster with its best
     algorithm (1.3-1.45x over cuBLAS at M >= 1024 on the H200) but has no working library search
     and a few algorithm ids that crash, so its ids are swept in a child process
-    (``sparseflow.cslt_tuner``); ``SPARSEFLOW_CSLT_TUNER=0`` turns that off."""
+    (``sparseflow.cslt_tuner``); ``SPARSEFLOW_CSLT_TUNER=0`` turns that off.
+    ``SPARSEFLOW_CSLT_LAYOUTS=1,4,0`` measures other layouts too (those without a working search
+    go through the tuner): a way to try layouts 0/2, whose library search crashes, on a new GPU."""
     if CSLT_LAYOUT_OVERRIDE:
         return [int(CSLT_LAYOUT_OVERRIDE)]
-    return [1] if os.environ.get("SPARSEFLOW_CSLT_TUNER", "1") == "0" else [1, 4]
+    if os.environ.get("SPARSEFLOW_CSLT_TUNER", "1") == "0":
+        return [1]
+    wanted = os.environ.get("SPARSEFLOW_CSLT_LAYOUTS", "1,4")
+    try:
+        layouts = [int(v) for v in wanted.split(",")]
+    except ValueError:
+        layouts = [-1]
+    if not layouts or any(not 0 <= v <= 4 for v in layouts):
+        raise ValueError(f"SPARSEFLOW_CSLT_LAYOUTS must list cuSPARSELt layouts 0-4, e.g. '1,4'; got {wanted!r}")
+    return list(dict.fromkeys(layouts))
 
 
 def _search_works(layout: int) -> bool:
@@ -190,9 +201,11 @@ class Dispatcher:
     def cache_file(self, device: torch.device) -> Path:
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
-        # Decisions measured over fewer candidates are kept apart from the default's.
+        # Decisions measured over other candidates than the default's are kept apart from them.
+        layouts = cslt_candidates()
         forced = f"-layout{CSLT_LAYOUT_OVERRIDE}" if CSLT_LAYOUT_OVERRIDE else ""
-        forced += "-notuner" if not CSLT_LAYOUT_OVERRIDE and cslt_candidates() == [1] else ""
+        if not CSLT_LAYOUT_OVERRIDE and layouts != [1, 4]:
+            forced = "-notuner" if layouts == [1] else "-layouts" + "".join(map(str, layouts))
         return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{forced}.json"
 
     @staticmethod

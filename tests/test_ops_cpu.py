@@ -169,6 +169,40 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
     ]
 
 
+def test_cslt_candidate_layouts_follow_the_environment(monkeypatch):
+    from sparseflow import dispatch
+
+    monkeypatch.delenv("SPARSEFLOW_CSLT_LAYOUTS", raising=False)
+    monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "1")
+    assert dispatch.cslt_candidates() == [1, 4]
+    monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", "1,4,0,4")
+    assert dispatch.cslt_candidates() == [1, 4, 0]
+    for bad in ("1,5", "x", ""):
+        monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", bad)
+        with pytest.raises(ValueError, match="SPARSEFLOW_CSLT_LAYOUTS"):
+            dispatch.cslt_candidates()
+    monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "0")  # the tuner off: layout 1 only
+    assert dispatch.cslt_candidates() == [1]
+
+
+def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tmp_path):
+    from sparseflow import dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(dispatch, "_C", None)
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "1")
+    names = {}
+    for layouts in ("1,4", "1,4,0", "1"):
+        monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", layouts)
+        names[layouts] = dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name
+    assert names == {
+        "1,4": "dispatch-v6-NVIDIA_H200-cusparselt0.json",
+        "1,4,0": "dispatch-v6-NVIDIA_H200-cusparselt0-layouts140.json",
+        "1": "dispatch-v6-NVIDIA_H200-cusparselt0-notuner.json",
+    }
+
+
 def test_the_tuner_is_spent_only_where_the_gemm_is_not_launch_bound(monkeypatch):
     from sparseflow import dispatch
 
