@@ -1,7 +1,7 @@
 """Time cuSPARSELt's algorithms in a child process, so one that crashes cannot take the caller down.
 
 On an H200 with cuSPARSELt 0.8.0 the fastest way to pose y = x W^T (layout 4 in
-csrc/cusparselt_gemm.cpp: 1.34-1.61x over cuBLAS at M >= 1024 on Llama-3-8B's layers) has no
+csrc/cusparselt_gemm.cpp: 1.17-1.70x over cuBLAS at M >= 1024 on Llama-3-8B's layers) has no
 working ``cusparseLtMatmulSearch``, and a few of its algorithm ids hit an illegal instruction at
 some shapes, which poisons the CUDA context for good. So the dispatcher sweeps the ids here: a
 long-lived child (started once per process, ~5-10 s) runs each id on random data of the right

@@ -67,7 +67,7 @@ def cslt_layout(bucket: int) -> int:
 def cslt_candidates() -> list[int]:
     """Layouts the dispatcher measures. Layout 1 (sparse W, y^T output plus a transpose) searches
     in-process. Layout 4 (x described as PyTorch does, y written directly) is faster with its best
-    algorithm (1.3-1.45x over cuBLAS at M >= 1024 on the H200) but has no working library search
+    algorithm (1.17-1.70x over cuBLAS at M >= 1024 on the H200) but has no working library search
     and a few algorithm ids that crash, so its ids are swept in a child process
     (``sparseflow.cslt_tuner``); ``SPARSEFLOW_CSLT_TUNER=0`` turns that off.
     ``SPARSEFLOW_CSLT_LAYOUTS=1,4,0`` measures other layouts too (those without a working search
