@@ -312,8 +312,9 @@ class Dispatcher:
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
-        built = ((cslt_cache_key(1), "cusparselt"), (cslt_cache_key(2), "cusparselt"), ("decode", "decode"))
-        weight.drop_cached(*(c for c, name in built if c not in had and name != d.choice))
+        layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["decode"]
+        keep = {cslt_cache_key(d.layout) if d.choice == "cusparselt" else d.choice}
+        weight.drop_cached(*(c for c in layouts if c not in had and c not in keep))
         return d
 
     def table(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> list[dict]:

@@ -178,8 +178,10 @@ class Sparse24Weight:
 
 
 def cslt_cache_key(layout: int) -> str:
-    """Layouts with W as the sparse operand (all but 2) share one compressed buffer."""
-    return "cslt_sparse_b" if layout == 2 else "cslt"
+    """Which compressed buffer a layout reads. Layouts 1, 3 and 4 describe W the same way (the
+    sparse operand, row-major N x K) and share one (1 and 4 checked on an H200); layout 2 (W the
+    sparse B) and the opt-in layout 0 keep their own."""
+    return {0: "cslt_layout0", 2: "cslt_sparse_b"}.get(layout, "cslt")
 
 
 def _pack_indices(idx: torch.Tensor) -> torch.Tensor:
