@@ -184,6 +184,13 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
     return (best[0], best[1], "tuner") if best else None
 
 
+def _unchosen(d: Decision, had: set) -> list[str]:
+    """Device layouts a measurement built (not in ``had`` before it) for kernels it did not choose."""
+    layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["decode"]
+    keep = cslt_cache_key(d.layout) if d.choice == "cusparselt" else d.choice
+    return [c for c in layouts if c not in had and c != keep]
+
+
 class Dispatcher:
     """Decisions for one process; thread-safe; persisted per GPU model."""
 
@@ -312,9 +319,7 @@ class Dispatcher:
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
-        layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["decode"]
-        keep = {cslt_cache_key(d.layout) if d.choice == "cusparselt" else d.choice}
-        weight.drop_cached(*(c for c in layouts if c not in had and c not in keep))
+        weight.drop_cached(*_unchosen(d, had))
         return d
 
     def table(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> list[dict]:

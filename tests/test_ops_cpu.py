@@ -203,6 +203,15 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
     }
 
 
+def test_a_measurement_frees_the_layouts_it_built_but_did_not_choose():
+    from sparseflow.dispatch import Decision, _unchosen
+
+    assert _unchosen(Decision("cusparselt", layout=4), set()) == ["cslt_layout0", "cslt_sparse_b", "decode"]
+    assert _unchosen(Decision("cusparselt", layout=0), set()) == ["cslt", "cslt_sparse_b", "decode"]
+    assert _unchosen(Decision("decode"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b"]
+    assert _unchosen(Decision("dense"), {"cslt", "decode"}) == ["cslt_layout0", "cslt_sparse_b"]  # built before: kept
+
+
 def test_the_tuner_is_spent_only_where_the_gemm_is_not_launch_bound(monkeypatch):
     from sparseflow import dispatch
 
