@@ -210,10 +210,15 @@ class Dispatcher:
         version = _C.cslt_version() if _C is not None else 0
         # Decisions measured over other candidates than the default's are kept apart from them.
         layouts = cslt_candidates()
-        forced = f"-layout{CSLT_LAYOUT_OVERRIDE}" if CSLT_LAYOUT_OVERRIDE else ""
-        if not CSLT_LAYOUT_OVERRIDE and layouts != [1, 4]:
-            forced = "-notuner" if layouts == [1] else "-layouts" + "".join(map(str, layouts))
-        return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{forced}.json"
+        if CSLT_LAYOUT_OVERRIDE:
+            suffix = f"-layout{CSLT_LAYOUT_OVERRIDE}"
+        elif layouts == [1, 4]:
+            suffix = ""
+        elif layouts == [1]:
+            suffix = "-notuner"
+        else:
+            suffix = "-layouts" + "".join(map(str, layouts))
+        return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{suffix}.json"
 
     @staticmethod
     def _key_str(key: tuple) -> str:
