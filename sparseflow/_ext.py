@@ -24,6 +24,22 @@ else:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
 # sparseflow.dispatch.cslt_layout picks one per M; SPARSEFLOW_CSLT_LAYOUT forces one for all M.
 CSLT_LAYOUT_OVERRIDE = os.environ.get("SPARSEFLOW_CSLT_LAYOUT")
 
+
+def env_number(name: str, default: float) -> float:
+    """A non-negative number from the environment variable ``name`` (``default`` when unset);
+    anything else is a ``ValueError`` that names the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ValueError(f"{name} must be a non-negative number, got {raw!r}")
+    return value
+
+
 _warned: set[str] = set()
 
 

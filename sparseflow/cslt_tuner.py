@@ -22,12 +22,12 @@ import sys
 import threading
 import time
 
-from sparseflow._ext import warn_once
+from sparseflow._ext import env_number, warn_once
 
 __all__ = ["TUNER", "Tuner"]
 
 _REL_TOL = 2e-2  # an algorithm whose output is further than this from the reference is not used
-_TIMEOUT_S = float(os.environ.get("SPARSEFLOW_TUNER_TIMEOUT", "90"))
+_TIMEOUT_S = env_number("SPARSEFLOW_TUNER_TIMEOUT", 90.0)
 _SEGMENT_K_TOP = 6  # how many of the fastest ids are tried again with Segment-K
 
 

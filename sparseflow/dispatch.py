@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, warn_once
+from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, env_number, warn_once
 from sparseflow.format import cslt_cache_key
 from sparseflow.timing import median_ms
 
@@ -44,7 +44,7 @@ CSLT_ALIGN = 32  # cuSPARSELt needs N and K to be multiples of this
 # M-bucket). Below this dense time the GEMM is launch-bound (a 135M model's layers), a better
 # cuSPARSELt algorithm can save a microsecond or two, and layout 1's in-process search is kept.
 # Llama-3-8B's layers take >= 12 us at every M on an H200, so they are always swept.
-TUNER_MIN_DENSE_MS = float(os.environ.get("SPARSEFLOW_TUNER_MIN_US", "10")) / 1000
+TUNER_MIN_DENSE_MS = env_number("SPARSEFLOW_TUNER_MIN_US", 10.0) / 1000
 
 
 def cslt_unsupported(n: int, k: int) -> str | None:

@@ -212,6 +212,19 @@ def test_a_measurement_frees_the_layouts_it_built_but_did_not_choose():
     assert _unchosen(Decision("dense"), {"cslt", "decode"}) == ["cslt_layout0", "cslt_sparse_b"]  # built before: kept
 
 
+def test_numeric_settings_from_the_environment_are_checked(monkeypatch):
+    from sparseflow._ext import env_number
+
+    monkeypatch.delenv("SPARSEFLOW_TUNER_MIN_US", raising=False)
+    assert env_number("SPARSEFLOW_TUNER_MIN_US", 10.0) == 10.0
+    monkeypatch.setenv("SPARSEFLOW_TUNER_MIN_US", "2.5")
+    assert env_number("SPARSEFLOW_TUNER_MIN_US", 10.0) == 2.5
+    for bad in ("ten", "-1", "nan", ""):
+        monkeypatch.setenv("SPARSEFLOW_TUNER_MIN_US", bad)
+        with pytest.raises(ValueError, match="SPARSEFLOW_TUNER_MIN_US must be a non-negative number"):
+            env_number("SPARSEFLOW_TUNER_MIN_US", 10.0)
+
+
 def test_the_tuner_is_spent_only_where_the_gemm_is_not_launch_bound(monkeypatch):
     from sparseflow import dispatch
 
