@@ -21,7 +21,7 @@ import time
 LLAMA = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 CHILD = r"""
-import json, sys, torch, torch.nn.functional as F, sparseflow as sf
+import json, re, sys, torch, torch.nn.functional as F, sparseflow as sf
 from sparseflow._ext import _C
 from sparseflow.timing import median_ms
 jobs = json.loads(sys.argv[1])
@@ -51,7 +51,8 @@ for j, (L, m, n, k) in enumerate(jobs):
             err = ((y.float() - ref).abs().max().item()) / scale
             say("JOB", j, "ALG", alg, t(lambda: _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L)), err)
         except RuntimeError as e:
-            say("JOB", j, "ERR", alg, str(e)[:60].replace(" ", "_"))
+            r = re.search(r"call (\w+).*\((CUSPARSE_STATUS_\w+)\)", str(e), re.S)
+            say("JOB", j, "ERR", alg, ":".join(r.groups()) if r else str(e)[:60].replace(" ", "_"))
     say("JOB", j, "TRY", count)  # the search: a crash here is reported as id == count
     try:
         cfg = [int(v) for v in _C.cslt_search(x, packed, n, L, -1)[:4]]
@@ -63,7 +64,7 @@ for j, (L, m, n, k) in enumerate(jobs):
 
 
 def run_jobs(jobs: list, deadline: float) -> dict:
-    res = {j: {"algs": {}, "crashed": [], "wrong": [], "errors": []} for j in range(len(jobs))}
+    res = {j: {"algs": {}, "crashed": [], "wrong": [], "errors": [], "why": {}} for j in range(len(jobs))}
     start_job, start_alg = 0, 0
     while start_job < len(jobs) and time.time() < deadline:
         err = ""
@@ -95,6 +96,7 @@ def run_jobs(jobs: list, deadline: float) -> dict:
                     d["wrong"].append(int(rest[0]))
             elif what == "ERR":
                 d["errors"].append(int(rest[0]))
+                d["why"].setdefault(rest[1] if len(rest) > 1 else "?", []).append(int(rest[0]))
             elif what == "SEARCH":
                 d["search"] = float(rest[0])
                 d["search_cfg"] = [int(v) for v in rest[1:]]
@@ -123,13 +125,14 @@ def fmt(job, d) -> str:
     if "torch" in d and dense:
         line += f" torch={us(d['torch'])} ({dense / d['torch']:.2f}x)"
     if ok and dense:
-        best = min(ok.items(), key=lambda kv: kv[1])
-        line += f" best alg {best[0]}={us(best[1])} ({dense / best[1]:.2f}x)"
+        top = sorted(ok.items(), key=lambda kv: kv[1])[:3]
+        line += " best " + " ".join(f"alg {a}={us(t)} ({dense / t:.2f}x)" for a, t in top)
     s = d.get("search")
     line += f" search={us(s)}" + (
         f" ({dense / s:.2f}x, cfg {d['search_cfg']})" if isinstance(s, float) and dense else ""
     )
-    return line + f" ids ok={len(ok)} crashed={d['crashed']} wrong={d['wrong']} errors={len(d['errors'])}"
+    why = " ".join(f"{r}:{min(ids)}-{max(ids)}({len(ids)})" for r, ids in d.get("why", {}).items())
+    return line + f" ids ok={len(ok)} crashed={d['crashed']} wrong={d['wrong']} errors={len(d['errors'])} {why}"
 
 
 def main() -> int:
@@ -140,7 +143,10 @@ def main() -> int:
     ap.add_argument("--ms", default="256,1024,4096,16384")
     ap.add_argument("--square", default="2048,4096,8192", help="square M=N=K sizes ('' for none)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--ws-mb", type=int, default=0, help="offer every call this much workspace (MB)")
     args = ap.parse_args()
+    if args.ws_mb:
+        os.environ["SPARSEFLOW_CSLT_MIN_WS_MB"] = str(args.ws_mb)  # read by the children's extension
     shapes = [(int(m), *LLAMA[name]) for name in args.layers.split(",") if name for m in args.ms.split(",")]
     shapes += [(int(s), int(s), int(s)) for s in args.square.split(",") if s]
     jobs = [(int(L), *s) for L in args.layouts.split(",") for s in shapes]

@@ -21,6 +21,7 @@
 #include <cusparseLt.h>
 
 #include <array>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -207,10 +208,22 @@ static at::Tensor pad_rows(const at::Tensor& x, int64_t m_pad) {
 
 // search_ws_mb: workspace offered to cusparseLtMatmulSearch, which may then also try split-k
 // configurations that need more than the default plan; < 0: the plan's own (as PyTorch does).
+// SPARSEFLOW_CSLT_MIN_WS_MB (diagnostic, benchmarks/probe_cusparselt_layouts.py --ws-mb): offer every
+// call at least this much workspace, to tell an algorithm that fails for want of workspace apart
+// from one that fails for other reasons.
+static size_t min_workspace() {
+  static const size_t bytes = [] {
+    const char* v = std::getenv("SPARSEFLOW_CSLT_MIN_WS_MB");
+    return v ? size_t(std::max(0L, std::strtol(v, nullptr, 10))) << 20 : size_t(0);
+  }();
+  return bytes;
+}
+
 static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const at::Tensor& xp, at::Tensor& y,
                 bool search, int64_t search_ws_mb = -1) {
-  const size_t ws_bytes =
+  size_t ws_bytes =
       search && search_ws_mb > 0 ? std::max<size_t>(p->workspace, size_t(search_ws_mb) << 20) : p->workspace;
+  ws_bytes = std::max(ws_bytes, min_workspace());
   at::Tensor ws;
   if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, xp.options().dtype(at::kByte));
   void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
