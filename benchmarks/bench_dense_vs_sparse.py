@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import sparseflow as sf
 from sparseflow import timing
 from sparseflow.cslt_tuner import TUNER
-from sparseflow.decode import DECODE_MAX_M
+from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -89,6 +89,23 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
+    # The decode kernel reading the portable form in place (no packed copy) against the packed
+    # ring pipeline, both at the dispatcher's split and the default: does the second copy pay?
+    row["decode_portable_ms"] = row["decode_packed_ring_ms"] = None
+    if m <= DECODE_MAX_M and portable_ok(comp[0]):
+        packed = [c.decode_packed() for c in comp]
+        splits = sorted({0, d.decode_split if d else 0})
+        row["decode_portable_ms"] = min(
+            median_ms([lambda c=c, x=x, sp=sp: decode_mm_portable(x, c, split=sp) for c, x in zip(comp, xs)], samples)
+            for sp in splits
+        )
+        row["decode_packed_ring_ms"] = min(
+            median_ms(
+                [lambda p=p, x=x, sp=sp: decode_mm(x, p, split=sp, ring=True) for p, x in zip(packed, xs)], samples
+            )
+            for sp in splits
+        )
+        del packed
     del layers, comp
 
     row["torch_ms"], row["torch_error"] = None, None
@@ -323,6 +340,14 @@ def main(argv=None) -> int:
             f"{d['vs_cusparselt']:.2f}x cuSPARSELt, {100 * d['hbm_fraction']:.0f}% of copy bandwidth, "
             f"{100 * d['bandwidth_vs_cublas']:.0f}% of cuBLAS's bandwidth"
         )
+    port = [r for r in rows if r.get("decode_portable_ms")]
+    if port:
+        print("decode kernel reading the portable form in place vs the packed copy (ring pipeline):")
+        for r in port:
+            print(
+                f"  {r['name']:>11} {r['dtype']:>8} M={r['M']:<3} portable {r['decode_portable_ms']:.4f} ms, "
+                f"packed {r['decode_packed_ring_ms']:.4f} ms ({r['decode_packed_ring_ms'] / r['decode_portable_ms']:.2f}x)"
+            )
     crashes = [(r["n"], r["k"], r["m"], r["layout"], alg) for r, alg in TUNER.crashed]
     print(f"cuSPARSELt tuner: {TUNER.children} child processes; ids that crashed one (N, K, M, layout, id): {crashes}")
     errs = sorted({r["torch_error"] for r in rows if r["torch_error"]})

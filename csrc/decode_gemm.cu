@@ -124,7 +124,25 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
 }
+// src_bytes < 16 fills the rest of the 16 bytes with zeros (0: a row past the weight's end).
+__device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Four 8x8 b16 matrices from shared memory, lane l giving the address of row l % 8 of matrix l / 8;
+// register i of lane (g, t) = matrix i, row g, elements 2t and 2t + 1: the mma A fragment order.
+__device__ __forceinline__ uint4 ldmatrix_x4(const void* smem_row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  uint4 v;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+// Metadata for rows past the weight's end: every nibble (0, 1), valid, over zero values.
+__device__ __align__(16) const uint8_t kPadMeta[16] = {0x44, 0x44, 0x44, 0x44, 0x44, 0x44, 0x44, 0x44,
+                                                       0x44, 0x44, 0x44, 0x44, 0x44, 0x44, 0x44, 0x44};
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -142,8 +160,16 @@ __host__ __device__ constexpr int smem_bytes() {
 
 // RING: weights stream through the cp.async ring (kStages - 1 chunks ahead); else through
 // registers, one chunk ahead. Which is faster depends on the shape; the dispatcher measures both.
-template <typename T, int NT, bool SWIGLU, bool RING>
+// PORT (with RING): the weight is read in the portable form (values n_out x K/2, metadata
+// n_out x K/8 bytes, K % 128 == 0) instead of the packed fragment order, so no second copy of
+// the weight is needed: each chunk's 16 rows x 128 bytes of values and 16 rows x 16 bytes of
+// metadata are copied row-contiguously (coalesced) into the warp's ring stage, values swizzled
+// (16-byte piece q of row r at slot q ^ (r % 8): conflict-free), and ldmatrix.x4 hands each lane
+// its A fragment; the metadata is bit-for-bit what mma.sp wants, only rows g and g + 8 are paired.
+template <typename T, int NT, bool SWIGLU, bool RING, bool PORT>
 __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
+                                                            const uint4* __restrict__ A2,
+                                                            const uint4* __restrict__ E2,
                                                             const T* __restrict__ x, const T* __restrict__ bias,
                                                             T* __restrict__ y, float4* __restrict__ ws,
                                                             int* __restrict__ counters, int M, int K, int KS,
@@ -162,12 +188,33 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
   // 16-byte slots, so no synchronisation beyond cp.async.wait_group is needed for them.
   uint4* ring = reinterpret_cast<uint4*>(smem + xs_words<NT>()) + warp * kRingUint4 + lane;
 
-  auto issue = [&](int c) {  // weight fragments of chunk c -> stage c % kStages
+  uint4* ringw = reinterpret_cast<uint4*>(smem + xs_words<NT>()) + warp * kRingUint4;  // this warp's ring
+  // Portable form: this tile's 16 rows of one weight (SwiGLU: even tiles gate, odd tiles up).
+  const int prow0 = (SWIGLU ? tile >> 1 : tile) * 16;
+  const T* pv = reinterpret_cast<const T*>(SWIGLU && (tile & 1) ? A2 : A);
+  const uint8_t* pm = reinterpret_cast<const uint8_t*>(SWIGLU && (tile & 1) ? E2 : E);
+
+  auto issue = [&](int c) {  // weight of chunk c -> stage c % kStages
     if (c < c1) {
-      uint4* st = ring + (c % kStages) * (kU + 1) * 32;
+      if constexpr (PORT) {
+        uint4* st = ringw + (c % kStages) * (kU + 1) * 32;
 #pragma unroll
-      for (int u = 0; u < kU; ++u) cp_async16(st + u * 32, Ap + (size_t)(c * kU + u) * 32);
-      cp_async16(st + kU * 32, Ep + (size_t)c * 16);
+        for (int i = 0; i < 4; ++i) {  // 16 rows x 8 pieces of 16 bytes (k-step q / 2, half q % 2)
+          const int p = i * 32 + lane, r = p >> 3, q = p & 7;
+          const bool ok = prow0 + r < n_out;
+          const T* src = ok ? pv + (size_t)(prow0 + r) * (K / 2) + c * 64 + q * 8 : pv;
+          cp_async16_zfill(st + r * 8 + (q ^ (r & 7)), src, ok ? 16 : 0);
+        }
+        if (lane < 16) {
+          const bool ok = prow0 + lane < n_out;
+          cp_async16(st + 128 + lane, ok ? pm + (size_t)(prow0 + lane) * (K / 8) + c * 16 : kPadMeta);
+        }
+      } else {
+        uint4* st = ring + (c % kStages) * (kU + 1) * 32;
+#pragma unroll
+        for (int u = 0; u < kU; ++u) cp_async16(st + u * 32, Ap + (size_t)(c * kU + u) * 32);
+        cp_async16(st + kU * 32, Ep + (size_t)c * 16);
+      }
     }
     cp_async_commit();  // always one group per chunk, so wait_group counts stay uniform
   };
@@ -191,15 +238,31 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
       issue(c + kStages - 1);
       if (more) xst.load(x32, M, K, c + 1);
       cp_async_wait<kStages - 1>();  // this lane's copies of chunk c have landed
-      const uint4* st = ring + (c % kStages) * (kU + 1) * 32;
-      const uint4 e4 = st[kU * 32];
       const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
+      if constexpr (PORT) {
+        __syncwarp();  // ... and the other lanes' (ldmatrix reads rows other lanes copied)
+        const uint4* st = ringw + (c % kStages) * (kU + 1) * 32;
+        const uint16_t* meta = reinterpret_cast<const uint16_t*>(st + 128);  // 16 rows x 8 halfwords
+        const int mat = lane >> 3, r = (lane & 7) + ((mat & 1) << 3);
   #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const uint4 a = st[u * 32];
-        const uint32_t e = pick(e4, u);
+        for (int u = 0; u < kU; ++u) {
+          const int q = 2 * u + (mat >> 1);
+          const uint4 a = ldmatrix_x4(st + r * 8 + (q ^ (r & 7)));
+          const int h = u * 2 + (t & 1);  // thread t of the pair: k 16t .. 16t + 15 of this k-step
+          const uint32_t e = meta[g * 8 + h] | (static_cast<uint32_t>(meta[(g + 8) * 8 + h]) << 16);
   #pragma unroll
-        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
+          for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
+        }
+      } else {
+        const uint4* st = ring + (c % kStages) * (kU + 1) * 32;
+        const uint4 e4 = st[kU * 32];
+  #pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const uint4 a = st[u * 32];
+          const uint32_t e = pick(e4, u);
+  #pragma unroll
+          for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
+        }
       }
       if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
       __syncthreads();
@@ -306,36 +369,38 @@ __global__ void mma_probe_kernel(const uint4* a, const uint4* b, const uint32_t*
   d[i] = make_float4(c[0], c[1], c[2], c[3]);
 }
 
-template <typename T, int NT, bool SW, bool RING>
+template <typename T, int NT, bool SW, bool RING, bool PORT>
 cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
   constexpr int bytes = smem_bytes<NT, RING>();
   static std::atomic<uint64_t> ready{0};  // devices on which the kernel may use > 48 KB of shared memory
   if (!(ready.load() >> device & 1)) {
-    cudaError_t err =
-        cudaFuncSetAttribute(decode24_kernel<T, NT, SW, RING>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaError_t err = cudaFuncSetAttribute(decode24_kernel<T, NT, SW, RING, PORT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
     ready.fetch_or(uint64_t{1} << device);
   }
-  decode24_kernel<T, NT, SW, RING><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
-      static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const T*>(a.x),
+  decode24_kernel<T, NT, SW, RING, PORT><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
+      static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const uint4*>(a.A2),
+      static_cast<const uint4*>(a.E2), static_cast<const T*>(a.x),
       static_cast<const T*>(a.bias), static_cast<T*>(a.y), reinterpret_cast<float4*>(a.ws), a.counters, a.M, a.K,
       a.KS, a.tiles, a.n_out, a.per);
   return cudaGetLastError();
 }
 
-template <typename T, bool SW, bool RING>
+template <typename T, bool SW, bool RING, bool PORT>
 cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream) {
   switch (a.nt) {
-    case 1: return launch_t<T, 1, SW, RING>(a, device, stream);
-    case 2: return launch_t<T, 2, SW, RING>(a, device, stream);
-    case 4: return launch_t<T, 4, SW, RING>(a, device, stream);
-    default: return launch_t<T, 8, SW, RING>(a, device, stream);
+    case 1: return launch_t<T, 1, SW, RING, PORT>(a, device, stream);
+    case 2: return launch_t<T, 2, SW, RING, PORT>(a, device, stream);
+    case 4: return launch_t<T, 4, SW, RING, PORT>(a, device, stream);
+    default: return launch_t<T, 8, SW, RING, PORT>(a, device, stream);
   }
 }
 
 template <typename T, bool SW>
 cudaError_t launch_ring(const DecodeArgs& a, int device, cudaStream_t stream) {
-  return a.ring ? launch_nt<T, SW, true>(a, device, stream) : launch_nt<T, SW, false>(a, device, stream);
+  if (a.portable) return launch_nt<T, SW, true, true>(a, device, stream);  // the portable form needs the ring
+  return a.ring ? launch_nt<T, SW, true, false>(a, device, stream) : launch_nt<T, SW, false, false>(a, device, stream);
 }
 
 }  // namespace

@@ -11,8 +11,13 @@ constexpr int kStages = 4;             // weight chunks in flight per warp (cp.a
 constexpr int kMaxM = 64;              // at most 8 n-tiles of 8 tokens
 
 struct DecodeArgs {
-  const void* A;        // tiles x KS x 32 lanes x 16 bytes
-  const void* E;        // tiles x KS/4 x 16 slots x 16 bytes
+  // Packed layout (portable == false): A = tiles x KS x 32 lanes x 16 bytes, E = tiles x KS/4 x 16
+  // slots x 16 bytes. Portable form (portable == true, K % 128 == 0): A = values (n_out x K/2),
+  // E = metadata (n_out x K/8 bytes); for SwiGLU A2/E2 are up's (A/E gate's).
+  const void* A;
+  const void* E;
+  const void* A2;
+  const void* E2;
   const void* x;        // M x K, 4-byte aligned
   const void* bias;     // n_out (2 * n_out for SwiGLU) or null
   void* y;              // M x n_out
@@ -22,6 +27,7 @@ struct DecodeArgs {
   unsigned row_blocks, split;
   int nt;               // n-tiles of 8 tokens: 1, 2, 4 or 8
   bool bf16, swiglu, ring;  // ring: cp.async shared-memory pipeline, else registers
+  bool portable;            // read the portable form (always through the ring)
 };
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream);

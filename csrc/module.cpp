@@ -13,6 +13,9 @@ at::Tensor decompress_24(const at::Tensor& values, const at::Tensor& meta, int64
 at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& E,
                        const c10::optional<at::Tensor>& bias, int64_t n_out, bool swiglu, int64_t split,
                        bool ring);
+at::Tensor decode24_mm_portable(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                const c10::optional<at::Tensor>& values2, const c10::optional<at::Tensor>& meta2,
+                                const c10::optional<at::Tensor>& bias, bool swiglu, int64_t split);
 int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device);
 at::Tensor mma_sp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e, bool bf16);
 }  // namespace sparseflow
@@ -29,6 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode24_mm", &sparseflow::decode24_mm, "our small-M 2:4 kernel (mma.sp) on a packed weight",
         py::arg("x"), py::arg("A"), py::arg("E"), py::arg("bias"), py::arg("n_out"), py::arg("swiglu"),
         py::arg("split"), py::arg("ring"));
+  m.def("decode24_mm_portable", &sparseflow::decode24_mm_portable,
+        "our small-M 2:4 kernel reading the portable form directly (K % 128 == 0)", py::arg("x"), py::arg("values"),
+        py::arg("meta"), py::arg("values2"), py::arg("meta2"), py::arg("bias"), py::arg("swiglu"), py::arg("split"));
   m.def("decode24_default_split", &sparseflow::decode24_default_split, "split-K the decode kernel uses by default");
   m.def("mma_sp_probe", &sparseflow::mma_sp_probe, "one mma.sp on raw per-lane registers (layout tests)");
   m.def("decompress_24", &sparseflow::decompress_24, "portable 2:4 form -> dense (CUDA)");

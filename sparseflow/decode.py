@@ -26,7 +26,15 @@ import torch
 
 from sparseflow._ext import _C
 
-__all__ = ["DECODE_MAX_M", "DecodeWeight", "decode_mm", "pack_decode", "pack_decode_swiglu"]
+__all__ = [
+    "DECODE_MAX_M",
+    "DecodeWeight",
+    "decode_mm",
+    "decode_mm_portable",
+    "pack_decode",
+    "pack_decode_swiglu",
+    "portable_ok",
+]
 
 DECODE_MAX_M = 64  # the kernel holds at most 8 n-tiles of 8 tokens
 _TILE, _KSTEP, _CHUNK, _TILES_PER_BLOCK = 16, 32, 128, 8
@@ -122,6 +130,53 @@ def decode_mm(
     if x.data_ptr() % 4:
         x = x.clone()
     return _C.decode24_mm(x, w.A, w.E, bias, w.n_out, w.swiglu, split, ring)
+
+
+def portable_ok(weight) -> bool:
+    """Whether the kernel can read this ``Sparse24Weight`` in place (no packed copy): on a GPU,
+    K a multiple of 128 (whole chunks), values and metadata contiguous and 16-byte aligned."""
+    v, m = weight.values, weight.meta
+    return (
+        v.is_cuda
+        and weight.shape[1] % _CHUNK == 0
+        and v.is_contiguous()
+        and m.is_contiguous()
+        and v.data_ptr() % 16 == 0
+        and m.data_ptr() % 16 == 0
+    )
+
+
+def decode_mm_portable(
+    x: torch.Tensor, weight, bias: torch.Tensor | None = None, split: int = 0, up=None
+) -> torch.Tensor:
+    """``decode_mm`` on the portable form itself (``portable_ok``), so a layer needs no second,
+    packed copy of its weight. With ``up`` (same shape), ``weight`` is the gate and the result
+    ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``."""
+    n, k = weight.shape
+    for w in (weight,) if up is None else (weight, up):
+        if not portable_ok(w):
+            raise ValueError(
+                f"decode_mm_portable: {w} cannot be read in place (needs CUDA, K % {_CHUNK} == 0, contiguous "
+                "16-byte aligned values and metadata); use pack_decode"
+            )
+    if up is not None and (up.shape != weight.shape or up.dtype != weight.dtype or up.device != weight.device):
+        raise ValueError(f"decode_mm_portable: gate {weight} and up {up} differ in shape, dtype or device")
+    view = DecodeWeight(weight.values, weight.meta, n, k, swiglu=up is not None)  # for _check's shape/device tests
+    _check(x, view, bias)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"decode_mm_portable: x is {x.dtype}, the weight {weight.dtype}")
+    if x.data_ptr() % 4:
+        x = x.clone()
+    return _C.decode24_mm_portable(
+        x,
+        weight.values,
+        weight.meta,
+        None if up is None else up.values,
+        None if up is None else up.meta,
+        bias,
+        up is not None,
+        split,
+    )
 
 
 def _check(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None) -> None:

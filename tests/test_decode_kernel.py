@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 import sparseflow as sf
 from sparseflow._ext import _C
-from sparseflow.decode import _lane_positions, decode_mm, pack_decode, pack_decode_swiglu
+from sparseflow.decode import (
+    _lane_positions,
+    decode_mm,
+    decode_mm_portable,
+    pack_decode,
+    pack_decode_swiglu,
+    portable_ok,
+)
 from tests.conftest import TOL, random_2_4, rel_err
 
 needs_ext = pytest.mark.skipif(_C is None or not torch.cuda.is_available(), reason="needs the CUDA extension and a GPU")
@@ -105,6 +112,57 @@ def test_swiglu_layout_interleaves_gate_and_up_tiles():
     ref_g, ref_u = F.linear(x.double(), gate.double()), F.linear(x.double(), up.double())
     assert rel_err(y[:, 0:16], ref_g[:, :16]) < 1e-12 and rel_err(y[:, 16:32], ref_u[:, :16]) < 1e-12
     assert rel_err(y[:, 32:36], ref_g[:, 16:]) < 1e-12 and rel_err(y[:, 48:52], ref_u[:, 16:]) < 1e-12
+
+
+def emulate_portable_fragments(ws, tile: int, c: int, u: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A registers (32 x 4 int32) and metadata word (32 int32) of k-step u of chunk c that the
+    kernel's portable path hands mma.sp for ``tile``, modelled step by step on its code: the
+    row-contiguous copy into the swizzled ring stage, ldmatrix.x4 (lane l addresses row l % 8 of
+    matrix l / 8; register i of lane (g, t) = bytes 4t..4t+3 of matrix i's row g) and the
+    metadata pairing of rows g and g + 8. ``ws``: one weight, or (gate, up) for SwiGLU."""
+    ws = ws if isinstance(ws, tuple) else (ws,)
+    w = ws[tile % 2] if len(ws) == 2 else ws[0]
+    row0 = (tile // len(ws)) * 16
+    n = w.shape[0]
+    vbytes = w.values.contiguous().view(torch.uint8)  # n x K bytes
+    stage = torch.zeros(160, 16, dtype=torch.uint8)
+    for p in range(128):
+        r, q = p >> 3, p & 7
+        if row0 + r < n:
+            stage[r * 8 + (q ^ (r & 7))] = vbytes[row0 + r, c * 128 + q * 16 : c * 128 + q * 16 + 16]
+    for r in range(16):
+        stage[128 + r] = w.meta[row0 + r, c * 16 : c * 16 + 16] if row0 + r < n else 0x44
+    a = torch.zeros(32, 16, dtype=torch.uint8)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i in range(4):
+            src = 8 * i + g  # the lane that gave matrix i's row g
+            mat, rr = src >> 3, (src & 7) + ((src >> 3 & 1) << 3)
+            q = 2 * u + (mat >> 1)
+            a[lane, 4 * i : 4 * i + 4] = stage[rr * 8 + (q ^ (rr & 7)), 4 * t : 4 * t + 4]
+    meta = stage[128:144].reshape(-1).view(torch.int16).to(torch.int64) & 0xFFFF  # 16 rows x 8
+    e = torch.zeros(32, dtype=torch.int64)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        h = 2 * u + (t & 1)
+        e[lane] = meta[g * 8 + h] | (meta[(g + 8) * 8 + h] << 16)
+    return a.view(torch.int32), torch.where(e >= 2**31, e - 2**32, e).to(torch.int32)
+
+
+@pytest.mark.parametrize("n,k,swiglu", [(16, 128, False), (40, 256, False), (200, 384, False), (20, 256, True)])
+def test_portable_path_feeds_mma_the_packed_layouts_fragments(n, k, swiglu):
+    """The kernel's in-place reading of the portable form gives mma.sp exactly the registers of
+    the packed layout (whose reading the hardware test below confirms), padding rows included."""
+    torch.manual_seed(n + k)
+    ws = tuple(sf.compress_2_4(random_2_4(n, k, torch.float16)) for _ in range(2 if swiglu else 1))
+    packed = pack_decode_swiglu(*ws) if swiglu else pack_decode(ws[0])
+    for tile in range(packed.A.shape[0]):
+        for c in range(k // 128):
+            for u in range(4):
+                a, e = emulate_portable_fragments(ws if swiglu else ws[0], tile, c, u)
+                assert torch.equal(a, packed.A[tile, 4 * c + u]), (tile, c, u)
+                slots = torch.arange(32) // 4 * 2 + torch.arange(32) % 2  # lane 4g + t reads slot 2g + (t & 1)
+                assert torch.equal(e, packed.E[tile, c, slots, u]), (tile, c, u)
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -237,3 +295,76 @@ def test_decode_kernel_rejects_bad_input():
         decode_mm(torch.randn(2, 512, device="cuda", dtype=torch.float16), w)
     with pytest.raises(ValueError, match="bias must be"):
         decode_mm(torch.randn(2, 256, device="cuda", dtype=torch.float16), w, torch.zeros(3, device="cuda"))
+
+
+PORTABLE_SHAPES = [
+    (1, 16, 128),
+    (3, 40, 256),
+    (8, 4096, 4096),
+    (9, 6144, 4096),
+    (16, 4096, 14336),
+    (17, 1000, 1024),
+    (33, 512, 1024),
+    (64, 2048, 4096),
+    (1, 28672, 4096),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", PORTABLE_SHAPES)
+def test_portable_kernel_matches_float64_and_the_packed_kernel(dtype, m, n, k):
+    torch.manual_seed(m + n + k)
+    dense = random_2_4(n, k, dtype, "cuda")
+    c = sf.compress_2_4(dense)
+    assert portable_ok(c)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    ref = F.linear(x.double(), dense.double(), bias.double())
+    packed = pack_decode(c)
+    for split in (0, 1, 3):
+        _poison()
+        y = decode_mm_portable(x, c, bias, split=split)
+        torch.cuda.synchronize()
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert rel_err(y, ref) < TOL[dtype], f"split={split}"
+        # same fragments, same order of accumulation: bit-identical to the packed ring path
+        assert torch.equal(y, decode_mm(x, packed, bias, split=split, ring=True)), f"split={split}"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_portable_kernel_fused_swiglu(dtype, m):
+    torch.manual_seed(m)
+    n, k = 1040, 1024  # 65 tiles of 16 per weight
+    gate, up = random_2_4(n, k, dtype, "cuda"), random_2_4(n, k, dtype, "cuda")
+    cg, cu = sf.compress_2_4(gate), sf.compress_2_4(up)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(2 * n, device="cuda", dtype=dtype)
+    g = F.linear(x.double(), gate.double(), bias[:n].double())
+    u = F.linear(x.double(), up.double(), bias[n:].double())
+    _poison()
+    y = decode_mm_portable(x, cg, bias, up=cu)
+    assert y.shape == (m, n)
+    assert rel_err(y, F.silu(g) * u) < 2 * TOL[dtype]
+    assert torch.equal(y, decode_mm(x, pack_decode_swiglu(cg, cu), bias, ring=True))
+
+
+@needs_ext
+def test_portable_kernel_rejects_what_it_cannot_read():
+    c = sf.compress_2_4(random_2_4(64, 200, torch.float16, "cuda"))  # K not a multiple of 128
+    assert not portable_ok(c)
+    with pytest.raises(ValueError, match="cannot be read in place"):
+        decode_mm_portable(torch.randn(2, 200, device="cuda", dtype=torch.float16), c)
+    c = sf.compress_2_4(random_2_4(64, 256, torch.float16, "cuda"))
+    with pytest.raises(TypeError, match="x is torch.bfloat16"):
+        decode_mm_portable(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16), c)
+    with pytest.raises(ValueError, match="M must be in 1..64"):
+        decode_mm_portable(torch.randn(65, 256, device="cuda", dtype=torch.float16), c)
+    with pytest.raises(ValueError, match="differ in shape"):
+        decode_mm_portable(
+            torch.randn(2, 256, device="cuda", dtype=torch.float16),
+            c,
+            up=sf.compress_2_4(random_2_4(32, 256, torch.float16, "cuda")),
+        )
