@@ -86,6 +86,12 @@ def cslt_candidates() -> list[int]:
     return list(dict.fromkeys(layouts))
 
 
+def portable_enabled() -> bool:
+    """Whether the decode kernel may read the portable form in place (``SPARSEFLOW_DECODE_PORTABLE=0``
+    keeps the packed copy, the layout of sessions 7-9)."""
+    return os.environ.get("SPARSEFLOW_DECODE_PORTABLE", "1") != "0"
+
+
 def _search_works(layout: int) -> bool:
     return layout in (1, 3)  # cusparseLtMatmulSearch crashes (0, 2) or fails (4) on the others
 
@@ -97,7 +103,10 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 6
+_CACHE_VERSION = 7
+# The decode kernel reading the portable form in place is used when it is at most this much slower
+# than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
+PORTABLE_SLACK = 1.02
 
 
 def m_bucket(m: int) -> int:
@@ -114,6 +123,7 @@ class Decision:
     decode_ms: float | None = None  # our decode kernel at its best split
     decode_split: int = 0
     decode_ring: bool = False  # the decode kernel's weight pipeline: shared-memory ring or registers
+    decode_portable: bool = False  # the decode kernel reads the portable form in place (no packed copy)
     measured: bool = False
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cslt_tuner)
 
@@ -188,6 +198,8 @@ def _unchosen(d: Decision, had: set) -> list[str]:
     """Device layouts a measurement built (not in ``had`` before it) for kernels it did not choose."""
     layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["decode"]
     keep = cslt_cache_key(d.layout) if d.choice == "cusparselt" else d.choice
+    if d.decode_portable:
+        keep = None  # the decode kernel reads the portable form: its packed copy is not kept either
     return [c for c in layouts if c not in had and c != keep]
 
 
@@ -292,7 +304,7 @@ class Dispatcher:
             return self._decisions[key]
 
     def _measure(self, weight, bucket: int) -> Decision:
-        from sparseflow.decode import DECODE_MAX_M, decode_mm, default_split
+        from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, default_split, portable_ok
 
         n, k = weight.shape
         had = set(weight._cache)
@@ -320,6 +332,14 @@ class Dispatcher:
                         ms = _median_ms(lambda split=split, ring=ring: decode_mm(x, w, None, split, ring))
                         if d.decode_ms is None or ms < d.decode_ms:
                             d.decode_ms, d.decode_split, d.decode_ring = ms, split, ring
+                if portable_enabled() and portable_ok(weight):
+                    best = min(
+                        (_median_ms(lambda split=split: decode_mm_portable(x, weight, None, split)), split)
+                        for split in sorted({1, base, max(1, base // 2), 2 * base})
+                        if split <= chunks
+                    )
+                    if best[0] <= PORTABLE_SLACK * d.decode_ms:
+                        d.decode_ms, d.decode_split, d.decode_ring, d.decode_portable = best[0], best[1], True, True
         _SCRUB.clear()  # back to the caching allocator
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]

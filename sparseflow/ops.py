@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
-from sparseflow.decode import DECODE_MAX_M
+from sparseflow.decode import DECODE_MAX_M, portable_ok
 from sparseflow.dispatch import CSLT_ALIGN, DISPATCHER, cslt_layout, cslt_unsupported, default_sparse, m_bucket
 from sparseflow.format import Sparse24Weight
 
@@ -26,7 +26,7 @@ __all__ = ["BACKENDS", "sparse_mm"]
 # auto: fastest measured (never slower than dense); sparse: fastest measured 2:4 kernel; the
 # others force one kernel.
 BACKENDS = {"auto": 0, "sparse": 1, "dense": 2, "cusparselt": 3, "decode": 4}
-_DENSE, _CSLT, _DECODE = 0, 1, 2
+_DENSE, _CSLT, _DECODE, _DECODE_PORTABLE = 0, 1, 2, 3
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 _lib = torch.library.Library("sparseflow", "DEF")
@@ -95,6 +95,8 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     if kernel == "dense":
         return (w.values._version, _DENSE, w.dense_on_device(keep=True), None, None)
     if kernel == "decode":
+        if d is not None and d.decode_portable and portable_ok(w):  # in place: (values, meta), no packed copy
+            return (w.values._version, _DECODE_PORTABLE, (w.values, w.meta), (d.decode_split,), None)
         return (
             w.values._version,
             _DECODE,
@@ -133,6 +135,10 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
         x2 = x2.contiguous()
         x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
         y = _C.decode24_mm(x2, r[2].A, r[2].E, bias, n, False, r[3][0], r[3][1])
+    elif kernel == _DECODE_PORTABLE:
+        x2 = x2.contiguous()
+        x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
+        y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0])
     else:
         y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
         if bias is not None:

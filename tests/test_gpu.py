@@ -280,3 +280,23 @@ def test_demo_autotune_step_summarises_the_kernels_chosen(tmp_path, monkeypatch)
     assert line.startswith(f"{3 * n_shapes} (layer shape, M) pairs, M in (1, 12, 128): "), line
     assert all(part.split()[1] in ("cusparselt", "decode", "dense") for part in line.split(": ", 1)[1].split(", "))
     sf.DISPATCHER.clear()
+
+
+@needs_ext
+@pytest.mark.parametrize("portable", [True, False])
+def test_decode_reads_the_portable_form_without_a_packed_copy(tmp_path, monkeypatch, portable):
+    from sparseflow import dispatch
+
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSEFLOW_DECODE_PORTABLE", "1" if portable else "0")
+    monkeypatch.setattr(dispatch, "PORTABLE_SLACK", 1e9)  # take the in-place reading whenever it may run
+    sf.DISPATCHER.clear()
+    layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), prune=True).half().cuda()
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
+    _poison()
+    y = layer(x)
+    assert rel_err(y, _ref(x, layer.weight_2_4.decompress(), layer.bias)) < TOL[torch.float16]
+    d = sf.DISPATCHER.lookup(x.device, x.dtype, 4096, 4096, 4)
+    assert d.choice == "decode" and d.decode_portable == portable, d
+    assert (layer.memory_bytes()["decode"] == 0) == portable  # no packed copy when read in place
+    sf.DISPATCHER.clear()

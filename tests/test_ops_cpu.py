@@ -197,9 +197,9 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
         monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", layouts)
         names[layouts] = dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name
     assert names == {
-        "1,4": "dispatch-v6-NVIDIA_H200-cusparselt0.json",
-        "1,4,0": "dispatch-v6-NVIDIA_H200-cusparselt0-layouts140.json",
-        "1": "dispatch-v6-NVIDIA_H200-cusparselt0-notuner.json",
+        "1,4": "dispatch-v7-NVIDIA_H200-cusparselt0.json",
+        "1,4,0": "dispatch-v7-NVIDIA_H200-cusparselt0-layouts140.json",
+        "1": "dispatch-v7-NVIDIA_H200-cusparselt0-notuner.json",
     }
 
 
@@ -210,6 +210,12 @@ def test_a_measurement_frees_the_layouts_it_built_but_did_not_choose():
     assert _unchosen(Decision("cusparselt", layout=0), set()) == ["cslt", "cslt_sparse_b", "decode"]
     assert _unchosen(Decision("decode"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b"]
     assert _unchosen(Decision("dense"), {"cslt", "decode"}) == ["cslt_layout0", "cslt_sparse_b"]  # built before: kept
+    assert _unchosen(Decision("decode", decode_portable=True), set()) == [
+        "cslt",
+        "cslt_layout0",
+        "cslt_sparse_b",
+        "decode",
+    ]
 
 
 def test_numeric_settings_from_the_environment_are_checked(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sparseflow._ext import _C, sparse_unavailable_reason
-from sparseflow.decode import DECODE_MAX_M, DecodeWeight, decode_mm, pack_decode_swiglu
+from sparseflow.decode import DECODE_MAX_M, DecodeWeight, decode_mm, decode_mm_portable, pack_decode_swiglu, portable_ok
 from sparseflow.dispatch import DISPATCHER
 from sparseflow.format import Sparse24Weight
 from sparseflow.nn.linear import SparseLinear
@@ -72,18 +72,23 @@ class SparseGatedMLP(nn.Module):
         up = Sparse24Weight(w.values[i:], w.meta[i:], (i, w.shape[1]))
         return gate, up, gu.bias
 
-    def _fused_weight(self) -> tuple[DecodeWeight, torch.Tensor | None] | None:
-        key = tuple((p.weight_values.data_ptr(), p.weight_values._version) for p in self._projections())
+    def _fused_weight(self, portable: bool) -> tuple[DecodeWeight | tuple, torch.Tensor | None] | None:
+        """The fused kernel's weight: the packed, tile-interleaved layout, or with ``portable``
+        the (gate, up) halves of the portable form, read in place (no copy)."""
+        key = (tuple((p.weight_values.data_ptr(), p.weight_values._version) for p in self._projections()), portable)
         if self._fused is not None and self._fused[0] == key:
             return self._fused[1], self._fused[2]
         if torch.cuda.is_current_stream_capturing():
             return None  # packing inside a capture would be recorded into the graph: run unfused
         gate, up, bias = self._halves()
-        packed = pack_decode_swiglu(gate, up)
+        if portable and portable_ok(gate) and portable_ok(up):
+            fused = (gate, up)
+        else:
+            fused = pack_decode_swiglu(gate, up)
         for w in (gate, up):
-            w.drop_cached("decode")  # the fused layout replaces the per-projection ones
-        self._fused = (key, packed, bias)
-        return packed, bias
+            w.drop_cached("decode")  # the fused form replaces the per-projection layouts
+        self._fused = (key, fused, bias)
+        return fused, bias
 
     def _try_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         if not x.is_cuda or _C is None or torch.compiler.is_compiling():
@@ -101,13 +106,18 @@ class SparseGatedMLP(nn.Module):
         d = DISPATCHER.decide(measured, m)
         if {"auto": d.choice, "sparse": d.best_sparse, "decode": "decode"}[backend] != "decode":
             return None
-        fused = self._fused_weight()
+        fused = self._fused_weight(d.decode_portable)
         if fused is None:
             return None
         # gate and up together have twice the rows the decision was measured on: half the split
         split = max(1, d.decode_split // 2) if self._names is _SPLIT else d.decode_split
-        h = decode_mm(x.reshape(m, k).contiguous(), fused[0], fused[1], split, d.decode_ring)
-        return h.view(*x.shape[:-1], fused[0].n_out)
+        x2 = x.reshape(m, k).contiguous()
+        if isinstance(fused[0], tuple):
+            gate, up = fused[0]
+            h = decode_mm_portable(x2, gate, fused[1], split, up=up)
+        else:
+            h = decode_mm(x2, fused[0], fused[1], split, d.decode_ring)
+        return h.view(*x.shape[:-1], h.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._try_fused(x)
