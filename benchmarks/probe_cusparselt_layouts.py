@@ -21,11 +21,12 @@ import time
 LLAMA = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 CHILD = r"""
-import json, re, sys, torch, torch.nn.functional as F, sparseflow as sf
+import json, os, re, sys, torch, torch.nn.functional as F, sparseflow as sf
 from sparseflow._ext import _C
 from sparseflow.timing import median_ms
 jobs = json.loads(sys.argv[1])
 start_job, start_alg = int(sys.argv[2]), int(sys.argv[3])
+ONLY = json.loads(sys.argv[4])  # algorithm ids to try ([]: all)
 def say(*a): print(*a, flush=True)
 for j, (L, m, n, k) in enumerate(jobs):
     if j < start_job: continue
@@ -44,7 +45,8 @@ for j, (L, m, n, k) in enumerate(jobs):
             tp = torch._cslt_compress(w)
             say("JOB", j, "TORCH", t(lambda: torch._cslt_sparse_mm(tp, x.t())))
     count = int(_C.cslt_alg_count(x, packed, n, L))
-    for alg in range(first, count):
+    ids = [a for a in (ONLY or range(count)) if a >= first]
+    for alg in ids:
         say("JOB", j, "TRY", alg)
         try:
             y = _C.cslt_mm(x, packed, n, [alg, 1, 0, 0], L)
@@ -53,6 +55,10 @@ for j, (L, m, n, k) in enumerate(jobs):
         except RuntimeError as e:
             r = re.search(r"call (\w+).*\((CUSPARSE_STATUS_\w+)\)", str(e), re.S)
             say("JOB", j, "ERR", alg, ":".join(r.groups()) if r else str(e)[:60].replace(" ", "_"))
+            os._exit(3)  # an error can leave the library or the context in a state that fails later ids
+    if ONLY:
+        say("JOB", j, "DONE")
+        continue
     say("JOB", j, "TRY", count)  # the search: a crash here is reported as id == count
     try:
         cfg = [int(v) for v in _C.cslt_search(x, packed, n, L, -1)[:4]]
@@ -63,14 +69,14 @@ for j, (L, m, n, k) in enumerate(jobs):
 """
 
 
-def run_jobs(jobs: list, deadline: float) -> dict:
+def run_jobs(jobs: list, deadline: float, only: list[int]) -> dict:
     res = {j: {"algs": {}, "crashed": [], "wrong": [], "errors": [], "why": {}} for j in range(len(jobs))}
     start_job, start_alg = 0, 0
     while start_job < len(jobs) and time.time() < deadline:
         err = ""
         try:
             r = subprocess.run(
-                [sys.executable, "-c", CHILD, json.dumps(jobs), str(start_job), str(start_alg)],
+                [sys.executable, "-c", CHILD, json.dumps(jobs), str(start_job), str(start_alg), json.dumps(only)],
                 check=False,
                 capture_output=True,
                 text=True,
@@ -109,7 +115,8 @@ def run_jobs(jobs: list, deadline: float) -> dict:
             break
         j, alg = last
         if alg >= 0:  # it died at (j, alg)
-            res[j]["crashed"].append(alg)
+            if alg not in res[j]["errors"]:  # an error exits the child too: that is not a crash
+                res[j]["crashed"].append(alg)
             start_job, start_alg = j, alg + 1
         else:
             start_job, start_alg = j, 0
@@ -143,20 +150,24 @@ def main() -> int:
     ap.add_argument("--ms", default="256,1024,4096,16384")
     ap.add_argument("--square", default="2048,4096,8192", help="square M=N=K sizes ('' for none)")
     ap.add_argument("--out", default="")
-    ap.add_argument("--ws-mb", type=int, default=0, help="offer every call this much workspace (MB)")
+    ap.add_argument("--ws-mb", default="0", help="comma-separated: offer every call this much workspace (MB)")
+    ap.add_argument("--ids", default="", help="comma-separated algorithm ids to try (default: all, then the search)")
     args = ap.parse_args()
-    if args.ws_mb:
-        os.environ["SPARSEFLOW_CSLT_MIN_WS_MB"] = str(args.ws_mb)  # read by the children's extension
+    only = [int(a) for a in args.ids.split(",") if a]
     shapes = [(int(m), *LLAMA[name]) for name in args.layers.split(",") if name for m in args.ms.split(",")]
     shapes += [(int(s), int(s), int(s)) for s in args.square.split(",") if s]
     jobs = [(int(L), *s) for L in args.layouts.split(",") for s in shapes]
-    res = run_jobs(jobs, time.time() + args.budget_s)
-    for j, job in enumerate(jobs):
-        print(fmt(job, res[j]), flush=True)
+    rows, deadline = [], time.time() + args.budget_s
+    wss = [int(v) for v in args.ws_mb.split(",")]
+    for i, ws in enumerate(wss):  # the children's extension reads the workspace floor at start
+        os.environ["SPARSEFLOW_CSLT_MIN_WS_MB"] = str(ws)
+        res = run_jobs(jobs, time.time() + (deadline - time.time()) / (len(wss) - i), only)
+        for j, job in enumerate(jobs):
+            print(f"ws>={ws}MB " * bool(ws) + fmt(job, res[j]), flush=True)
+            rows.append({"layout": job[0], "M": job[1], "N": job[2], "K": job[3], "ws_mb": ws, **res[j]})
     if args.out:
-        path = os.path.join(args.out, "probe_cusparselt.json")
-        with open(path, "w") as f:
-            json.dump([{"layout": L, "M": m, "N": n, "K": k, **res[j]} for j, (L, m, n, k) in enumerate(jobs)], f)
+        with open(os.path.join(args.out, "probe_cusparselt.json"), "w") as f:
+            json.dump(rows, f)
     return 0
 
 
