@@ -67,6 +67,20 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: keep
   return v;
 }
 
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// Nibble u of each of the four halfwords in (lo, hi), in order: the 16 metadata bits of one row
+// for k-step u of the transposed chunk order (halfword p holds groups 4p .. 4p + 3).
+__device__ __forceinline__ uint32_t gather_nibbles(uint32_t lo, uint32_t hi, int u) {
+  const uint32_t a = (lo >> (4 * u)) & 0x000F000Fu, b = (hi >> (4 * u)) & 0x000F000Fu;
+  const uint32_t c = a | (b << 8);  // halfword 0 at bit 0, 2 at 8, 1 at 16, 3 at 24
+  return (c | (c >> 12)) & 0xFFFFu;
+}
+
 __device__ __forceinline__ uint32_t pick(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -87,7 +101,10 @@ __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat
 // x pieces of 8 consecutive k (16 bytes) per chunk: 8*NT rows x 16 pieces; each thread owns up to
 // kPieces of them. A piece at (row m, k-step u, octet a) feeds word a of the B fragments of lanes
 // (g = m % 8, t = 0..3) of n-tile m / 8.
-template <int NT>
+// TRANSPOSED: the chunk's k order of the in-place register pipeline (see decode24_kernel): k-step
+// u, group position p (4 k each) holds the chunk's group 4p + u, so a piece is two 8-byte halves
+// 16 k apart (K % 128 == 0 there, so no k bound).
+template <int NT, bool TRANSPOSED = false>
 struct XStage {
   static constexpr int kTotal = 8 * NT * 16;
   static constexpr int kPieces = (kTotal + kThreads - 1) / kThreads;
@@ -97,11 +114,19 @@ struct XStage {
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
       const int p = threadIdx.x + i * kThreads;
-      const int m = p >> 4, k = chunk * 128 + (p & 15) * 8;
+      const int m = p >> 4;
+      if constexpr (TRANSPOSED) {
+        const int u = (p & 15) >> 2, a = p & 3, k = chunk * 128 + 32 * a + 4 * u;  // group 8a + u, then 8a + 4 + u
+        const bool ok = p < kTotal && m < M;
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const bool ok = p < kTotal && m < M && k + 2 * h < K;
-        w[i][h] = ok ? __ldg(x32 + ((size_t)m * K + k) / 2 + h) : 0u;
+        for (int h = 0; h < 4; ++h) w[i][h] = ok ? __ldg(x32 + ((size_t)m * K + k + (h >> 1) * 16) / 2 + (h & 1)) : 0u;
+      } else {
+        const int k = chunk * 128 + (p & 15) * 8;
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const bool ok = p < kTotal && m < M && k + 2 * h < K;
+          w[i][h] = ok ? __ldg(x32 + ((size_t)m * K + k) / 2 + h) : 0u;
+        }
       }
     }
   }
@@ -166,6 +191,11 @@ __host__ __device__ constexpr int smem_bytes() {
 // metadata are copied row-contiguously (coalesced) into the warp's ring stage, values swizzled
 // (16-byte piece q of row r at slot q ^ (r % 8): conflict-free), and ldmatrix.x4 hands each lane
 // its A fragment; the metadata is bit-for-bit what mma.sp wants, only rows g and g + 8 are paired.
+// PORT without RING: registers, one chunk ahead, straight from the portable form. The chunk's k
+// order is transposed (k-step u, group position p <- the chunk's group 4p + u; x is staged in the
+// same order, and a sum does not care about order), which makes lane (g, t)'s A fragments of all
+// four k-steps two 16-byte pieces of rows g and g + 8 (groups 4t.., 16 + 4t..: each warp load is
+// 8 rows x 64 contiguous bytes) and its metadata 8 bytes of each row (halfword p, nibble u).
 template <typename T, int NT, bool SWIGLU, bool RING, bool PORT>
 __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
                                                             const uint4* __restrict__ A2,
@@ -270,11 +300,32 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
     cp_async_wait<0>();
   } else {
     uint4 a_cur[kU], a_nxt[kU], e_cur, e_nxt;
-    XStage<NT> xst;
-    if (c0 < c1) {
+    // PORT: this lane's rows g and g + 8 of the tile (null past the weight's end: zeros, and
+    // metadata 0x4 per group, which is valid)
+    const bool ok0 = prow0 + g < n_out, ok1 = prow0 + g + 8 < n_out;
+    const T* v0 = pv + (size_t)(prow0 + g) * (K / 2) + 8 * t;  // + 64 per chunk
+    const T* v1 = v0 + (size_t)8 * (K / 2);
+    const uint8_t* m0 = pm + (size_t)(prow0 + g) * (K / 8) + 8 * (t & 1);  // + 16 per chunk
+    const uint8_t* m1 = m0 + (size_t)8 * (K / 8);
+    auto load = [&](int c, uint4 (&a)[kU], uint4& e) {
+      if constexpr (PORT) {
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        a[0] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + c * 64)) : zero;
+        a[1] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + c * 64)) : zero;
+        a[2] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + c * 64 + 32)) : zero;
+        a[3] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + c * 64 + 32)) : zero;
+        const uint2 pad = make_uint2(0x44444444u, 0x44444444u);
+        const uint2 e0 = ok0 ? ld_stream8(m0 + c * 16) : pad, e1 = ok1 ? ld_stream8(m1 + c * 16) : pad;
+        e = make_uint4(e0.x, e0.y, e1.x, e1.y);
+      } else {
 #pragma unroll
-      for (int u = 0; u < kU; ++u) a_cur[u] = ld_stream(Ap + (size_t)(c0 * kU + u) * 32);
-      e_cur = ld_stream(Ep + (size_t)c0 * 16);
+        for (int u = 0; u < kU; ++u) a[u] = ld_stream(Ap + (size_t)(c * kU + u) * 32);
+        e = ld_stream(Ep + (size_t)c * 16);
+      }
+    };
+    XStage<NT, PORT> xst;
+    if (c0 < c1) {
+      load(c0, a_cur, e_cur);
       xst.load(x32, M, K, c0);
       xst.store(smem);
     }
@@ -283,17 +334,20 @@ __global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restr
       const int buf = (c - c0) & 1;
       const bool more = c + 1 < c1;
       if (more) {
-#pragma unroll
-        for (int u = 0; u < kU; ++u) a_nxt[u] = ld_stream(Ap + (size_t)((c + 1) * kU + u) * 32);
-        e_nxt = ld_stream(Ep + (size_t)(c + 1) * 16);
+        load(c + 1, a_nxt, e_nxt);
         xst.load(x32, M, K, c + 1);
       }
       const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        const uint32_t e = pick(e_cur, u);
+        uint4 a = a_cur[u];
+        uint32_t e = pick(e_cur, u);
+        if constexpr (PORT) {  // regs: row g groups 4t.., row g + 8 groups 4t.., then 16 + 4t..
+          a = make_uint4(pick(a_cur[0], u), pick(a_cur[1], u), pick(a_cur[2], u), pick(a_cur[3], u));
+          e = gather_nibbles(e_cur.x, e_cur.y, u) | (gather_nibbles(e_cur.z, e_cur.w, u) << 16);
+        }
 #pragma unroll
-        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a_cur[u], xs[(u * NT + j) * 32 + lane], e);
+        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
       }
       if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
       __syncthreads();
@@ -399,7 +453,8 @@ cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream) {
 
 template <typename T, bool SW>
 cudaError_t launch_ring(const DecodeArgs& a, int device, cudaStream_t stream) {
-  if (a.portable) return launch_nt<T, SW, true, true>(a, device, stream);  // the portable form needs the ring
+  if (a.portable)
+    return a.ring ? launch_nt<T, SW, true, true>(a, device, stream) : launch_nt<T, SW, false, true>(a, device, stream);
   return a.ring ? launch_nt<T, SW, true, false>(a, device, stream) : launch_nt<T, SW, false, false>(a, device, stream);
 }
 

@@ -27,7 +27,7 @@ struct DecodeArgs {
   unsigned row_blocks, split;
   int nt;               // n-tiles of 8 tokens: 1, 2, 4 or 8
   bool bf16, swiglu, ring;  // ring: cp.async shared-memory pipeline, else registers
-  bool portable;            // read the portable form (always through the ring)
+  bool portable;            // read the portable form in place (either pipeline)
 };
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream);

@@ -133,7 +133,7 @@ at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tenso
 // n x K/8 uint8, K a multiple of 128, both 16-byte aligned; for SwiGLU values2/meta2 are up's.
 at::Tensor decode24_mm_portable(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                 const c10::optional<at::Tensor>& values2, const c10::optional<at::Tensor>& meta2,
-                                const c10::optional<at::Tensor>& bias, bool swiglu, int64_t split) {
+                                const c10::optional<at::Tensor>& bias, bool swiglu, int64_t split, bool ring) {
   check_x(x);
   const int64_t K = x.size(1);
   TORCH_CHECK(K % (kU * 32) == 0, "sparseflow decode kernel (portable form): K=", K, " is not a multiple of ",
@@ -165,7 +165,7 @@ at::Tensor decode24_mm_portable(const at::Tensor& x, const at::Tensor& values, c
   }
   int64_t tiles = (n + 15) / 16 * (swiglu ? 2 : 1);
   tiles = (tiles + kWarps - 1) / kWarps * kWarps;
-  return launch(x, values.data_ptr(), meta.data_ptr(), v2, m2, bias, tiles, K / 32, n, swiglu, split, true, true);
+  return launch(x, values.data_ptr(), meta.data_ptr(), v2, m2, bias, tiles, K / 32, n, swiglu, split, ring, true);
 }
 
 // a, b: cases x 32 x 4 int32 (per-lane registers), e: cases x 32 int32 -> d: cases x 32 x 4 float.

@@ -15,7 +15,7 @@ at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tenso
                        bool ring);
 at::Tensor decode24_mm_portable(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                 const c10::optional<at::Tensor>& values2, const c10::optional<at::Tensor>& meta2,
-                                const c10::optional<at::Tensor>& bias, bool swiglu, int64_t split);
+                                const c10::optional<at::Tensor>& bias, bool swiglu, int64_t split, bool ring);
 int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device);
 at::Tensor mma_sp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e, bool bf16);
 }  // namespace sparseflow
@@ -34,7 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("split"), py::arg("ring"));
   m.def("decode24_mm_portable", &sparseflow::decode24_mm_portable,
         "our small-M 2:4 kernel reading the portable form directly (K % 128 == 0)", py::arg("x"), py::arg("values"),
-        py::arg("meta"), py::arg("values2"), py::arg("meta2"), py::arg("bias"), py::arg("swiglu"), py::arg("split"));
+        py::arg("meta"), py::arg("values2"), py::arg("meta2"), py::arg("bias"), py::arg("swiglu"), py::arg("split"),
+        py::arg("ring"));
   m.def("decode24_default_split", &sparseflow::decode24_default_split, "split-K the decode kernel uses by default");
   m.def("mma_sp_probe", &sparseflow::mma_sp_probe, "one mma.sp on raw per-lane registers (layout tests)");
   m.def("decompress_24", &sparseflow::decompress_24, "portable 2:4 form -> dense (CUDA)");

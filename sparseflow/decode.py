@@ -147,11 +147,13 @@ def portable_ok(weight) -> bool:
 
 
 def decode_mm_portable(
-    x: torch.Tensor, weight, bias: torch.Tensor | None = None, split: int = 0, up=None
+    x: torch.Tensor, weight, bias: torch.Tensor | None = None, split: int = 0, up=None, ring: bool = False
 ) -> torch.Tensor:
     """``decode_mm`` on the portable form itself (``portable_ok``), so a layer needs no second,
     packed copy of its weight. With ``up`` (same shape), ``weight`` is the gate and the result
-    ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``."""
+    ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``ring``: the weight
+    streams through a shared-memory ring instead of registers (which is faster depends on the
+    shape; the dispatcher times both)."""
     n, k = weight.shape
     for w in (weight,) if up is None else (weight, up):
         if not portable_ok(w):
@@ -176,6 +178,7 @@ def decode_mm_portable(
         bias,
         up is not None,
         split,
+        ring,
     )
 
 

@@ -103,7 +103,7 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 7
+_CACHE_VERSION = 8
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
 # Measured on the H200 (benchmarks/NOTES.md, session 10): equal at M <= 8, 3-5% slower at M = 16,
@@ -336,12 +336,17 @@ class Dispatcher:
                             d.decode_ms, d.decode_split, d.decode_ring = ms, split, ring
                 if portable_enabled() and portable_ok(weight):
                     best = min(
-                        (_median_ms(lambda split=split: decode_mm_portable(x, weight, None, split)), split)
+                        (
+                            _median_ms(lambda s=split, r=ring: decode_mm_portable(x, weight, None, s, ring=r)),
+                            split,
+                            ring,
+                        )
+                        for ring in (False, True)
                         for split in sorted({1, base, max(1, base // 2), 2 * base})
                         if split <= chunks
                     )
                     if best[0] <= PORTABLE_SLACK * d.decode_ms:
-                        d.decode_ms, d.decode_split, d.decode_ring, d.decode_portable = best[0], best[1], True, True
+                        d.decode_ms, d.decode_split, d.decode_ring, d.decode_portable = best[0], best[1], best[2], True
         _SCRUB.clear()  # back to the caching allocator
         times = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms}
         d.choice = min((t, name) for name, t in times.items() if t is not None)[1]
@@ -416,6 +421,7 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
                     "m_bucket": m_bucket(m),
                     "choice": d.choice,
                     "speedup_vs_dense": d.speedup,
+                    "decode_in_place": d.decode_portable,  # the decode kernel reads the portable form
                 }
             )
     return rows

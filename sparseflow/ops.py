@@ -96,7 +96,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
         return (w.values._version, _DENSE, w.dense_on_device(keep=True), None, None)
     if kernel == "decode":
         if d is not None and d.decode_portable and portable_ok(w):  # in place: (values, meta), no packed copy
-            return (w.values._version, _DECODE_PORTABLE, (w.values, w.meta), (d.decode_split,), None)
+            return (w.values._version, _DECODE_PORTABLE, (w.values, w.meta), (d.decode_split, d.decode_ring), None)
         return (
             w.values._version,
             _DECODE,
@@ -138,7 +138,7 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     elif kernel == _DECODE_PORTABLE:
         x2 = x2.contiguous()
         x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
-        y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0])
+        y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0], r[3][1])
     else:
         y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
         if bias is not None:

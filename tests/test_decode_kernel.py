@@ -165,6 +165,71 @@ def test_portable_path_feeds_mma_the_packed_layouts_fragments(n, k, swiglu):
                 assert torch.equal(e, packed.E[tile, c, slots, u]), (tile, c, u)
 
 
+def _gather_nibbles(lo: int, hi: int, u: int) -> int:
+    """decode_gemm.cu's gather_nibbles, in Python integers."""
+    a, b = (lo >> (4 * u)) & 0x000F000F, (hi >> (4 * u)) & 0x000F000F
+    c = a | (b << 8)
+    return (c | (c >> 12)) & 0xFFFF
+
+
+def emulate_portable_registers(x, w, dtype):
+    """The register pipeline's in-place reading of the portable form (transposed chunk order),
+    modelled on the kernel's index arithmetic, through emulated mma.sp: lane (g, t) loads 16 bytes
+    at byte 16t and 64 + 16t of the chunk's rows g and g + 8 (register u of each = k-step u),
+    8 metadata bytes at 8 (t & 1) of each row (gather_nibbles), and x as XStage<NT, true> stages
+    it (piece (token, u, a): 8 bytes at k = 32a + 4u and 8 bytes 16 k further)."""
+    n, k = w.shape
+    m = x.shape[0]
+    vb = w.values.contiguous().view(torch.uint8)  # n x K bytes
+    xw = x.contiguous().view(torch.int32)  # m x K/2 words
+    word = lambda row, byte: int(vb[row, byte : byte + 4].view(torch.int32)) if row < n else 0
+    meta32 = lambda row, byte: (
+        int(w.meta[row, byte : byte + 4].view(torch.int32)) & 0xFFFFFFFF if row < n else 0x44444444
+    )
+    out = torch.zeros(m, n, dtype=torch.float64)
+    for n0 in range(0, m, 8):
+        for c in range(k // 128):
+            for u in range(4):
+                b = torch.zeros(32, 4, dtype=torch.int32)
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    if n0 + g < m:
+                        for a in range(4):
+                            kk = c * 128 + 32 * a + 4 * u + 16 * (t >> 1) + 2 * (t & 1)
+                            b[lane, a] = xw[n0 + g, kk // 2]
+                for row0 in range(0, n, 16):
+                    regs = torch.zeros(32, 4, dtype=torch.int32)
+                    e = torch.zeros(32, dtype=torch.int64)
+                    for lane in range(32):
+                        g, t = divmod(lane, 4)
+                        r0, r1 = row0 + g, row0 + g + 8
+                        for i, (row, off) in enumerate(((r0, 0), (r1, 0), (r0, 64), (r1, 64))):
+                            regs[lane, i] = word(row, c * 128 + off + 16 * t + 4 * u)
+                        mb = c * 16 + 8 * (t & 1)
+                        lo0, hi0, lo1, hi1 = meta32(r0, mb), meta32(r0, mb + 4), meta32(r1, mb), meta32(r1, mb + 4)
+                        e[lane] = _gather_nibbles(lo0, hi0, u) | (_gather_nibbles(lo1, hi1, u) << 16)
+                    e32 = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32)
+                    d = emulate_mma_sp(regs, b, e32, dtype)
+                    for lane in range(32):
+                        g, t = divmod(lane, 4)
+                        for q in range(4):
+                            tok, row = n0 + 2 * t + q % 2, row0 + g + 8 * (q // 2)
+                            if tok < m and row < n:
+                                out[tok, row] += d[lane, q]
+    return out
+
+
+@pytest.mark.parametrize("n,k,m", [(16, 128, 1), (40, 256, 3), (24, 384, 9)])
+def test_portable_register_path_computes_the_product(n, k, m):
+    """The transposed k order is consistent between weight fragments, metadata and x (a sum does
+    not care about order, a mismatch would), padding rows and tokens included."""
+    torch.manual_seed(n + k + m)
+    dense = random_2_4(n, k, torch.float16)
+    x = torch.randn(m, k, dtype=torch.float16)
+    got = emulate_portable_registers(x, sf.compress_2_4(dense), torch.float16)
+    assert rel_err(got, F.linear(x.double(), dense.double())) < 1e-12
+
+
 # ---------------------------------------------------------------------------------------- GPU
 def _random_regs(cases, dtype):
     """Random A/B registers and valid ordered metadata (positions i0 < i1) for every lane."""
@@ -323,12 +388,13 @@ def test_portable_kernel_matches_float64_and_the_packed_kernel(dtype, m, n, k):
     ref = F.linear(x.double(), dense.double(), bias.double())
     packed = pack_decode(c)
     for split in (0, 1, 3):
-        _poison()
-        y = decode_mm_portable(x, c, bias, split=split)
-        torch.cuda.synchronize()
-        assert y.shape == (m, n) and y.dtype == dtype
-        assert rel_err(y, ref) < TOL[dtype], f"split={split}"
-        # same fragments, same order of accumulation: bit-identical to the packed ring path
+        for ring in (False, True):
+            _poison()
+            y = decode_mm_portable(x, c, bias, split=split, ring=ring)
+            torch.cuda.synchronize()
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel_err(y, ref) < TOL[dtype], f"split={split} ring={ring}"
+        # the ring path: same fragments, same order of accumulation: bit-identical to the packed ring path
         assert torch.equal(y, decode_mm(x, packed, bias, split=split, ring=True)), f"split={split}"
 
 
@@ -344,10 +410,11 @@ def test_portable_kernel_fused_swiglu(dtype, m):
     bias = torch.randn(2 * n, device="cuda", dtype=dtype)
     g = F.linear(x.double(), gate.double(), bias[:n].double())
     u = F.linear(x.double(), up.double(), bias[n:].double())
-    _poison()
-    y = decode_mm_portable(x, cg, bias, up=cu)
-    assert y.shape == (m, n)
-    assert rel_err(y, F.silu(g) * u) < 2 * TOL[dtype]
+    for ring in (False, True):
+        _poison()
+        y = decode_mm_portable(x, cg, bias, up=cu, ring=ring)
+        assert y.shape == (m, n)
+        assert rel_err(y, F.silu(g) * u) < 2 * TOL[dtype], f"ring={ring}"
     assert torch.equal(y, decode_mm(x, pack_decode_swiglu(cg, cu), bias, ring=True))
 
 

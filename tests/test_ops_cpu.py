@@ -197,9 +197,9 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
         monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", layouts)
         names[layouts] = dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name
     assert names == {
-        "1,4": "dispatch-v7-NVIDIA_H200-cusparselt0.json",
-        "1,4,0": "dispatch-v7-NVIDIA_H200-cusparselt0-layouts140.json",
-        "1": "dispatch-v7-NVIDIA_H200-cusparselt0-notuner.json",
+        "1,4": "dispatch-v8-NVIDIA_H200-cusparselt0.json",
+        "1,4,0": "dispatch-v8-NVIDIA_H200-cusparselt0-layouts140.json",
+        "1": "dispatch-v8-NVIDIA_H200-cusparselt0-notuner.json",
     }
 
 

@@ -114,7 +114,7 @@ class SparseGatedMLP(nn.Module):
         x2 = x.reshape(m, k).contiguous()
         if isinstance(fused[0], tuple):
             gate, up = fused[0]
-            h = decode_mm_portable(x2, gate, fused[1], split, up=up)
+            h = decode_mm_portable(x2, gate, fused[1], split, up=up, ring=d.decode_ring)
         else:
             h = decode_mm(x2, fused[0], fused[1], split, d.decode_ring)
         return h.view(*x.shape[:-1], h.shape[-1])
