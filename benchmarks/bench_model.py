@@ -332,8 +332,8 @@ def main() -> None:
     choices: dict[str, dict[str, int]] = {}
     for r in tuned:
         per = choices.setdefault(f"m{r['m_bucket']}", {})
-        name = r["choice"] + (" (in place)" if r["choice"] == "decode" and r.get("decode_in_place") else "")
-        per[name] = per.get(name, 0) + 1
+        kind = r["choice"] + (" (in place)" if r["choice"] == "decode" and r.get("decode_in_place") else "")
+        per[kind] = per.get(kind, 0) + 1
     print(f"autotune: {autotune_s:.1f}s; kernel per M-bucket (distinct layer shapes): {choices}")
     sparse = measure(model, cfg, device, args, "2:4")
     peaks["sparse"] = peak(device)

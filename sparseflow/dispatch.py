@@ -106,8 +106,9 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 _CACHE_VERSION = 8
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
-# Measured on the H200 (benchmarks/NOTES.md, session 10): equal at M <= 8, 3-5% slower at M = 16,
-# faster at M = 64; a packed copy kept for one M-bucket costs the memory for all of them.
+# H200, session 10 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
+# M <= 8 (3-5% slower at M = 16), but the packed register pipeline beats both, and no Llama-3-8B
+# decision took the in-place reading. A packed copy kept for one M-bucket costs it for all.
 PORTABLE_SLACK = 1.05
 
 
