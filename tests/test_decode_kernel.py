@@ -275,6 +275,20 @@ def _poison():
     del junk
 
 
+def _each_variant(run, ref, shape, dtype) -> dict:
+    """run(split, ring) for splits 0 (default), 1, 3 and both weight pipelines, each on freshly
+    poisoned memory and checked against the float64 ``ref``; returns {(split, ring): output}."""
+    out = {}
+    for split in (0, 1, 3):
+        for ring in (False, True):
+            _poison()
+            y = out[split, ring] = run(split, ring)
+            torch.cuda.synchronize()
+            assert y.shape == shape and y.dtype == dtype
+            assert rel_err(y, ref) < TOL[dtype], f"split={split} ring={ring}"
+    return out
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", DECODE_SHAPES)
@@ -285,13 +299,7 @@ def test_decode_kernel_matches_float64(dtype, m, n, k):
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     ref = F.linear(x.double(), dense.double(), bias.double())
-    for split in (0, 1, 3):
-        for ring in (False, True):
-            _poison()
-            y = decode_mm(x, w, bias, split=split, ring=ring)
-            torch.cuda.synchronize()
-            assert y.shape == (m, n) and y.dtype == dtype
-            assert rel_err(y, ref) < TOL[dtype], f"split={split} ring={ring}"
+    _each_variant(lambda split, ring: decode_mm(x, w, bias, split=split, ring=ring), ref, (m, n), dtype)
     assert rel_err(decode_mm(x, w), F.linear(x.double(), dense.double())) < TOL[dtype]
 
 
@@ -362,17 +370,8 @@ def test_decode_kernel_rejects_bad_input():
         decode_mm(torch.randn(2, 256, device="cuda", dtype=torch.float16), w, torch.zeros(3, device="cuda"))
 
 
-PORTABLE_SHAPES = [
-    (1, 16, 128),
-    (3, 40, 256),
-    (8, 4096, 4096),
-    (9, 6144, 4096),
-    (16, 4096, 14336),
-    (17, 1000, 1024),
-    (33, 512, 1024),
-    (64, 2048, 4096),
-    (1, 28672, 4096),
-]
+# every decode shape whose K the in-place reading takes (K % 128 == 0), and two that replace the others
+PORTABLE_SHAPES = [s for s in DECODE_SHAPES if s[2] % 128 == 0] + [(3, 40, 256), (17, 1000, 1024)]
 
 
 @needs_ext
@@ -387,15 +386,9 @@ def test_portable_kernel_matches_float64_and_the_packed_kernel(dtype, m, n, k):
     bias = torch.randn(n, device="cuda", dtype=dtype)
     ref = F.linear(x.double(), dense.double(), bias.double())
     packed = pack_decode(c)
-    for split in (0, 1, 3):
-        for ring in (False, True):
-            _poison()
-            y = decode_mm_portable(x, c, bias, split=split, ring=ring)
-            torch.cuda.synchronize()
-            assert y.shape == (m, n) and y.dtype == dtype
-            assert rel_err(y, ref) < TOL[dtype], f"split={split} ring={ring}"
-        # the ring path: same fragments, same order of accumulation: bit-identical to the packed ring path
-        assert torch.equal(y, decode_mm(x, packed, bias, split=split, ring=True)), f"split={split}"
+    ys = _each_variant(lambda split, ring: decode_mm_portable(x, c, bias, split=split, ring=ring), ref, (m, n), dtype)
+    for split in (0, 1, 3):  # the ring path: same fragments, same order of accumulation as the packed ring path
+        assert torch.equal(ys[split, True], decode_mm(x, packed, bias, split=split, ring=True)), f"split={split}"
 
 
 @needs_ext
