@@ -335,6 +335,11 @@ def main() -> None:
         kind = r["choice"] + (" (in place)" if r["choice"] == "decode" and r.get("decode_in_place") else "")
         per[kind] = per.get(kind, 0) + 1
     print(f"autotune: {autotune_s:.1f}s; kernel per M-bucket (distinct layer shapes): {choices}")
+    ratios = [
+        f"{r['N']}x{r['K']} m{r['m_bucket']} {r['in_place_vs_packed']:.2f}" for r in tuned if r["in_place_vs_packed"]
+    ]
+    if ratios:  # > 1.05: the decode kernel keeps a packed copy of those layers
+        print("decode kernel, in place / packed time:", ", ".join(ratios))
     sparse = measure(model, cfg, device, args, "2:4")
     peaks["sparse"] = peak(device)
     free(device)

@@ -127,6 +127,7 @@ class Decision:
     decode_split: int = 0
     decode_ring: bool = False  # the decode kernel's weight pipeline: shared-memory ring or registers
     decode_portable: bool = False  # the decode kernel reads the portable form in place (no packed copy)
+    in_place_vs_packed: float | None = None  # its best time over the packed layout's (taken or not)
     measured: bool = False
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cslt_tuner)
 
@@ -346,6 +347,7 @@ class Dispatcher:
                         for split in sorted({1, base, max(1, base // 2), 2 * base})
                         if split <= chunks
                     )
+                    d.in_place_vs_packed = best[0] / d.decode_ms
                     if best[0] <= PORTABLE_SLACK * d.decode_ms:
                         d.decode_ms, d.decode_split, d.decode_ring, d.decode_portable = best[0], best[1], best[2], True
         _SCRUB.clear()  # back to the caching allocator
@@ -371,6 +373,8 @@ class Dispatcher:
                         "decode_ms": d.decode_ms,
                         "decode_split": d.decode_split,
                         "decode_ring": d.decode_ring,
+                        "decode_in_place": d.decode_portable,
+                        "decode_in_place_vs_packed": d.in_place_vs_packed,
                         "cusparselt_cfg": d.cfg,
                         "cusparselt_layout": d.layout,
                     }
@@ -423,6 +427,8 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
                     "choice": d.choice,
                     "speedup_vs_dense": d.speedup,
                     "decode_in_place": d.decode_portable,  # the decode kernel reads the portable form
+                    # its time over the packed layout's (> PORTABLE_SLACK: the packed copy is kept)
+                    "in_place_vs_packed": d.in_place_vs_packed,
                 }
             )
     return rows

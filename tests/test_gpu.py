@@ -12,7 +12,7 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow._ext import _C
-from sparseflow.dispatch import CSLT_MIN_BUCKET
+from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, portable_enabled
 from sparseflow.nn import SparseLinear
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
@@ -96,10 +96,15 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
         assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= CSLT_MIN_BUCKET)
         assert (r["decode_ms"] is not None) == (r["m_bucket"] <= 64)
         assert r["choice"] == min((t, k) for k, t in times.items() if t is not None)[1]  # the fastest wins
+        # K % 128 == 0: the in-place reading was timed too, and taken exactly when within the slack
+        assert (r["decode_in_place_vs_packed"] is not None) == (r["m_bucket"] <= 64 and portable_enabled())
+        if r["decode_in_place_vs_packed"] is not None:
+            assert r["decode_in_place_vs_packed"] > 0
+            assert r["decode_in_place"] == (r["decode_in_place_vs_packed"] <= PORTABLE_SLACK)
     mem = sl.memory_bytes()
     assert mem["portable"] == 1024 * 2048 * 2 * 0.5625
     assert (mem["dense_fallback"] > 0) == any(r["choice"] == "dense" for r in info)
-    assert (mem["decode"] > 0) == any(r["choice"] == "decode" for r in info)
+    assert (mem["decode"] > 0) == any(r["choice"] == "decode" and not r["decode_in_place"] for r in info)
 
 
 @needs_ext
