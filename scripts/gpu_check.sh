@@ -8,6 +8,7 @@
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 #   SANITIZE=1 runs compute-sanitizer (SANITIZE_TOOLS, default memcheck racecheck synccheck) on the decode kernel
 #   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
+#   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,9 @@ if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (iss
     timeout ${SANITIZE_TIMEOUT:-600} compute-sanitizer --tool $tool $PY scripts/sanitize_decode.py >"$OUT/sanitize_$tool.log" 2>&1
     summary+=("compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1) $(grep -o 'worst rel err.*' "$OUT/sanitize_$tool.log")")
   done
+fi
+if [ "${VARIANTS:-0}" = 1 ]; then
+  timeout 300 $PY scripts/probe_decode_variants.py ${VARIANTS_ARGS:-} 2>&1 | tee "$OUT/variants.log"
 fi
 if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
   timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
