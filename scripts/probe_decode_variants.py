@@ -10,7 +10,7 @@ import argparse
 import torch
 
 import sparseflow as sf
-from sparseflow.decode import decode_mm, decode_mm_portable, default_split, portable_ok
+from sparseflow.decode import decode_mm, decode_mm_portable, portable_ok, split_candidates
 from sparseflow.dispatch import _median_ms
 
 SHAPES = {"o": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
@@ -23,8 +23,7 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         c = sf.compress_2_4(sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16)))
         p = c.decode_packed()
-        base = default_split(p)
-        splits = sorted({1, base, max(1, base // 2), 2 * base})
+        splits = split_candidates(p)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             res = {}

@@ -201,3 +201,10 @@ def _check(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None) -> None:
 
 def default_split(w: DecodeWeight) -> int:
     return int(_C.decode24_default_split(w.A.shape[0], w.A.shape[1] * _KSTEP, w.A.device.index or 0))
+
+
+def split_candidates(w: DecodeWeight) -> list[int]:
+    """The split-K factors the dispatcher times for this weight: none, the default, half and
+    twice it, each at most the number of 128-k chunks."""
+    base, chunks = default_split(w), w.A.shape[1] // (_CHUNK // _KSTEP)
+    return [s for s in sorted({1, base, max(1, base // 2), 2 * base}) if s <= chunks]

@@ -308,7 +308,7 @@ class Dispatcher:
             return self._decisions[key]
 
     def _measure(self, weight, bucket: int) -> Decision:
-        from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, default_split, portable_ok
+        from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok, split_candidates
 
         n, k = weight.shape
         had = set(weight._cache)
@@ -327,15 +327,11 @@ class Dispatcher:
                         d.layout = layout
             if bucket <= DECODE_MAX_M:
                 w = weight.decode_packed()
-                chunks = w.A.shape[1] // 4
-                base = default_split(w)
-                for ring in (False, True):
-                    for split in sorted({1, base, max(1, base // 2), 2 * base}):
-                        if split > chunks:
-                            continue
-                        ms = _median_ms(lambda split=split, ring=ring: decode_mm(x, w, None, split, ring))
-                        if d.decode_ms is None or ms < d.decode_ms:
-                            d.decode_ms, d.decode_split, d.decode_ring = ms, split, ring
+                variants = [(split, ring) for ring in (False, True) for split in split_candidates(w)]
+                d.decode_ms, d.decode_split, d.decode_ring = min(
+                    (_median_ms(lambda s=split, r=ring: decode_mm(x, w, None, s, r)), split, ring)
+                    for split, ring in variants
+                )
                 if portable_enabled() and portable_ok(weight):
                     best = min(
                         (
@@ -343,9 +339,7 @@ class Dispatcher:
                             split,
                             ring,
                         )
-                        for ring in (False, True)
-                        for split in sorted({1, base, max(1, base // 2), 2 * base})
-                        if split <= chunks
+                        for split, ring in variants
                     )
                     d.in_place_vs_packed = best[0] / d.decode_ms
                     if best[0] <= PORTABLE_SLACK * d.decode_ms:

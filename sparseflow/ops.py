@@ -131,14 +131,13 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     kernel = r[1]
     if kernel == _DENSE:
         y = F.linear(x2, r[2], bias)
-    elif kernel == _DECODE:
+    elif kernel in (_DECODE, _DECODE_PORTABLE):
         x2 = x2.contiguous()
         x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
-        y = _C.decode24_mm(x2, r[2].A, r[2].E, bias, n, False, r[3][0], r[3][1])
-    elif kernel == _DECODE_PORTABLE:
-        x2 = x2.contiguous()
-        x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
-        y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0], r[3][1])
+        if kernel == _DECODE:
+            y = _C.decode24_mm(x2, r[2].A, r[2].E, bias, n, False, r[3][0], r[3][1])
+        else:
+            y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0], r[3][1])
     else:
         y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
         if bias is not None:
