@@ -8,6 +8,7 @@
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 #   SANITIZE=1 runs compute-sanitizer (SANITIZE_TOOLS, default memcheck racecheck synccheck) on the decode kernel
 #   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
+#   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 set -uo pipefail
@@ -35,6 +36,13 @@ if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (iss
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then
   timeout 300 $PY scripts/probe_decode_variants.py ${VARIANTS_ARGS:-} 2>&1 | tee "$OUT/variants.log"
+fi
+if [ "${NCU:-0}" = 1 ]; then  # hardware counters: where the decode kernel's time goes
+  timeout ${NCU_TIMEOUT:-300} ncu --clock-control none --nvtx --nvtx-include "prof/" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats \
+    $PY scripts/profile_decode.py ${NCU_ARGS:-} >"$OUT/ncu.log" 2>&1
+  summary+=("ncu: rc=$? $(grep -c 'profiled:' "$OUT/ncu.log") ranges, $(grep -c 'DRAM Throughput' "$OUT/ncu.log") kernels profiled")
 fi
 if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
   timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
