@@ -1,6 +1,7 @@
 """Driver for Nsight Compute: one launch of each decode-kernel variant the dispatcher picks
-between, and cuBLAS at the same shape, each inside an NVTX range ``prof`` so ncu profiles only
-those (caches flushed per kernel by ncu). Run by scripts/gpu_check.sh with NCU=1:
+between (default split-K grid and the stream-K ``FILL`` grid, both pipelines), and cuBLAS at the
+same shape, each inside an NVTX range ``prof`` so ncu profiles only those (ncu flushes the caches
+before each kernel). Run by scripts/gpu_check.sh with NCU=1:
 
     ncu --clock-control none --nvtx --nvtx-include "prof/" python scripts/profile_decode.py
 """
@@ -11,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow.decode import decode_mm, decode_mm_portable, default_split
+from sparseflow.decode import FILL, decode_mm, decode_mm_portable, default_split
 
-SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "o": (4096, 4096)}
 
 
-def prof(label: str, fn) -> None:
-    fn()  # warm-up outside the range (lazy init, workspaces)
+def prof(label: str, fn, *args, **kwargs) -> None:
+    fn(*args, **kwargs)  # warm-up outside the range (lazy init, workspaces)
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_push("prof")
-    fn()
+    fn(*args, **kwargs)
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_pop()
     print("profiled:", label, flush=True)
@@ -31,21 +32,22 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--layers", default="gate_up,down")
     ap.add_argument("--in-place", action="store_true", help="also the portable form read in place")
+    ap.add_argument("--ring", action="store_true", help="also the shared-memory ring pipeline")
     args = ap.parse_args()
     for name in args.layers.split(","):
         n, k = SHAPES[name]
         dense = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
         c = sf.compress_2_4(dense)
         p = c.decode_packed()
-        s = default_split(p)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            prof(f"{name} M={m} cuBLAS", lambda: F.linear(x, dense))
-            for ring in (False, True):
-                prof(f"{name} M={m} packed {'ring' if ring else 'regs'} split {s}", lambda: decode_mm(x, p, None, s, ring))
-                if args.in_place:
-                    prof(f"{name} M={m} in-place {'ring' if ring else 'regs'} split {s}",
-                         lambda: decode_mm_portable(x, c, None, s, ring=ring))
+            prof(f"{name} M={m} cuBLAS", F.linear, x, dense)
+            for ring in (False, True) if args.ring else (False,):
+                for s in (default_split(p), FILL):
+                    tag = f"{name} M={m} {'ring' if ring else 'regs'} split {s}"
+                    prof(f"{tag} packed", decode_mm, x, p, None, s, ring)
+                    if args.in_place:
+                        prof(f"{tag} in-place", decode_mm_portable, x, c, None, s, ring=ring)
 
 
 if __name__ == "__main__":

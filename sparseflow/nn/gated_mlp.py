@@ -110,7 +110,10 @@ class SparseGatedMLP(nn.Module):
         if fused is None:
             return None
         # gate and up together have twice the rows the decision was measured on: half the split
-        split = max(1, d.decode_split // 2) if self._names is _SPLIT else d.decode_split
+        # (a FILL grid adapts by itself)
+        split = d.decode_split
+        if self._names is _SPLIT and split > 0:
+            split = max(1, split // 2)
         x2 = x.reshape(m, k).contiguous()
         if isinstance(fused[0], tuple):
             gate, up = fused[0]
