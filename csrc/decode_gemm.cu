@@ -225,8 +225,15 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
   // Portable form: SwiGLU's even tiles are gate rows, odd tiles up rows (tile parity = warp parity).
   const T* pv = reinterpret_cast<const T*>(SWIGLU && (warp & 1) ? A2 : A);
   const uint8_t* pm = reinterpret_cast<const uint8_t*>(SWIGLU && (warp & 1) ? E2 : E);
-  auto tile_of = [&](int it) { return it / C * kWarps + warp; };
   auto prow0_of = [&](int tile) { return (SWIGLU ? tile >> 1 : tile) * 16; };
+  // (row block, chunk) of an iteration, stepped without dividing in the loop
+  struct Cursor {
+    int rb, c;
+    __device__ void next(int C) {
+      if (++c == C) c = 0, ++rb;
+    }
+  };
+  const Cursor first{s / C, s % C};
 
   float acc[NT][4];
   auto zero = [&] {
@@ -238,9 +245,9 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
   // Row block rb's result: straight out if this block ran all of its chunks, else publish the
   // partial; the last of the row block's blocks to finish adds all partials in block order
   // (deterministic), then runs the epilogue.
-  auto finish = [&](int it) {
-    const int rb = it / C;
-    if (!(s <= rb * C && it + 1 == (rb + 1) * C)) {
+  auto finish = [&](const Cursor& at) {  // at: the row block's last iteration in this block
+    const int rb = at.rb;
+    if (!(s <= rb * C && at.c == C - 1)) {
       // slot 0: this block's range began in rb; slot 1: it began earlier (rb is where it ends)
       float4* mine = ws + ((size_t)(2 * b + (s >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
 #pragma unroll
@@ -296,11 +303,12 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
     // fin is written again only after the main loop's next __syncthreads
   };
 
-  auto issue = [&](int it) {  // weight of iteration it -> stage it % kStages
+  static_assert((kStages & (kStages - 1)) == 0, "kStages must be a power of two");
+  auto issue = [&](int it, const Cursor& at) {  // weight of iteration it -> stage it % kStages
     if (it < e) {
-      const int c = it % C, tile = tile_of(it);
+      const int c = at.c, tile = at.rb * kWarps + warp;
       if constexpr (PORT) {
-        uint4* st = ringw + (it % kStages) * (kU + 1) * 32;
+        uint4* st = ringw + (it & (kStages - 1)) * (kU + 1) * 32;
         const int prow0 = prow0_of(tile);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // 16 rows x 8 pieces of 16 bytes (k-step q / 2, half q % 2)
@@ -314,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
           cp_async16(st + 128 + lane, ok ? pm + (size_t)(prow0 + lane) * (K / 8) + c * 16 : kPadMeta);
         }
       } else {
-        uint4* st = ring + (it % kStages) * (kU + 1) * 32;
+        uint4* st = ring + (it & (kStages - 1)) * (kU + 1) * 32;
         const uint4* Ap = A + ((size_t)tile * KS + c * kU) * 32 + lane;
 #pragma unroll
         for (int u = 0; u < kU; ++u) cp_async16(st + u * 32, Ap + u * 32);
@@ -325,24 +333,29 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
   };
 
   if constexpr (RING) {
+    Cursor cur = first, ld = first;  // cur: iteration it; ld: the next one to copy
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) issue(s + i);
+    for (int i = 0; i < kStages - 1; ++i) {
+      issue(s + i, ld);
+      ld.next(C);
+    }
     XStage<NT> xst;
     if (s < e) {
-      xst.load(x32, M, K, s % C);
+      xst.load(x32, M, K, first.c);
       xst.store(smem);
     }
     __syncthreads();
     for (int it = s; it < e; ++it) {
       const int buf = (it - s) & 1;
       const bool more = it + 1 < e;
-      issue(it + kStages - 1);
-      if (more) xst.load(x32, M, K, (it + 1) % C);
+      issue(it + kStages - 1, ld);
+      ld.next(C);
+      if (more) xst.load(x32, M, K, cur.c + 1 == C ? 0 : cur.c + 1);
       cp_async_wait<kStages - 1>();  // this lane's copies of iteration it have landed
       const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
       if constexpr (PORT) {
         __syncwarp();  // ... and the other lanes' (ldmatrix reads rows other lanes copied)
-        const uint4* st = ringw + (it % kStages) * (kU + 1) * 32;
+        const uint4* st = ringw + (it & (kStages - 1)) * (kU + 1) * 32;
         const uint16_t* meta = reinterpret_cast<const uint16_t*>(st + 128);  // 16 rows x 8 halfwords
         const int mat = lane >> 3, r = (lane & 7) + ((mat & 1) << 3);
 #pragma unroll
@@ -355,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
           for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], ev);
         }
       } else {
-        const uint4* st = ring + (it % kStages) * (kU + 1) * 32;
+        const uint4* st = ring + (it & (kStages - 1)) * (kU + 1) * 32;
         const uint4 e4 = st[kU * 32];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -367,16 +380,17 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
       }
       if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
       __syncthreads();
-      if (!more || (it + 1) % C == 0) {
-        finish(it);
+      if (!more || cur.c == C - 1) {
+        finish(cur);
         zero();
       }
+      cur.next(C);
     }
     cp_async_wait<0>();
   } else {
     uint4 a_cur[kU], a_nxt[kU], e_cur, e_nxt;
-    auto load = [&](int it, uint4 (&a)[kU], uint4& ev) {
-      const int c = it % C, tile = tile_of(it);
+    auto load = [&](const Cursor& at, uint4 (&a)[kU], uint4& ev) {
+      const int c = at.c, tile = at.rb * kWarps + warp;
       if constexpr (PORT) {
         // this lane's rows g and g + 8 of the tile (past the weight's end: zeros, and metadata
         // 0x4 per group, which is valid)
@@ -402,18 +416,21 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
       }
     };
     XStage<NT, PORT> xst;
+    Cursor cur = first, ld = first;  // cur: iteration it; ld: it + 1, loaded one ahead
     if (s < e) {
-      load(s, a_cur, e_cur);
-      xst.load(x32, M, K, s % C);
+      load(first, a_cur, e_cur);
+      xst.load(x32, M, K, first.c);
       xst.store(smem);
     }
+    ld.next(C);
     __syncthreads();
     for (int it = s; it < e; ++it) {
       const int buf = (it - s) & 1;
       const bool more = it + 1 < e;
       if (more) {
-        load(it + 1, a_nxt, e_nxt);
-        xst.load(x32, M, K, (it + 1) % C);
+        load(ld, a_nxt, e_nxt);
+        xst.load(x32, M, K, ld.c);
+        ld.next(C);
       }
       const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
 #pragma unroll
@@ -432,10 +449,11 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
 #pragma unroll
       for (int u = 0; u < kU; ++u) a_cur[u] = a_nxt[u];
       e_cur = e_nxt;
-      if (!more || (it + 1) % C == 0) {
-        finish(it);
+      if (!more || cur.c == C - 1) {
+        finish(cur);
         zero();
       }
+      cur.next(C);
     }
   }
 }
