@@ -242,35 +242,9 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
   };
   zero();
 
-  // Row block rb's result: straight out if this block ran all of its chunks, else publish the
-  // partial; the last of the row block's blocks to finish adds all partials in block order
-  // (deterministic), then runs the epilogue.
-  auto finish = [&](const Cursor& at) {  // at: the row block's last iteration in this block
-    const int rb = at.rb;
-    if (!(s <= rb * C && at.c == C - 1)) {
-      // slot 0: this block's range began in rb; slot 1: it began earlier (rb is where it ends)
-      float4* mine = ws + ((size_t)(2 * b + (s >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) __stcg(mine + j * 32, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
-      __threadfence();
-      __syncthreads();
-      const int first = block_of(rb * C), last = block_of((rb + 1) * C - 1);
-      if (threadIdx.x == 0) is_last = atomicAdd(counters + rb, 1) == last - first;
-      __syncthreads();
-      if (!is_last) return;
-      __threadfence();
-      zero();
-      for (int q = first; q <= last; ++q) {
-        const float4* src = ws + ((size_t)(2 * q + (start_of(q) >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const float4 v = __ldcg(src + j * 32);
-          acc[j][0] += v.x, acc[j][1] += v.y, acc[j][2] += v.z, acc[j][3] += v.w;
-        }
-      }
-      if (threadIdx.x == 0) counters[rb] = 0;  // ready for the next launch on this stream
-    }
-    // Epilogue: fragments -> fin[warp][16 rows][8*NT tokens] -> coalesced row-major stores.
+  // Row block rb's result, run by all threads: fragments -> fin[warp][16 rows][8*NT tokens] ->
+  // bias (+ SwiGLU) -> coalesced row-major stores.
+  auto epilogue = [&](int rb) {
     constexpr int MP = 8 * NT;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -301,6 +275,53 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
       }
     }
     // fin is written again only after the main loop's next __syncthreads
+  };
+  // A row block this block ran all of: straight out. Else the partial goes to this block's slot
+  // (0: its range began in rb, 1: it began earlier), unfenced: the block keeps streaming, and
+  // settle() publishes both slots once at the end.
+  auto finish = [&](const Cursor& at) {  // at: the row block's last iteration in this block
+    const int rb = at.rb;
+    if (s <= rb * C && at.c == C - 1) {
+      epilogue(rb);
+      return;
+    }
+    float4* mine = ws + ((size_t)(2 * b + (s >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) __stcg(mine + j * 32, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+  };
+  // The last of a shared row block's blocks to arrive adds all partials in block order
+  // (deterministic, whoever is last) and runs its epilogue.
+  auto settle = [&] {
+    if (s >= e) return;
+    const int rbs[2] = {s / C, (e - 1) / C};
+    bool fenced = false;
+    for (int i = 0; i < 2; ++i) {
+      const int rb = rbs[i];
+      if ((i == 1 && rb == rbs[0]) || (s <= rb * C && e >= (rb + 1) * C)) continue;  // done, or ran whole
+      if (!fenced) {
+        __threadfence();
+        __syncthreads();
+        fenced = true;
+      }
+      const int first = block_of(rb * C), last = block_of((rb + 1) * C - 1);
+      if (threadIdx.x == 0) is_last = atomicAdd(counters + rb, 1) == last - first;
+      __syncthreads();
+      if (is_last) {
+        __threadfence();
+        zero();
+        for (int q = first; q <= last; ++q) {
+          const float4* src = ws + ((size_t)(2 * q + (start_of(q) >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const float4 v = __ldcg(src + j * 32);
+            acc[j][0] += v.x, acc[j][1] += v.y, acc[j][2] += v.z, acc[j][3] += v.w;
+          }
+        }
+        if (threadIdx.x == 0) counters[rb] = 0;  // ready for the next launch on this stream
+        epilogue(rb);
+      }
+      __syncthreads();  // is_last and fin are reused for the second row block
+    }
   };
 
   static_assert((kStages & (kStages - 1)) == 0, "kStages must be a power of two");
@@ -387,6 +408,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
       cur.next(C);
     }
     cp_async_wait<0>();
+    settle();
   } else {
     uint4 a_cur[kU], a_nxt[kU], e_cur, e_nxt;
     auto load = [&](const Cursor& at, uint4 (&a)[kU], uint4& ev) {
@@ -455,6 +477,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
       }
       cur.next(C);
     }
+    settle();
   }
 }
 
