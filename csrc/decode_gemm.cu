@@ -16,9 +16,14 @@
 //   output features) share it.
 // * Weight fragments stream either through registers (one chunk ahead) or through a per-warp
 //   cp.async ring in shared memory (kStages - 1 chunks ahead); the dispatcher times both.
-// * Split-K across blocks (grid.y) fills all SMs when N is small (a 4096-row layer is only 32
-//   blocks): each split writes fp32 partials, the last block to finish a row block (atomic
-//   counter, reset by that block) adds them in a fixed order, so results are deterministic.
+// * Stream-K grid: the (row block, 128-k chunk) iterations are dealt out evenly to the blocks,
+//   each running one contiguous range (crossing row-block boundaries), so every SM streams the
+//   same bytes: a split-K grid (row blocks x splits) leaves a partial last wave, which cost
+//   gate_up at M = 16 a third of its bandwidth (Nsight Compute, 2026-12-03). The host picks the
+//   grid: s blocks per row block (split-K as before), or one wave of resident blocks (FILL).
+//   A row block shared by several blocks gets fp32 partials (stored as soon as a block leaves
+//   it, published with one fence at the end of the block's range); the last block to arrive
+//   (atomic counter, reset by that block) adds them in block order, so results are deterministic.
 // * Epilogue through shared memory: bias, optional SwiGLU (gate/up tiles interleaved in the
 //   packed weight: silu(gate) * up is written once, never the 2x-wide intermediate), coalesced
 //   row-major stores.
@@ -212,10 +217,13 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
   // gridDim.x blocks, which run a contiguous range each, crossing row-block boundaries, so every
   // SM streams the same number of weight bytes whatever N, K and the SM count are.
   const int NI = tiles / kWarps * C, G = gridDim.x, b = blockIdx.x;  // iterations, blocks
-  const int s = static_cast<int>(static_cast<int64_t>(b) * NI / G);
-  const int e = static_cast<int>(static_cast<int64_t>(b + 1) * NI / G);
-  auto start_of = [&](int q) { return static_cast<int>(static_cast<int64_t>(q) * NI / G); };
-  auto block_of = [&](int it) { return static_cast<int>((static_cast<int64_t>(it + 1) * G - 1) / NI); };
+  // a * b / c, in 32 bits where the product fits (a 64-bit division is a long software routine)
+  const bool narrow = static_cast<uint64_t>(NI + 1) * G < (uint64_t{1} << 32);
+  auto muldiv = [&](uint32_t a, uint32_t m, uint32_t c, uint32_t minus) {
+    return static_cast<int>(narrow ? (a * m - minus) / c : (static_cast<uint64_t>(a) * m - minus) / c);
+  };
+  const int s = muldiv(b, NI, G, 0), e = muldiv(b + 1, NI, G, 0);
+  auto block_of = [&](int it) { return muldiv(it + 1, G, NI, 1); };  // the block running iteration it
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
   // This warp's ring of weight stages; each lane copies (cp.async) and later reads only its own
   // 16-byte slots (packed layout), so no synchronisation beyond cp.async.wait_group is needed.
@@ -309,8 +317,12 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
       if (is_last) {
         __threadfence();
         zero();
+        // slot 1 only for the first block, and only if its range began before rb
+        const int first_slot = muldiv(first, NI, G, 0) < rb * C ? 1 : 0;
+#pragma unroll 4
         for (int q = first; q <= last; ++q) {
-          const float4* src = ws + ((size_t)(2 * q + (start_of(q) >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
+          const int slot = q == first ? first_slot : 0;
+          const float4* src = ws + ((size_t)(2 * q + slot) * kWarps + warp) * NT * 32 + lane;
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             const float4 v = __ldcg(src + j * 32);

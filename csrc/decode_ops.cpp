@@ -87,15 +87,17 @@ at::Tensor launch(const at::Tensor& x, const void* A, const void* E, const void*
   DecodeArgs args{A, E, A2, E2, x.data_ptr(), b ? b->data_ptr() : nullptr, nullptr, nullptr, nullptr,
                   static_cast<int>(M), static_cast<int>(K), static_cast<int>(KS), static_cast<int>(tiles),
                   static_cast<int>(n_out), 0, nt, x.scalar_type() == at::kBFloat16, swiglu, ring, portable};
-  // Grid size: split s >= 1: s blocks per row block (split-K); 0: the default split; -1: as many
-  // blocks as fit on the GPU at once; -G (G >= 2): G blocks. Iterations are dealt out evenly.
+  // Grid size: split s >= 1: s blocks per row block (split-K), at most one wave of resident blocks
+  // (more would leave a partial second wave; iterations are dealt out evenly anyway); 0: the
+  // default split; -1: one wave of resident blocks; -G (G >= 2): exactly G blocks (tests).
+  const int64_t resident = decode24_resident_blocks(args, x.get_device());
+  TORCH_CHECK(resident > 0, "sparseflow decode kernel: could not query the occupancy of this GPU");
   int64_t blocks;
   if (split == 0) split = decode24_default_split(tiles, KS * 32, x.get_device());
   if (split > 0) {
-    blocks = row_blocks * std::min<int64_t>(split, chunks);
+    blocks = std::min(row_blocks * std::min<int64_t>(split, chunks), resident);
   } else if (split == -1) {
-    blocks = decode24_resident_blocks(args, x.get_device());
-    TORCH_CHECK(blocks > 0, "sparseflow decode kernel: could not query the occupancy of this GPU");
+    blocks = resident;
   } else {
     blocks = -split;
   }

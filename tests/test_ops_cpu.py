@@ -196,10 +196,11 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
     for layouts in ("1,4", "1,4,0", "1"):
         monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", layouts)
         names[layouts] = dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name
+    v = dispatch._CACHE_VERSION
     assert names == {
-        "1,4": "dispatch-v8-NVIDIA_H200-cusparselt0.json",
-        "1,4,0": "dispatch-v8-NVIDIA_H200-cusparselt0-layouts140.json",
-        "1": "dispatch-v8-NVIDIA_H200-cusparselt0-notuner.json",
+        "1,4": f"dispatch-v{v}-NVIDIA_H200-cusparselt0.json",
+        "1,4,0": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-layouts140.json",
+        "1": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-notuner.json",
     }
 
 
