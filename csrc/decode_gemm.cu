@@ -16,14 +16,9 @@
 //   output features) share it.
 // * Weight fragments stream either through registers (one chunk ahead) or through a per-warp
 //   cp.async ring in shared memory (kStages - 1 chunks ahead); the dispatcher times both.
-// * Stream-K grid: the (row block, 128-k chunk) iterations are dealt out evenly to the blocks,
-//   each running one contiguous range (crossing row-block boundaries), so every SM streams the
-//   same bytes: a split-K grid (row blocks x splits) leaves a partial last wave, which cost
-//   gate_up at M = 16 a third of its bandwidth (Nsight Compute, 2026-12-03). The host picks the
-//   grid: s blocks per row block (split-K as before), or one wave of resident blocks (FILL).
-//   A row block shared by several blocks gets fp32 partials (stored as soon as a block leaves
-//   it, published with one fence at the end of the block's range); the last block to arrive
-//   (atomic counter, reset by that block) adds them in block order, so results are deterministic.
+// * Split-K across blocks (grid.y) fills all SMs when N is small (a 4096-row layer is only 32
+//   blocks): each split writes fp32 partials, the last block to finish a row block (atomic
+//   counter, reset by that block) adds them in a fixed order, so results are deterministic.
 // * Epilogue through shared memory: bias, optional SwiGLU (gate/up tiles interleaved in the
 //   packed weight: silu(gate) * up is written once, never the 2x-wide intermediate), coalesced
 //   row-major stores.
@@ -184,8 +179,8 @@ __host__ __device__ constexpr int xs_words() {  // double-buffered B fragments (
 }
 constexpr int kRingUint4 = kStages * (kU + 1) * 32;  // per warp: per stage kU A fragments + metadata
 template <int NT, bool RING>
-__host__ __device__ constexpr int smem_bytes() {  // x stages, the weight rings, the epilogue's tile
-  return xs_words<NT>() * 4 + (RING ? kWarps * kRingUint4 * 16 : 0) + kWarps * 16 * 8 * NT * 4;
+__host__ __device__ constexpr int smem_bytes() {
+  return xs_words<NT>() * 4 + (RING ? kWarps * kRingUint4 * 16 : 0);
 }
 
 // RING: weights stream through the cp.async ring (kStages - 1 chunks ahead); else through
@@ -202,147 +197,37 @@ __host__ __device__ constexpr int smem_bytes() {  // x stages, the weight rings,
 // four k-steps two 16-byte pieces of rows g and g + 8 (groups 4t.., 16 + 4t..: each warp load is
 // 8 rows x 64 contiguous bytes) and its metadata 8 bytes of each row (halfword p, nibble u).
 template <typename T, int NT, bool SWIGLU, bool RING, bool PORT>
-__global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
+__global__ void __launch_bounds__(kThreads) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
                                                             const uint4* __restrict__ A2,
                                                             const uint4* __restrict__ E2,
                                                             const T* __restrict__ x, const T* __restrict__ bias,
                                                             T* __restrict__ y, float4* __restrict__ ws,
                                                             int* __restrict__ counters, int M, int K, int KS,
-                                                            int tiles, int n_out) {
+                                                            int tiles, int n_out, int chunks_per_split) {
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ int is_last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x * kWarps + warp;
   const int C = KS / kU;
-  // Stream-K: the (row block, chunk) iterations, row block major, are dealt out evenly to the
-  // gridDim.x blocks, which run a contiguous range each, crossing row-block boundaries, so every
-  // SM streams the same number of weight bytes whatever N, K and the SM count are.
-  const int NI = tiles / kWarps * C, G = gridDim.x, b = blockIdx.x;  // iterations, blocks
-  // a * b / c, in 32 bits where the product fits (a 64-bit division is a long software routine)
-  const bool narrow = static_cast<uint64_t>(NI + 1) * G < (uint64_t{1} << 32);
-  auto muldiv = [&](uint32_t a, uint32_t m, uint32_t c, uint32_t minus) {
-    return static_cast<int>(narrow ? (a * m - minus) / c : (static_cast<uint64_t>(a) * m - minus) / c);
-  };
-  const int s = muldiv(b, NI, G, 0), e = muldiv(b + 1, NI, G, 0);
-  auto block_of = [&](int it) { return muldiv(it + 1, G, NI, 1); };  // the block running iteration it
+  const int c0 = blockIdx.y * chunks_per_split;
+  const int c1 = min(C, c0 + chunks_per_split);
+  const uint4* Ap = A + (size_t)tile * KS * 32 + lane;
+  const uint4* Ep = E + (size_t)tile * C * 16 + g * 2 + (t & 1);
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
   // This warp's ring of weight stages; each lane copies (cp.async) and later reads only its own
-  // 16-byte slots (packed layout), so no synchronisation beyond cp.async.wait_group is needed.
-  uint4* ringw = reinterpret_cast<uint4*>(smem + xs_words<NT>()) + warp * kRingUint4;
-  uint4* ring = ringw + lane;
-  float* fin = reinterpret_cast<float*>(smem + xs_words<NT>() + (RING ? kWarps * kRingUint4 * 4 : 0));
-  // Portable form: SwiGLU's even tiles are gate rows, odd tiles up rows (tile parity = warp parity).
-  const T* pv = reinterpret_cast<const T*>(SWIGLU && (warp & 1) ? A2 : A);
-  const uint8_t* pm = reinterpret_cast<const uint8_t*>(SWIGLU && (warp & 1) ? E2 : E);
-  auto prow0_of = [&](int tile) { return (SWIGLU ? tile >> 1 : tile) * 16; };
-  // (row block, chunk) of an iteration, stepped without dividing in the loop
-  struct Cursor {
-    int rb, c;
-    __device__ void next(int C) {
-      if (++c == C) c = 0, ++rb;
-    }
-  };
-  const Cursor first{s / C, s % C};
+  // 16-byte slots, so no synchronisation beyond cp.async.wait_group is needed for them.
+  uint4* ring = reinterpret_cast<uint4*>(smem + xs_words<NT>()) + warp * kRingUint4 + lane;
 
-  float acc[NT][4];
-  auto zero = [&] {
-#pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  };
-  zero();
+  uint4* ringw = reinterpret_cast<uint4*>(smem + xs_words<NT>()) + warp * kRingUint4;  // this warp's ring
+  // Portable form: this tile's 16 rows of one weight (SwiGLU: even tiles gate, odd tiles up).
+  const int prow0 = (SWIGLU ? tile >> 1 : tile) * 16;
+  const T* pv = reinterpret_cast<const T*>(SWIGLU && (tile & 1) ? A2 : A);
+  const uint8_t* pm = reinterpret_cast<const uint8_t*>(SWIGLU && (tile & 1) ? E2 : E);
 
-  // Row block rb's result, run by all threads: fragments -> fin[warp][16 rows][8*NT tokens] ->
-  // bias (+ SwiGLU) -> coalesced row-major stores.
-  auto epilogue = [&](int rb) {
-    constexpr int MP = 8 * NT;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) fin[(warp * 16 + g + 8 * (q >> 1)) * MP + 8 * j + 2 * t + (q & 1)] = acc[j][q];
-    __syncthreads();
-    if (!SWIGLU) {
-      const int n0 = rb * kWarps * 16;
-      for (int i = threadIdx.x; i < M * kWarps * 16; i += kThreads) {
-        const int m = i / (kWarps * 16), r = i % (kWarps * 16), n = n0 + r;
-        if (n < n_out) {
-          float v = fin[r * MP + m];
-          if (bias != nullptr) v += to_f(bias[n]);
-          y[(size_t)m * n_out + n] = from_f<T>(v);
-        }
-      }
-    } else {  // warp 2i: gate rows, warp 2i+1: up rows of the same 16 features
-      constexpr int F = kWarps / 2 * 16;
-      const int f0 = rb * F;
-      for (int i = threadIdx.x; i < M * F; i += kThreads) {
-        const int m = i / F, f = i % F, n = f0 + f;
-        if (n < n_out) {
-          const int r = (f >> 4) * 32 + (f & 15);
-          float gate = fin[r * MP + m], up = fin[(r + 16) * MP + m];
-          if (bias != nullptr) gate += to_f(bias[n]), up += to_f(bias[n_out + n]);
-          y[(size_t)m * n_out + n] = from_f<T>(gate / (1.f + __expf(-gate)) * up);
-        }
-      }
-    }
-    // fin is written again only after the main loop's next __syncthreads
-  };
-  // A row block this block ran all of: straight out. Else the partial goes to this block's slot
-  // (0: its range began in rb, 1: it began earlier), unfenced: the block keeps streaming, and
-  // settle() publishes both slots once at the end.
-  auto finish = [&](const Cursor& at) {  // at: the row block's last iteration in this block
-    const int rb = at.rb;
-    if (s <= rb * C && at.c == C - 1) {
-      epilogue(rb);
-      return;
-    }
-    float4* mine = ws + ((size_t)(2 * b + (s >= rb * C ? 0 : 1)) * kWarps + warp) * NT * 32 + lane;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) __stcg(mine + j * 32, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
-  };
-  // The last of a shared row block's blocks to arrive adds all partials in block order
-  // (deterministic, whoever is last) and runs its epilogue.
-  auto settle = [&] {
-    if (s >= e) return;
-    const int rbs[2] = {s / C, (e - 1) / C};
-    bool fenced = false;
-    for (int i = 0; i < 2; ++i) {
-      const int rb = rbs[i];
-      if ((i == 1 && rb == rbs[0]) || (s <= rb * C && e >= (rb + 1) * C)) continue;  // done, or ran whole
-      if (!fenced) {
-        __threadfence();
-        __syncthreads();
-        fenced = true;
-      }
-      const int first = block_of(rb * C), last = block_of((rb + 1) * C - 1);
-      if (threadIdx.x == 0) is_last = atomicAdd(counters + rb, 1) == last - first;
-      __syncthreads();
-      if (is_last) {
-        __threadfence();
-        zero();
-        // slot 1 only for the first block, and only if its range began before rb
-        const int first_slot = muldiv(first, NI, G, 0) < rb * C ? 1 : 0;
-#pragma unroll 4
-        for (int q = first; q <= last; ++q) {
-          const int slot = q == first ? first_slot : 0;
-          const float4* src = ws + ((size_t)(2 * q + slot) * kWarps + warp) * NT * 32 + lane;
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const float4 v = __ldcg(src + j * 32);
-            acc[j][0] += v.x, acc[j][1] += v.y, acc[j][2] += v.z, acc[j][3] += v.w;
-          }
-        }
-        if (threadIdx.x == 0) counters[rb] = 0;  // ready for the next launch on this stream
-        epilogue(rb);
-      }
-      __syncthreads();  // is_last and fin are reused for the second row block
-    }
-  };
-
-  static_assert((kStages & (kStages - 1)) == 0, "kStages must be a power of two");
-  auto issue = [&](int it, const Cursor& at) {  // weight of iteration it -> stage it % kStages
-    if (it < e) {
-      const int c = at.c, tile = at.rb * kWarps + warp;
+  auto issue = [&](int c) {  // weight of chunk c -> stage c % kStages
+    if (c < c1) {
       if constexpr (PORT) {
-        uint4* st = ringw + (it & (kStages - 1)) * (kU + 1) * 32;
-        const int prow0 = prow0_of(tile);
+        uint4* st = ringw + (c % kStages) * (kU + 1) * 32;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // 16 rows x 8 pieces of 16 bytes (k-step q / 2, half q % 2)
           const int p = i * 32 + lane, r = p >> 3, q = p & 7;
@@ -355,141 +240,176 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 4 : NT == 4 ? 2 : 1) decod
           cp_async16(st + 128 + lane, ok ? pm + (size_t)(prow0 + lane) * (K / 8) + c * 16 : kPadMeta);
         }
       } else {
-        uint4* st = ring + (it & (kStages - 1)) * (kU + 1) * 32;
-        const uint4* Ap = A + ((size_t)tile * KS + c * kU) * 32 + lane;
+        uint4* st = ring + (c % kStages) * (kU + 1) * 32;
 #pragma unroll
-        for (int u = 0; u < kU; ++u) cp_async16(st + u * 32, Ap + u * 32);
-        cp_async16(st + kU * 32, E + ((size_t)tile * C + c) * 16 + g * 2 + (t & 1));
+        for (int u = 0; u < kU; ++u) cp_async16(st + u * 32, Ap + (size_t)(c * kU + u) * 32);
+        cp_async16(st + kU * 32, Ep + (size_t)c * 16);
       }
     }
-    cp_async_commit();  // always one group per iteration, so wait_group counts stay uniform
+    cp_async_commit();  // always one group per chunk, so wait_group counts stay uniform
   };
 
-  if constexpr (RING) {
-    Cursor cur = first, ld = first;  // cur: iteration it; ld: the next one to copy
+  float acc[NT][4];
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) {
-      issue(s + i, ld);
-      ld.next(C);
-    }
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  if constexpr (RING) {
+  #pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) issue(c0 + i);
     XStage<NT> xst;
-    if (s < e) {
-      xst.load(x32, M, K, first.c);
+    if (c0 < c1) {
+      xst.load(x32, M, K, c0);
       xst.store(smem);
     }
     __syncthreads();
-    for (int it = s; it < e; ++it) {
-      const int buf = (it - s) & 1;
-      const bool more = it + 1 < e;
-      issue(it + kStages - 1, ld);
-      ld.next(C);
-      if (more) xst.load(x32, M, K, cur.c + 1 == C ? 0 : cur.c + 1);
-      cp_async_wait<kStages - 1>();  // this lane's copies of iteration it have landed
+    for (int c = c0; c < c1; ++c) {
+      const int buf = (c - c0) & 1;
+      const bool more = c + 1 < c1;
+      issue(c + kStages - 1);
+      if (more) xst.load(x32, M, K, c + 1);
+      cp_async_wait<kStages - 1>();  // this lane's copies of chunk c have landed
       const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
       if constexpr (PORT) {
         __syncwarp();  // ... and the other lanes' (ldmatrix reads rows other lanes copied)
-        const uint4* st = ringw + (it & (kStages - 1)) * (kU + 1) * 32;
+        const uint4* st = ringw + (c % kStages) * (kU + 1) * 32;
         const uint16_t* meta = reinterpret_cast<const uint16_t*>(st + 128);  // 16 rows x 8 halfwords
         const int mat = lane >> 3, r = (lane & 7) + ((mat & 1) << 3);
-#pragma unroll
+  #pragma unroll
         for (int u = 0; u < kU; ++u) {
           const int q = 2 * u + (mat >> 1);
           const uint4 a = ldmatrix_x4(st + r * 8 + (q ^ (r & 7)));
           const int h = u * 2 + (t & 1);  // thread t of the pair: k 16t .. 16t + 15 of this k-step
-          const uint32_t ev = meta[g * 8 + h] | (static_cast<uint32_t>(meta[(g + 8) * 8 + h]) << 16);
-#pragma unroll
-          for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], ev);
+          const uint32_t e = meta[g * 8 + h] | (static_cast<uint32_t>(meta[(g + 8) * 8 + h]) << 16);
+  #pragma unroll
+          for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
         }
       } else {
-        const uint4* st = ring + (it & (kStages - 1)) * (kU + 1) * 32;
+        const uint4* st = ring + (c % kStages) * (kU + 1) * 32;
         const uint4 e4 = st[kU * 32];
-#pragma unroll
+  #pragma unroll
         for (int u = 0; u < kU; ++u) {
           const uint4 a = st[u * 32];
-          const uint32_t ev = pick(e4, u);
-#pragma unroll
-          for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], ev);
+          const uint32_t e = pick(e4, u);
+  #pragma unroll
+          for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
         }
       }
       if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
       __syncthreads();
-      if (!more || cur.c == C - 1) {
-        finish(cur);
-        zero();
-      }
-      cur.next(C);
     }
     cp_async_wait<0>();
-    settle();
   } else {
     uint4 a_cur[kU], a_nxt[kU], e_cur, e_nxt;
-    auto load = [&](const Cursor& at, uint4 (&a)[kU], uint4& ev) {
-      const int c = at.c, tile = at.rb * kWarps + warp;
+    // PORT: this lane's rows g and g + 8 of the tile (null past the weight's end: zeros, and
+    // metadata 0x4 per group, which is valid)
+    const bool ok0 = prow0 + g < n_out, ok1 = prow0 + g + 8 < n_out;
+    const T* v0 = pv + (size_t)(prow0 + g) * (K / 2) + 8 * t;  // + 64 per chunk
+    const T* v1 = v0 + (size_t)8 * (K / 2);
+    const uint8_t* m0 = pm + (size_t)(prow0 + g) * (K / 8) + 8 * (t & 1);  // + 16 per chunk
+    const uint8_t* m1 = m0 + (size_t)8 * (K / 8);
+    auto load = [&](int c, uint4 (&a)[kU], uint4& e) {
       if constexpr (PORT) {
-        // this lane's rows g and g + 8 of the tile (past the weight's end: zeros, and metadata
-        // 0x4 per group, which is valid)
-        const int row0 = prow0_of(tile) + g;
-        const bool ok0 = row0 < n_out, ok1 = row0 + 8 < n_out;
-        const T* v0 = pv + (size_t)row0 * (K / 2) + 8 * t + c * 64;
-        const T* v1 = v0 + (size_t)8 * (K / 2);
-        const uint8_t* m0 = pm + (size_t)row0 * (K / 8) + 8 * (t & 1) + c * 16;
-        const uint8_t* m1 = m0 + (size_t)8 * (K / 8);
-        const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
-        a[0] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0)) : zero4;
-        a[1] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1)) : zero4;
-        a[2] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + 32)) : zero4;
-        a[3] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + 32)) : zero4;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        a[0] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + c * 64)) : zero;
+        a[1] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + c * 64)) : zero;
+        a[2] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + c * 64 + 32)) : zero;
+        a[3] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + c * 64 + 32)) : zero;
         const uint2 pad = make_uint2(0x44444444u, 0x44444444u);
-        const uint2 e0 = ok0 ? ld_stream8(m0) : pad, e1 = ok1 ? ld_stream8(m1) : pad;
-        ev = make_uint4(e0.x, e0.y, e1.x, e1.y);
+        const uint2 e0 = ok0 ? ld_stream8(m0 + c * 16) : pad, e1 = ok1 ? ld_stream8(m1 + c * 16) : pad;
+        e = make_uint4(e0.x, e0.y, e1.x, e1.y);
       } else {
-        const uint4* Ap = A + ((size_t)tile * KS + c * kU) * 32 + lane;
 #pragma unroll
-        for (int u = 0; u < kU; ++u) a[u] = ld_stream(Ap + u * 32);
-        ev = ld_stream(E + ((size_t)tile * C + c) * 16 + g * 2 + (t & 1));
+        for (int u = 0; u < kU; ++u) a[u] = ld_stream(Ap + (size_t)(c * kU + u) * 32);
+        e = ld_stream(Ep + (size_t)c * 16);
       }
     };
     XStage<NT, PORT> xst;
-    Cursor cur = first, ld = first;  // cur: iteration it; ld: it + 1, loaded one ahead
-    if (s < e) {
-      load(first, a_cur, e_cur);
-      xst.load(x32, M, K, first.c);
+    if (c0 < c1) {
+      load(c0, a_cur, e_cur);
+      xst.load(x32, M, K, c0);
       xst.store(smem);
     }
-    ld.next(C);
     __syncthreads();
-    for (int it = s; it < e; ++it) {
-      const int buf = (it - s) & 1;
-      const bool more = it + 1 < e;
+    for (int c = c0; c < c1; ++c) {
+      const int buf = (c - c0) & 1;
+      const bool more = c + 1 < c1;
       if (more) {
-        load(ld, a_nxt, e_nxt);
-        xst.load(x32, M, K, ld.c);
-        ld.next(C);
+        load(c + 1, a_nxt, e_nxt);
+        xst.load(x32, M, K, c + 1);
       }
       const uint4* xs = reinterpret_cast<const uint4*>(smem) + buf * (kU * NT * 32);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         uint4 a = a_cur[u];
-        uint32_t ev = pick(e_cur, u);
+        uint32_t e = pick(e_cur, u);
         if constexpr (PORT) {  // regs: row g groups 4t.., row g + 8 groups 4t.., then 16 + 4t..
           a = make_uint4(pick(a_cur[0], u), pick(a_cur[1], u), pick(a_cur[2], u), pick(a_cur[3], u));
-          ev = gather_nibbles(e_cur.x, e_cur.y, u) | (gather_nibbles(e_cur.z, e_cur.w, u) << 16);
+          e = gather_nibbles(e_cur.x, e_cur.y, u) | (gather_nibbles(e_cur.z, e_cur.w, u) << 16);
         }
 #pragma unroll
-        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], ev);
+        for (int j = 0; j < NT; ++j) MmaSp<T>::run(acc[j], a, xs[(u * NT + j) * 32 + lane], e);
       }
       if (more) xst.store(smem + (buf ^ 1) * (kU * NT * 32 * 4));
       __syncthreads();
 #pragma unroll
       for (int u = 0; u < kU; ++u) a_cur[u] = a_nxt[u];
       e_cur = e_nxt;
-      if (!more || cur.c == C - 1) {
-        finish(cur);
-        zero();
-      }
-      cur.next(C);
     }
-    settle();
+  }
+
+  const int splits = gridDim.y;
+  if (splits > 1) {  // publish partials; the last block of this row block reduces them
+    float4* mine = ws + ((size_t)blockIdx.y * tiles + tile) * NT * 32 + lane;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) __stcg(mine + j * 32, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int s = 0; s < splits; ++s) {  // fixed order: the sum does not depend on who finished last
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float4 v = __ldcg(ws + ((size_t)s * tiles + tile) * NT * 32 + j * 32 + lane);
+        acc[j][0] += v.x, acc[j][1] += v.y, acc[j][2] += v.z, acc[j][3] += v.w;
+      }
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
+  }
+
+  // Epilogue: fragments -> fin[warp][16 rows][8*NT tokens] -> coalesced row-major stores.
+  constexpr int MP = 8 * NT;
+  float* fin = reinterpret_cast<float*>(smem);  // kWarps*16*MP floats == xs_words<NT>()
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) fin[(warp * 16 + g + 8 * (q >> 1)) * MP + 8 * j + 2 * t + (q & 1)] = acc[j][q];
+  __syncthreads();
+  if (!SWIGLU) {
+    const int n0 = blockIdx.x * kWarps * 16;
+    for (int i = threadIdx.x; i < M * kWarps * 16; i += kThreads) {
+      const int m = i / (kWarps * 16), r = i % (kWarps * 16), n = n0 + r;
+      if (n < n_out) {
+        float v = fin[r * MP + m];
+        if (bias != nullptr) v += to_f(bias[n]);
+        y[(size_t)m * n_out + n] = from_f<T>(v);
+      }
+    }
+  } else {  // warp 2i: gate rows, warp 2i+1: up rows of the same 16 features
+    constexpr int F = kWarps / 2 * 16;
+    const int f0 = blockIdx.x * F;
+    for (int i = threadIdx.x; i < M * F; i += kThreads) {
+      const int m = i / F, f = i % F, n = f0 + f;
+      if (n < n_out) {
+        const int r = (f >> 4) * 32 + (f & 15);
+        float gate = fin[r * MP + m], up = fin[(r + 16) * MP + m];
+        if (bias != nullptr) gate += to_f(bias[n]), up += to_f(bias[n_out + n]);
+        y[(size_t)m * n_out + n] = from_f<T>(gate / (1.f + __expf(-gate)) * up);
+      }
+    }
   }
 }
 
@@ -504,69 +424,48 @@ __global__ void mma_probe_kernel(const uint4* a, const uint4* b, const uint32_t*
 }
 
 template <typename T, int NT, bool SW, bool RING, bool PORT>
-struct Variant {
-  static constexpr auto kernel = decode24_kernel<T, NT, SW, RING, PORT>;
-  static constexpr int bytes = smem_bytes<NT, RING>();
+cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
+  constexpr int bytes = smem_bytes<NT, RING>();
+  static std::atomic<uint64_t> ready{0};  // devices on which the kernel may use > 48 KB of shared memory
+  if (!(ready.load() >> device & 1)) {
+    cudaError_t err = cudaFuncSetAttribute(decode24_kernel<T, NT, SW, RING, PORT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+    ready.fetch_or(uint64_t{1} << device);
+  }
+  decode24_kernel<T, NT, SW, RING, PORT><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
+      static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const uint4*>(a.A2),
+      static_cast<const uint4*>(a.E2), static_cast<const T*>(a.x),
+      static_cast<const T*>(a.bias), static_cast<T*>(a.y), reinterpret_cast<float4*>(a.ws), a.counters, a.M, a.K,
+      a.KS, a.tiles, a.n_out, a.per);
+  return cudaGetLastError();
+}
 
-  static cudaError_t prepare(int device) {  // once per device: allow > 48 KB of shared memory
-    static std::atomic<uint64_t> ready{0};
-    if (ready.load() >> device & 1) return cudaSuccess;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err == cudaSuccess) ready.fetch_or(uint64_t{1} << device);
-    return err;
-  }
-  static cudaError_t launch(const DecodeArgs& a, int device, cudaStream_t stream) {
-    if (cudaError_t err = prepare(device); err != cudaSuccess) return err;
-    kernel<<<a.blocks, kThreads, bytes, stream>>>(
-        static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const uint4*>(a.A2),
-        static_cast<const uint4*>(a.E2), static_cast<const T*>(a.x), static_cast<const T*>(a.bias),
-        static_cast<T*>(a.y), reinterpret_cast<float4*>(a.ws), a.counters, a.M, a.K, a.KS, a.tiles, a.n_out);
-    return cudaGetLastError();
-  }
-  static int resident(int device) {  // blocks per SM x SMs, cached per device
-    static std::atomic<int> cached[64] = {};
-    const int slot = device & 63;
-    if (int v = cached[slot].load(); v > 0) return v;
-    int per_sm = 0, sms = 0;
-    if (prepare(device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return 0;
-    const int v = per_sm * sms;
-    cached[slot].store(v);
-    return v;
-  }
-};
-
-// f(Variant<...>{}) for a's variant (dtype, n-tiles, SwiGLU, pipeline, layout).
-template <typename T, bool SW, bool RING, bool PORT, typename F>
-auto with_nt(const DecodeArgs& a, F&& f) {
+template <typename T, bool SW, bool RING, bool PORT>
+cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream) {
   switch (a.nt) {
-    case 1: return f(Variant<T, 1, SW, RING, PORT>{});
-    case 2: return f(Variant<T, 2, SW, RING, PORT>{});
-    case 4: return f(Variant<T, 4, SW, RING, PORT>{});
-    default: return f(Variant<T, 8, SW, RING, PORT>{});
+    case 1: return launch_t<T, 1, SW, RING, PORT>(a, device, stream);
+    case 2: return launch_t<T, 2, SW, RING, PORT>(a, device, stream);
+    case 4: return launch_t<T, 4, SW, RING, PORT>(a, device, stream);
+    default: return launch_t<T, 8, SW, RING, PORT>(a, device, stream);
   }
 }
-template <typename T, bool SW, typename F>
-auto with_pipeline(const DecodeArgs& a, F&& f) {
-  if (a.portable) return a.ring ? with_nt<T, SW, true, true>(a, f) : with_nt<T, SW, false, true>(a, f);
-  return a.ring ? with_nt<T, SW, true, false>(a, f) : with_nt<T, SW, false, false>(a, f);
-}
-template <typename F>
-auto with_variant(const DecodeArgs& a, F&& f) {
-  if (a.bf16) return a.swiglu ? with_pipeline<__nv_bfloat16, true>(a, f) : with_pipeline<__nv_bfloat16, false>(a, f);
-  return a.swiglu ? with_pipeline<__half, true>(a, f) : with_pipeline<__half, false>(a, f);
+
+template <typename T, bool SW>
+cudaError_t launch_ring(const DecodeArgs& a, int device, cudaStream_t stream) {
+  if (a.portable)
+    return a.ring ? launch_nt<T, SW, true, true>(a, device, stream) : launch_nt<T, SW, false, true>(a, device, stream);
+  return a.ring ? launch_nt<T, SW, true, false>(a, device, stream) : launch_nt<T, SW, false, false>(a, device, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream) {
-  return with_variant(a, [&](auto v) { return decltype(v)::launch(a, device, stream); });
-}
-
-int decode24_resident_blocks(const DecodeArgs& a, int device) {
-  return with_variant(a, [&](auto v) { return decltype(v)::resident(device); });
+  if (a.bf16) {
+    return a.swiglu ? launch_ring<__nv_bfloat16, true>(a, device, stream)
+                    : launch_ring<__nv_bfloat16, false>(a, device, stream);
+  }
+  return a.swiglu ? launch_ring<__half, true>(a, device, stream) : launch_ring<__half, false>(a, device, stream);
 }
 
 cudaError_t launch_mma_sp_probe(bool bf16, const void* a, const void* b, const void* e, void* d, int cases,

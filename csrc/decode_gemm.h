@@ -23,16 +23,14 @@ struct DecodeArgs {
   void* y;              // M x n_out
   float* ws;            // split-K partials (split > 1)
   int* counters;        // one per row block, zero between launches
-  int M, K, KS, tiles, n_out;
-  int blocks;           // grid size; the (row block, chunk) iterations are dealt out evenly (stream-K)
+  int M, K, KS, tiles, n_out, per;  // per: chunks per split
+  unsigned row_blocks, split;
   int nt;               // n-tiles of 8 tokens: 1, 2, 4 or 8
   bool bf16, swiglu, ring;  // ring: cp.async shared-memory pipeline, else registers
   bool portable;            // read the portable form in place (either pipeline)
 };
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream);
-// Blocks of this variant (a's dtype, nt, swiglu, ring, portable) that fit on the GPU at once.
-int decode24_resident_blocks(const DecodeArgs& a, int device);
 cudaError_t launch_mma_sp_probe(bool bf16, const void* a, const void* b, const void* e, void* d, int cases,
                                 cudaStream_t stream);
 

@@ -1,5 +1,5 @@
 // Host side of our small-M 2:4 kernel (decode_gemm.cu): argument checks with clear errors,
-// grid size (split-K / stream-K), per-stream workspaces, and the entry points bound in module.cpp.
+// split-K choice, per-stream workspaces, and the entry points bound in module.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -47,7 +47,7 @@ int sm_count(int device) {
 
 }  // namespace
 
-// Default split-K (blocks per row block): enough blocks for ~2 per SM (the shared-memory ring allows 2), each split at
+// Default split-K: enough blocks for ~2 per SM (the shared-memory ring allows 2), each split at
 // least 2 chunks (256 k) long.
 int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device) {
   const int64_t row_blocks = tiles / kWarps, chunks = k_padded / (kU * 32);
@@ -82,34 +82,24 @@ at::Tensor launch(const at::Tensor& x, const void* A, const void* E, const void*
     b = &bias.value();
   }
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t chunks = KS / kU, row_blocks = tiles / kWarps, iterations = row_blocks * chunks;
+  const int64_t chunks = KS / kU, row_blocks = tiles / kWarps;
+  if (split <= 0) split = decode24_default_split(tiles, KS * 32, x.get_device());
+  split = std::min<int64_t>(split, chunks);
+  const int64_t per = (chunks + split - 1) / split;
+  split = (chunks + per - 1) / per;
   const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
-  DecodeArgs args{A, E, A2, E2, x.data_ptr(), b ? b->data_ptr() : nullptr, nullptr, nullptr, nullptr,
-                  static_cast<int>(M), static_cast<int>(K), static_cast<int>(KS), static_cast<int>(tiles),
-                  static_cast<int>(n_out), 0, nt, x.scalar_type() == at::kBFloat16, swiglu, ring, portable};
-  // Grid size: split s >= 1: s blocks per row block (split-K), at most one wave of resident blocks
-  // (more would leave a partial second wave; iterations are dealt out evenly anyway); 0: the
-  // default split; -1: one wave of resident blocks; -G (G >= 2): exactly G blocks (tests).
-  const int64_t resident = decode24_resident_blocks(args, x.get_device());
-  TORCH_CHECK(resident > 0, "sparseflow decode kernel: could not query the occupancy of this GPU");
-  int64_t blocks;
-  if (split == 0) split = decode24_default_split(tiles, KS * 32, x.get_device());
-  if (split > 0) {
-    blocks = std::min(row_blocks * std::min<int64_t>(split, chunks), resident);
-  } else if (split == -1) {
-    blocks = resident;
-  } else {
-    blocks = -split;
-  }
-  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, iterations));
-  args.blocks = static_cast<int>(blocks);
   auto y = at::empty({M, n_out}, x.options());
-  args.y = y.data_ptr();
-  if (blocks != row_blocks) {  // some row blocks are shared: partials (two slots per block) and counters
-    auto& w = workspace_for(x, blocks * 2 * kWarps * nt * 32 * 4, row_blocks);
-    args.ws = w.partials.data_ptr<float>();
-    args.counters = w.counters.data_ptr<int>();
+  float* ws = nullptr;
+  int* counters = nullptr;
+  if (split > 1) {
+    auto& w = workspace_for(x, split * tiles * nt * 32 * 4, row_blocks);
+    ws = w.partials.data_ptr<float>();
+    counters = w.counters.data_ptr<int>();
   }
+  DecodeArgs args{A, E, A2, E2, x.data_ptr(), b ? b->data_ptr() : nullptr, y.data_ptr(), ws, counters,
+                  static_cast<int>(M), static_cast<int>(K), static_cast<int>(KS), static_cast<int>(tiles),
+                  static_cast<int>(n_out), static_cast<int>(per), static_cast<unsigned>(row_blocks),
+                  static_cast<unsigned>(split), nt, x.scalar_type() == at::kBFloat16, swiglu, ring, portable};
   C10_CUDA_CHECK(launch_decode24(args, x.get_device(), at::cuda::getCurrentCUDAStream()));
   return y;
 }

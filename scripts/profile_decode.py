@@ -1,5 +1,5 @@
 """Driver for Nsight Compute: one launch of each decode-kernel variant the dispatcher picks
-between (default split-K grid and the stream-K ``FILL`` grid, both pipelines), and cuBLAS at the
+between (the default split-K grid and twice it; registers, optionally the ring pipeline), and cuBLAS at the
 same shape, each inside an NVTX range ``prof`` so ncu profiles only those (ncu flushes the caches
 before each kernel). Run by scripts/gpu_check.sh with NCU=1:
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow.decode import FILL, decode_mm, decode_mm_portable, default_split
+from sparseflow.decode import decode_mm, decode_mm_portable, default_split
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "o": (4096, 4096)}
 
@@ -43,7 +43,7 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             prof(f"{name} M={m} cuBLAS", F.linear, x, dense)
             for ring in (False, True) if args.ring else (False,):
-                for s in (default_split(p), FILL):
+                for s in (default_split(p), 2 * default_split(p)):
                     tag = f"{name} M={m} {'ring' if ring else 'regs'} split {s}"
                     prof(f"{tag} packed", decode_mm, x, p, None, s, ring)
                     if args.in_place:

@@ -123,10 +123,8 @@ def decode_mm(
     x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None = None, split: int = 0, ring: bool = False
 ) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x of M <= 64 rows (2-D, contiguous); for a SwiGLU weight,
-    ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``split``: blocks per
-    128-row block (split-K; 0 = the kernel's default), or ``FILL`` (-1): as many blocks as fit on
-    the GPU at once, the (row block, 128-k chunk) iterations dealt out evenly among them (stream-K),
-    or -G: exactly G blocks (tests); ``ring``: stream the weight through the shared-memory
+    ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``split``: split-K
+    factor (0 = the kernel's default); ``ring``: stream the weight through the shared-memory
     cp.async pipeline instead of registers (``sparseflow.dispatch`` times both)."""
     _check(x, w, bias)
     if x.data_ptr() % 4:
@@ -205,12 +203,8 @@ def default_split(w: DecodeWeight) -> int:
     return int(_C.decode24_default_split(w.A.shape[0], w.A.shape[1] * _KSTEP, w.A.device.index or 0))
 
 
-FILL = -1  # split value: one wave of resident blocks, iterations dealt out evenly (stream-K)
-
-
 def split_candidates(w: DecodeWeight) -> list[int]:
-    """The grid sizes the dispatcher times for this weight: split-K factors none, the default,
-    half and twice it (each at most the number of 128-k chunks), and ``FILL``, which balances
-    any shape over the SMs (a split-K grid leaves a partial last wave)."""
+    """The split-K factors the dispatcher times for this weight: none, the default, half and
+    twice it, each at most the number of 128-k chunks."""
     base, chunks = default_split(w), w.A.shape[1] // (_CHUNK // _KSTEP)
-    return [s for s in sorted({1, base, max(1, base // 2), 2 * base}) if s <= chunks] + [FILL]
+    return [s for s in sorted({1, base, max(1, base // 2), 2 * base}) if s <= chunks]

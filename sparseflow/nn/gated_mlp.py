@@ -110,10 +110,7 @@ class SparseGatedMLP(nn.Module):
         if fused is None:
             return None
         # gate and up together have twice the rows the decision was measured on: half the split
-        # (a FILL grid adapts by itself)
-        split = d.decode_split
-        if self._names is _SPLIT and split > 0:
-            split = max(1, split // 2)
+        split = max(1, d.decode_split // 2) if self._names is _SPLIT else d.decode_split
         x2 = x.reshape(m, k).contiguous()
         if isinstance(fused[0], tuple):
             gate, up = fused[0]
