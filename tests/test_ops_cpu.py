@@ -73,6 +73,19 @@ def test_buckets_and_the_no_measurement_rule():
     assert static_decision(17).choice == "dense" and static_decision(4096).choice == "dense"
 
 
+def test_a_2_4_kernel_must_beat_dense_by_a_margin_to_be_chosen():
+    from sparseflow.dispatch import SPARSE_MIN_GAIN, choose
+
+    assert SPARSE_MIN_GAIN > 1
+    assert choose({"dense": 1.0, "cusparselt": 0.6, "decode": 0.5}) == "decode"
+    assert choose({"dense": 1.0, "cusparselt": 0.6, "decode": None}) == "cusparselt"
+    assert choose({"dense": 1.0, "cusparselt": None, "decode": 1.0 / SPARSE_MIN_GAIN}) == "decode"
+    # a near-tie (within the measurement's noise) stays dense, as does a loss
+    assert choose({"dense": 1.0, "cusparselt": 0.99, "decode": 1.01}) == "dense"
+    assert choose({"dense": 1.0, "cusparselt": None, "decode": 1.2}) == "dense"
+    assert choose({"dense": 1.0, "cusparselt": None, "decode": None}) == "dense"
+
+
 def test_route_maps_decisions_to_kernels(monkeypatch):
     """The GPU route table, driven by faked decisions and layouts (the kernels are not called)."""
     from sparseflow import ops
