@@ -117,17 +117,6 @@ PORTABLE_SLACK = 1.05
 SPARSE_MIN_GAIN = 1.03
 
 
-def choose(times: dict[str, float | None]) -> str:
-    """The kernel to run given measured times (ms) for "dense" and the 2:4 kernels (None: not
-    measured): the fastest 2:4 kernel if it beats dense by ``SPARSE_MIN_GAIN``, else dense."""
-    sparse = [(t, name) for name, t in times.items() if name != "dense" and t is not None]
-    dense = times.get("dense")
-    if not sparse:
-        return "dense"
-    best_t, best = min(sparse)
-    return best if dense is None or best_t * SPARSE_MIN_GAIN <= dense else "dense"
-
-
 def m_bucket(m: int) -> int:
     return max(8, 1 << max(0, (int(m) - 1)).bit_length())
 
@@ -159,6 +148,12 @@ class Decision:
         """Dense time over the faster 2:4 kernel's time."""
         best = min((t for t in (self.sparse_ms, self.decode_ms) if t), default=None)
         return self.dense_ms / best if best and self.dense_ms else None
+
+    def fastest(self) -> str:
+        """The kernel its times pick: the faster 2:4 kernel if it beats dense by
+        ``SPARSE_MIN_GAIN``, else dense."""
+        speedup = self.speedup
+        return self.best_sparse if speedup is not None and speedup >= SPARSE_MIN_GAIN else "dense"
 
 
 def static_decision(m: int) -> Decision:
@@ -361,7 +356,7 @@ class Dispatcher:
                     if best[0] <= PORTABLE_SLACK * d.decode_ms:
                         d.decode_ms, d.decode_split, d.decode_ring, d.decode_portable = best[0], best[1], best[2], True
         _SCRUB.clear()  # back to the caching allocator
-        d.choice = choose({"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms})
+        d.choice = d.fastest()
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
         weight.drop_cached(*_unchosen(d, had))
         return d

@@ -12,7 +12,7 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow._ext import _C
-from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, choose, portable_enabled
+from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, Decision, portable_enabled
 from sparseflow.nn import SparseLinear
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
@@ -92,10 +92,10 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     info = sl.dispatch_info()
     assert {r["m_bucket"] for r in info} >= {8, 128, 2048}
     for r in info:
-        times = {"dense": r["dense_ms"], "cusparselt": r["cusparselt_ms"], "decode": r["decode_ms"]}
+        measured = Decision("dense", sparse_ms=r["cusparselt_ms"], dense_ms=r["dense_ms"], decode_ms=r["decode_ms"])
         assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= CSLT_MIN_BUCKET)
         assert (r["decode_ms"] is not None) == (r["m_bucket"] <= 64)
-        assert r["choice"] == choose(times)  # the fastest, if a 2:4 kernel beats dense by the margin
+        assert r["choice"] == measured.fastest()  # the fastest, if a 2:4 kernel beats dense by the margin
         # K % 128 == 0: the in-place reading was timed too, and taken exactly when within the slack
         assert (r["decode_in_place_vs_packed"] is not None) == (r["m_bucket"] <= 64 and portable_enabled())
         if r["decode_in_place_vs_packed"] is not None:

@@ -74,16 +74,19 @@ def test_buckets_and_the_no_measurement_rule():
 
 
 def test_a_2_4_kernel_must_beat_dense_by_a_margin_to_be_chosen():
-    from sparseflow.dispatch import SPARSE_MIN_GAIN, choose
+    from sparseflow.dispatch import SPARSE_MIN_GAIN, Decision
+
+    def fastest(cslt, decode):
+        return Decision("dense", sparse_ms=cslt, dense_ms=1.0, decode_ms=decode).fastest()
 
     assert SPARSE_MIN_GAIN > 1
-    assert choose({"dense": 1.0, "cusparselt": 0.6, "decode": 0.5}) == "decode"
-    assert choose({"dense": 1.0, "cusparselt": 0.6, "decode": None}) == "cusparselt"
-    assert choose({"dense": 1.0, "cusparselt": None, "decode": 1.0 / SPARSE_MIN_GAIN}) == "decode"
+    assert fastest(0.6, 0.5) == "decode"
+    assert fastest(0.6, None) == "cusparselt"
+    assert fastest(None, 1.0 / SPARSE_MIN_GAIN) == "decode"
     # a near-tie (within the measurement's noise) stays dense, as does a loss
-    assert choose({"dense": 1.0, "cusparselt": 0.99, "decode": 1.01}) == "dense"
-    assert choose({"dense": 1.0, "cusparselt": None, "decode": 1.2}) == "dense"
-    assert choose({"dense": 1.0, "cusparselt": None, "decode": None}) == "dense"
+    assert fastest(0.99, 1.01) == "dense"
+    assert fastest(None, 1.2) == "dense"
+    assert fastest(None, None) == "dense"
 
 
 def test_route_maps_decisions_to_kernels(monkeypatch):
