@@ -436,8 +436,9 @@ __global__ void mma_probe_kernel(const uint4* a, const uint4* b, const uint32_t*
   d[i] = make_float4(c[0], c[1], c[2], c[3]);
 }
 
+// occupancy != null: no launch, *occupancy = blocks of this instantiation resident per SM.
 template <typename T, int NT, bool SW, bool RING, bool PORT>
-cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
+cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream, int* occupancy) {
   constexpr int bytes = smem_bytes<NT, RING>();
   static std::atomic<uint64_t> ready{0};  // devices on which the kernel may use > 48 KB of shared memory
   if (!(ready.load() >> device & 1)) {
@@ -446,6 +447,9 @@ cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     ready.fetch_or(uint64_t{1} << device);
   }
+  if (occupancy != nullptr)
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, decode24_kernel<T, NT, SW, RING, PORT>, kThreads,
+                                                         bytes);
   decode24_kernel<T, NT, SW, RING, PORT><<<dim3(a.row_blocks, a.split), kThreads, bytes, stream>>>(
       static_cast<const uint4*>(a.A), static_cast<const uint4*>(a.E), static_cast<const uint4*>(a.A2),
       static_cast<const uint4*>(a.E2), static_cast<const T*>(a.x),
@@ -455,30 +459,41 @@ cudaError_t launch_t(const DecodeArgs& a, int device, cudaStream_t stream) {
 }
 
 template <typename T, bool SW, bool RING, bool PORT>
-cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream) {
+cudaError_t launch_nt(const DecodeArgs& a, int device, cudaStream_t stream, int* occ) {
   switch (a.nt) {
-    case 1: return launch_t<T, 1, SW, RING, PORT>(a, device, stream);
-    case 2: return launch_t<T, 2, SW, RING, PORT>(a, device, stream);
-    case 4: return launch_t<T, 4, SW, RING, PORT>(a, device, stream);
-    default: return launch_t<T, 8, SW, RING, PORT>(a, device, stream);
+    case 1: return launch_t<T, 1, SW, RING, PORT>(a, device, stream, occ);
+    case 2: return launch_t<T, 2, SW, RING, PORT>(a, device, stream, occ);
+    case 4: return launch_t<T, 4, SW, RING, PORT>(a, device, stream, occ);
+    default: return launch_t<T, 8, SW, RING, PORT>(a, device, stream, occ);
   }
 }
 
 template <typename T, bool SW>
-cudaError_t launch_ring(const DecodeArgs& a, int device, cudaStream_t stream) {
+cudaError_t launch_ring(const DecodeArgs& a, int device, cudaStream_t stream, int* occ) {
   if (a.portable)
-    return a.ring ? launch_nt<T, SW, true, true>(a, device, stream) : launch_nt<T, SW, false, true>(a, device, stream);
-  return a.ring ? launch_nt<T, SW, true, false>(a, device, stream) : launch_nt<T, SW, false, false>(a, device, stream);
+    return a.ring ? launch_nt<T, SW, true, true>(a, device, stream, occ)
+                  : launch_nt<T, SW, false, true>(a, device, stream, occ);
+  return a.ring ? launch_nt<T, SW, true, false>(a, device, stream, occ)
+                : launch_nt<T, SW, false, false>(a, device, stream, occ);
+}
+
+cudaError_t dispatch(const DecodeArgs& a, int device, cudaStream_t stream, int* occ) {
+  if (a.bf16) {
+    return a.swiglu ? launch_ring<__nv_bfloat16, true>(a, device, stream, occ)
+                    : launch_ring<__nv_bfloat16, false>(a, device, stream, occ);
+  }
+  return a.swiglu ? launch_ring<__half, true>(a, device, stream, occ)
+                  : launch_ring<__half, false>(a, device, stream, occ);
 }
 
 }  // namespace
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream) {
-  if (a.bf16) {
-    return a.swiglu ? launch_ring<__nv_bfloat16, true>(a, device, stream)
-                    : launch_ring<__nv_bfloat16, false>(a, device, stream);
-  }
-  return a.swiglu ? launch_ring<__half, true>(a, device, stream) : launch_ring<__half, false>(a, device, stream);
+  return dispatch(a, device, stream, nullptr);
+}
+
+cudaError_t decode24_blocks_per_sm(const DecodeArgs& a, int device, int* blocks) {
+  return dispatch(a, device, nullptr, blocks);
 }
 
 cudaError_t launch_mma_sp_probe(bool bf16, const void* a, const void* b, const void* e, void* d, int cases,

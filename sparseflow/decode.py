@@ -203,8 +203,24 @@ def default_split(w: DecodeWeight) -> int:
     return int(_C.decode24_default_split(w.A.shape[0], w.A.shape[1] * _KSTEP, w.A.device.index or 0))
 
 
-def split_candidates(w: DecodeWeight) -> list[int]:
-    """The split-K factors the dispatcher times for this weight: none, the default, half and
-    twice it, each at most the number of 128-k chunks."""
+def split_candidates(
+    w: DecodeWeight, m: int = 1, ring: bool = False, portable: bool = False, bf16: bool = False
+) -> list[int]:
+    """The split-K factors the dispatcher times for this weight at ``m`` tokens with one pipeline
+    (``ring``) and reading (``portable``): none, the default, half and twice it, and the largest
+    grid that is one wave for that kernel (its blocks per SM differ: the ring's shared memory
+    allows 2, the registers 3-4). Each as the kernel runs it: chunks dealt out evenly, so 18
+    splits of 112 chunks are 16 of 7."""
     base, chunks = default_split(w), w.A.shape[1] // (_CHUNK // _KSTEP)
-    return [s for s in sorted({1, base, max(1, base // 2), 2 * base}) if s <= chunks]
+    wave = int(
+        _C.decode24_wave_split(
+            w.A.shape[0], w.A.shape[1] * _KSTEP, m, bf16, w.swiglu, ring, portable, w.A.device.index or 0
+        )
+    )
+    return sorted({_effective_split(s, chunks) for s in (1, base, max(1, base // 2), 2 * base, wave)})
+
+
+def _effective_split(split: int, chunks: int) -> int:
+    """The split the kernel launches for a requested one (decode_ops.cpp: ``per`` chunks each)."""
+    per = -(-chunks // max(1, min(split, chunks)))
+    return -(-chunks // per)

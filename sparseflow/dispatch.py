@@ -103,7 +103,7 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 9
+_CACHE_VERSION = 10
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
 # H200, session 10 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
@@ -338,10 +338,18 @@ class Dispatcher:
                         d.layout = layout
             if bucket <= DECODE_MAX_M:
                 w = weight.decode_packed()
-                variants = [(split, ring) for ring in (False, True) for split in split_candidates(w)]
+
+                def variants(portable: bool) -> list[tuple[int, bool]]:
+                    bf16 = x.dtype == torch.bfloat16
+                    return [
+                        (split, ring)
+                        for ring in (False, True)
+                        for split in split_candidates(w, bucket, ring=ring, portable=portable, bf16=bf16)
+                    ]
+
                 d.decode_ms, d.decode_split, d.decode_ring = min(
                     (_median_ms(lambda s=split, r=ring: decode_mm(x, w, None, s, r)), split, ring)
-                    for split, ring in variants
+                    for split, ring in variants(False)
                 )
                 if portable_enabled() and portable_ok(weight):
                     best = min(
@@ -350,7 +358,7 @@ class Dispatcher:
                             split,
                             ring,
                         )
-                        for split, ring in variants
+                        for split, ring in variants(True)
                     )
                     d.in_place_vs_packed = best[0] / d.decode_ms
                     if best[0] <= PORTABLE_SLACK * d.decode_ms:

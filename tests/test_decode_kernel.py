@@ -7,12 +7,14 @@ import torch.nn.functional as F
 import sparseflow as sf
 from sparseflow._ext import _C
 from sparseflow.decode import (
+    _effective_split,
     _lane_positions,
     decode_mm,
     decode_mm_portable,
     pack_decode,
     pack_decode_swiglu,
     portable_ok,
+    split_candidates,
 )
 from tests.conftest import TOL, random_2_4, rel_err
 
@@ -301,6 +303,36 @@ def test_decode_kernel_matches_float64(dtype, m, n, k):
     ref = F.linear(x.double(), dense.double(), bias.double())
     _each_variant(lambda split, ring: decode_mm(x, w, bias, split=split, ring=ring), ref, (m, n), dtype)
     assert rel_err(decode_mm(x, w), F.linear(x.double(), dense.double())) < TOL[dtype]
+
+
+def test_effective_split_is_what_the_kernel_launches():
+    # decode_ops.cpp deals ceil(chunks / split) chunks to each block: 18 splits of 112 chunks are 16 of 7
+    assert _effective_split(18, 112) == 16
+    assert _effective_split(9, 112) == 9
+    assert _effective_split(500, 112) == 112
+    assert _effective_split(0, 112) == 1
+    assert _effective_split(3, 1) == 1
+
+
+@needs_ext
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 14336), (16, 28672, 4096), (40, 1024, 4096)])
+def test_every_split_the_dispatcher_times_is_correct(m, n, k):
+    """The candidates (fixed ones and the per-pipeline one-wave split) are valid and compute the product."""
+    torch.manual_seed(n + m)
+    dense = random_2_4(n, k, torch.float16, "cuda")
+    c = sf.compress_2_4(dense)
+    w = pack_decode(c)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ref = F.linear(x.double(), dense.double())
+    chunks = -(-k // 128)
+    for portable in (False, True):
+        for ring in (False, True):
+            cands = split_candidates(w, m, ring=ring, portable=portable)
+            assert cands and all(1 <= s <= chunks and _effective_split(s, chunks) == s for s in cands), cands
+            for s in cands:
+                _poison()
+                y = decode_mm_portable(x, c, None, s, ring=ring) if portable else decode_mm(x, w, None, s, ring)
+                assert rel_err(y, ref) < TOL[torch.float16], f"split={s} ring={ring} portable={portable}"
 
 
 @needs_ext
