@@ -207,10 +207,12 @@ __host__ __device__ constexpr int smem_bytes() {
 // same order, and a sum does not care about order), which makes lane (g, t)'s A fragments of all
 // four k-steps two 16-byte pieces of rows g and g + 8 (groups 4t.., 16 + 4t..: each warp load is
 // 8 rows x 64 contiguous bytes) and its metadata 8 bytes of each row (halfword p, nibble u).
-// Two token tiles (M 9-16): at most 64 registers, 4 blocks per SM (74 registers left gate_up's
-// 448 blocks 1.13 waves: 54% of DRAM peak, Nsight Compute, session 11). Not yet measured.
+// Two token tiles (M 9-16): at most 64 registers, so 4 blocks per SM (at 74, gate_up's 448 blocks
+// took 1.13 waves: 54% of DRAM peak, Nsight Compute, session 11; capped: 1.11x faster, session 12).
+// Other tile counts name no block count: a minimum of 1 lets ptxas take 86 registers at one token
+// tile (2 blocks per SM, 1.2x slower on gate_up), unnamed it takes 64.
 template <typename T, int NT, bool SWIGLU, bool RING, bool PORT>
-__global__ void __launch_bounds__(kThreads, NT == 2 ? 4 : 1) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
+__global__ void __launch_bounds__(kThreads, NT == 2 ? 4 : 0) decode24_kernel(const uint4* __restrict__ A, const uint4* __restrict__ E,
                                                             const uint4* __restrict__ A2,
                                                             const uint4* __restrict__ E2,
                                                             const T* __restrict__ x, const T* __restrict__ bias,
@@ -492,7 +494,7 @@ cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream
   return dispatch(a, device, stream, nullptr);
 }
 
-cudaError_t decode24_blocks_per_sm(const DecodeArgs& a, int device, int* blocks) {
+cudaError_t decode24_occupancy(const DecodeArgs& a, int device, int* blocks) {
   return dispatch(a, device, nullptr, blocks);
 }
 

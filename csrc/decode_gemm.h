@@ -32,7 +32,7 @@ struct DecodeArgs {
 
 cudaError_t launch_decode24(const DecodeArgs& a, int device, cudaStream_t stream);
 // Blocks of the kernel a would launch (nt, bf16, swiglu, ring, portable) resident per SM.
-cudaError_t decode24_blocks_per_sm(const DecodeArgs& a, int device, int* blocks);
+cudaError_t decode24_occupancy(const DecodeArgs& a, int device, int* blocks);
 cudaError_t launch_mma_sp_probe(bool bf16, const void* a, const void* b, const void* e, void* d, int cases,
                                 cudaStream_t stream);
 

@@ -56,21 +56,17 @@ int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device) 
   return std::max<int64_t>(split, 1);
 }
 
-// The largest split-K whose grid is one wave: row blocks x split <= the blocks of this kernel
-// instantiation (tokens m, dtype, SwiGLU, pipeline, reading) that fit on the GPU at once. Which
-// grid is fastest depends on the pipeline (the ring's 80 KB of shared memory allows 2 blocks per
-// SM, the registers 3-4), so the dispatcher times this one beside the fixed candidates.
-int64_t decode24_wave_split(int64_t tiles, int64_t k_padded, int64_t m, bool bf16, bool swiglu, bool ring,
-                            bool portable, int64_t device) {
-  TORCH_CHECK(m >= 1 && m <= kMaxM, "decode24_wave_split: m must be in 1..", static_cast<int64_t>(kMaxM));
-  const int64_t row_blocks = tiles / kWarps, chunks = k_padded / (kU * 32);
+// Blocks of the kernel instantiation for m tokens (dtype, SwiGLU, pipeline, reading) resident
+// per SM: with the SM count, the grid sizes that are whole waves (the dispatcher's split-K
+// candidates; the ring's shared memory allows 2 blocks, the register pipeline 4).
+int64_t decode24_blocks_per_sm(int64_t m, bool bf16, bool swiglu, bool ring, bool portable, int64_t device) {
+  TORCH_CHECK(m >= 1 && m <= kMaxM, "decode24_blocks_per_sm: m must be in 1..", static_cast<int64_t>(kMaxM));
   DecodeArgs a{};
   a.nt = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
   a.bf16 = bf16, a.swiglu = swiglu, a.ring = ring, a.portable = portable;
   int per_sm = 0;
-  C10_CUDA_CHECK(decode24_blocks_per_sm(a, static_cast<int>(device), &per_sm));
-  const int64_t resident = static_cast<int64_t>(per_sm) * sm_count(static_cast<int>(device));
-  return std::max<int64_t>(1, std::min<int64_t>(chunks, resident / std::max<int64_t>(row_blocks, 1)));
+  C10_CUDA_CHECK(decode24_occupancy(a, static_cast<int>(device), &per_sm));
+  return per_sm;
 }
 
 namespace {

@@ -17,8 +17,7 @@ at::Tensor decode24_mm_portable(const at::Tensor& x, const at::Tensor& values, c
                                 const c10::optional<at::Tensor>& values2, const c10::optional<at::Tensor>& meta2,
                                 const c10::optional<at::Tensor>& bias, bool swiglu, int64_t split, bool ring);
 int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device);
-int64_t decode24_wave_split(int64_t tiles, int64_t k_padded, int64_t m, bool bf16, bool swiglu, bool ring,
-                            bool portable, int64_t device);
+int64_t decode24_blocks_per_sm(int64_t m, bool bf16, bool swiglu, bool ring, bool portable, int64_t device);
 at::Tensor mma_sp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e, bool bf16);
 }  // namespace sparseflow
 
@@ -39,10 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("meta"), py::arg("values2"), py::arg("meta2"), py::arg("bias"), py::arg("swiglu"), py::arg("split"),
         py::arg("ring"));
   m.def("decode24_default_split", &sparseflow::decode24_default_split, "split-K the decode kernel uses by default");
-  m.def("decode24_wave_split", &sparseflow::decode24_wave_split,
-        "largest split-K whose grid fits the GPU in one wave, for this kernel instantiation", py::arg("tiles"),
-        py::arg("k_padded"), py::arg("m"), py::arg("bf16"), py::arg("swiglu"), py::arg("ring"), py::arg("portable"),
-        py::arg("device"));
+  m.def("decode24_blocks_per_sm", &sparseflow::decode24_blocks_per_sm,
+        "blocks of the decode kernel for m tokens resident per SM", py::arg("m"), py::arg("bf16"), py::arg("swiglu"),
+        py::arg("ring"), py::arg("portable"), py::arg("device"));
   m.def("mma_sp_probe", &sparseflow::mma_sp_probe, "one mma.sp on raw per-lane registers (layout tests)");
   m.def("decompress_24", &sparseflow::decompress_24, "portable 2:4 form -> dense (CUDA)");
 }

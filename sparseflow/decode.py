@@ -207,17 +207,17 @@ def split_candidates(
     w: DecodeWeight, m: int = 1, ring: bool = False, portable: bool = False, bf16: bool = False
 ) -> list[int]:
     """The split-K factors the dispatcher times for this weight at ``m`` tokens with one pipeline
-    (``ring``) and reading (``portable``): none, the default, half and twice it, and the largest
-    grid that is one wave for that kernel (its blocks per SM differ: the ring's shared memory
-    allows 2, the registers 3-4). Each as the kernel runs it: chunks dealt out evenly, so 18
-    splits of 112 chunks are 16 of 7."""
-    base, chunks = default_split(w), w.A.shape[1] // (_CHUNK // _KSTEP)
-    wave = int(
-        _C.decode24_wave_split(
-            w.A.shape[0], w.A.shape[1] * _KSTEP, m, bf16, w.swiglu, ring, portable, w.A.device.index or 0
-        )
-    )
-    return sorted({_effective_split(s, chunks) for s in (1, base, max(1, base // 2), 2 * base, wave)})
+    (``ring``) and reading (``portable``): none, the default, half and twice it, and every grid
+    of whole waves, ``j * SMs // row_blocks`` blocks per row block for j up to the blocks of that
+    kernel resident per SM (the kernel is bound by the busiest SM: 9 splits of down's 32 row
+    blocks, 288 blocks on 132 SMs, leaves 24 SMs a third block). Each as the kernel runs
+    it: chunks dealt out evenly, so 18 splits of 112 chunks are 16 of 7."""
+    dev = w.A.device.index or 0
+    base, chunks, row_blocks = default_split(w), w.A.shape[1] // (_CHUNK // _KSTEP), w.A.shape[0] // _TILES_PER_BLOCK
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    per_sm = int(_C.decode24_blocks_per_sm(m, bf16, w.swiglu, ring, portable, dev))
+    waves = [j * sms // row_blocks for j in range(1, per_sm + 1)]
+    return sorted({_effective_split(s, chunks) for s in (1, base, max(1, base // 2), 2 * base, *waves)})
 
 
 def _effective_split(split: int, chunks: int) -> int:
