@@ -221,6 +221,49 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
+def summarize(rows: list[dict], copy_gbps: float) -> dict:
+    """The summary fields computed from the rows (also used to re-summarize merged result files).
+    A row may carry its own ``copy_bandwidth_gbps`` (merged from another run)."""
+    llama = [r for r in rows if not r["name"].startswith("square")]
+    return {
+        "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
+        "kernel_geomean_llama_m_ge_256": geomean(
+            [r["cublas_ms"] / r["sparse_kernel_ms"] for r in llama if r["M"] >= 256]
+        ),
+        "kernel_min_gate_up_down_m_le_16": min(
+            (
+                r["cublas_ms"] / r["sparse_kernel_ms"]
+                for r in llama
+                if r["name"] in ("gate_up", "down") and r["M"] <= 16
+            ),
+            default=float("nan"),
+        ),
+        "kernel_geomean_llama_m_ge_256_fp16": geomean(
+            [r["cublas_ms"] / r["sparse_kernel_ms"] for r in llama if r["M"] >= 256 and r["dtype"] == "float16"]
+        ),
+        "sparselinear_geomean_all": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows]),
+        "torch_failures": sum(1 for r in rows if r["torch_error"]),
+        "rows_with_torch": sum(1 for r in rows if r.get("torch_ms")),
+        "sparselinear_beats_torch_rows": sum(
+            1 for r in rows if r.get("torch_ms") and r["sparseflow_ms"] < r["torch_ms"]
+        ),
+        "copy_bandwidth_gbps": copy_gbps,
+        "decode_rows_gate_up_down_m_le_16": [
+            {
+                "name": r["name"],
+                "M": r["M"],
+                "dtype": r["dtype"],
+                "vs_cublas": r["cublas_ms"] / r["decode_ms"],
+                "vs_cusparselt": r["cusparselt_ms"] / r["decode_ms"],
+                "hbm_fraction": r["decode_gbps"] / r.get("copy_bandwidth_gbps", copy_gbps),
+                "bandwidth_vs_cublas": r["decode_vs_cublas_bandwidth"],
+            }
+            for r in llama
+            if r["name"] in ("gate_up", "down") and r["M"] <= 16 and r.get("decode_ms")
+        ],
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rows only")
@@ -282,36 +325,8 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth_gbps()
     host = host_overhead_us()
     conversion = conversion_seconds_llama3_8b()
-    llama = [r for r in rows if not r["name"].startswith("square")]
     summary = {
-        "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
-        "kernel_geomean_llama_m_ge_256": geomean(
-            [r["cublas_ms"] / r["sparse_kernel_ms"] for r in llama if r["M"] >= 256]
-        ),
-        "kernel_min_gate_up_down_m_le_16": min(
-            (
-                r["cublas_ms"] / r["sparse_kernel_ms"]
-                for r in llama
-                if r["name"] in ("gate_up", "down") and r["M"] <= 16
-            ),
-            default=float("nan"),
-        ),
-        "sparselinear_geomean_all": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows]),
-        "torch_failures": sum(1 for r in rows if r["torch_error"]),
-        "copy_bandwidth_gbps": copy_gbps,
-        "decode_rows_gate_up_down_m_le_16": [
-            {
-                "name": r["name"],
-                "M": r["M"],
-                "dtype": r["dtype"],
-                "vs_cublas": r["cublas_ms"] / r["decode_ms"],
-                "vs_cusparselt": r["cusparselt_ms"] / r["decode_ms"],
-                "hbm_fraction": r["decode_gbps"] / copy_gbps,
-                "bandwidth_vs_cublas": r["decode_vs_cublas_bandwidth"],
-            }
-            for r in llama
-            if r["name"] in ("gate_up", "down") and r["M"] <= 16 and r.get("decode_ms")
-        ],
+        **summarize(rows, copy_gbps),
         "host_us_per_call": host,
         "conversion": conversion,
         "seconds": time.time() - t_start,
