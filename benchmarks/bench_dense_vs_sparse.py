@@ -89,6 +89,9 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
+    # What the dispatcher measured (L2 scrubbed, one weight) when it chose: beside the columns
+    # above (weights rotated) it shows where the two methods disagree on a close call.
+    row["dispatch_ms"] = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms} if d else None
     # The decode kernel reading the portable form in place (no packed copy) against the packed
     # layout, each at its best pipeline (registers or ring), at the dispatcher's split and the
     # default: does the second copy pay?

@@ -1,0 +1,109 @@
+"""Result files of bench_dense_vs_sparse.py.
+
+merge: a partial run into a result file. The new run's rows replace the base's rows with the same
+(name, M, dtype) and carry a run label and that run's copy bandwidth; the row-derived summary is
+recomputed over the merged rows and the plot redrawn. The base's per-run fields stay; the new
+run's (host overhead, conversion time, tuner records) are added under the label. For a kernel
+change that only touches some rows (e.g. the decode kernel: M <= 64):
+    python benchmarks/results_tool.py merge benchmarks/results/linear_h200.json run/linear_h200.json \
+        --label "session 12 call 4"
+table: the README's Markdown table of a result file (run labels shortened: "session 12 ..." -> s12):
+    python benchmarks/results_tool.py table benchmarks/results/linear_h200.json
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_dense_vs_sparse import plot, summarize
+
+
+def merge(base: dict, new: dict, label: str) -> dict:
+    """The merged result (``base`` and ``new`` are left as they were)."""
+    if base["device"] != new["device"]:
+        raise ValueError(f"merge_results: base is from {base['device']!r}, the new run from {new['device']!r}")
+    if "summary" not in new:
+        raise ValueError("merge_results: the new run has no summary (cut short?)")
+    base_copy = next((v for k, v in base["summary"].items() if k.startswith("copy_bandwidth_gbps")), None)
+    new_copy = new["summary"]["copy_bandwidth_gbps"]
+    key = lambda r: (r["name"], r["M"], r["dtype"])
+    fresh = {key(r): {**r, "run": label, "copy_bandwidth_gbps": new_copy} for r in new["rows"]}
+    rows = [fresh.pop(key(r), None) or {"copy_bandwidth_gbps": base_copy, **r} for r in base["rows"]]
+    rows += fresh.values()  # rows the base did not have
+    slug = re.sub(r"\W+", "_", label).strip("_")
+    derived = summarize(rows, new_copy)
+    summary = {k: v for k, v in base["summary"].items() if k not in derived} | derived
+    for field in ("host_us_per_call", "conversion", "cusparselt_tuner"):
+        if field in new["summary"]:
+            summary[f"{field}_{slug}"] = new["summary"][field]
+    note = base.get("note", "")
+    note += f" Rows with run='{label}' ({len(new['rows'])}) replace the earlier rows of the same layer, M and dtype."
+    return {
+        **base,
+        "torch": new.get("torch", base.get("torch")),
+        "rows": rows,
+        "summary": summary,
+        "note": note.strip(),
+    }
+
+
+def markdown_table(data: dict) -> str:
+    def ms(v):
+        return f"{v:.4f}" if v else "-"
+
+    def x(r, key):
+        return f"{r['cublas_ms'] / r[key]:.2f}" if r.get(key) else "-"
+
+    def run(label):
+        found = re.match(r"session (\d+)", label or "")
+        return f"s{found.group(1)}" if found else (label or "-")
+
+    lines = [
+        (
+            "| layer | dtype | M | N | K | cuBLAS ms | PyTorch 2:4 ms | cuSPARSELt ms | decode ms | SparseLinear ms "
+            "| cuSPARSELt x | decode x | SparseLinear x | PyTorch x | chosen (cuSPARSELt layout) | run |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        choice = r["choice"] + (f" ({r['cusparselt_layout']})" if r["choice"] == "cusparselt" else "")
+        lines.append(
+            f"| {r['name']} | {r['dtype'].replace('float', 'fp').replace('bfloat', 'bf')} | {r['M']} | {r['N']} | "
+            f"{r['K']} | {r['cublas_ms']:.4f} | {ms(r.get('torch_ms'))} | {ms(r.get('cusparselt_ms'))} | "
+            f"{ms(r.get('decode_ms'))} | {ms(r['sparseflow_ms'])} | {x(r, 'cusparselt_ms')} | {x(r, 'decode_ms')} | "
+            f"{x(r, 'sparseflow_ms')} | {x(r, 'torch_ms')} | {choice} | {run(r.get('run'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge")
+    m.add_argument("base", type=Path)
+    m.add_argument("new", type=Path)
+    m.add_argument("--label", required=True)
+    m.add_argument("--out", type=Path, help="default: overwrite base (and its .png)")
+    t = sub.add_parser("table")
+    t.add_argument("file", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "table":
+        print(markdown_table(json.loads(args.file.read_text())))
+        return
+    merged = merge(json.loads(args.base.read_text()), json.loads(args.new.read_text()), args.label)
+    out = args.out or args.base
+    out.write_text(json.dumps(merged, indent=1))
+    plot(merged["rows"], out.with_suffix(".png"), merged["device"])
+    s = merged["summary"]
+    print(
+        f"{out}: {len(merged['rows'])} rows; SparseLinear/cuBLAS min={s['sparselinear_min_ratio']:.3f}x, "
+        f"kernel geomean Llama M>=256={s['kernel_geomean_llama_m_ge_256']:.2f}x, "
+        f"gate_up/down M<=16 min={s['kernel_min_gate_up_down_m_le_16']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
