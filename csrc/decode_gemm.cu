@@ -67,21 +67,11 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: keep
   return v;
 }
 
-// The in-place reading's loads: also ask L2 to fetch the 256-byte block around each (the next
-// chunks of the same weight rows), so the 16 row streams of a warp reach DRAM as longer runs.
-__device__ __forceinline__ uint4 ld_stream_row(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint2 ld_stream8_row(const void* p) {
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
   uint2 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
-
 
 // Nibble u of each of the four halfwords in (lo, hi), in order: the 16 metadata bits of one row
 // for k-step u of the transposed chunk order (halfword p holds groups 4p .. 4p + 3).
@@ -159,11 +149,10 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
 }
-// The in-place ring's copies, with the same 256-byte L2 prefetch as ld_stream_row; src_bytes < 16
-// fills the rest of the 16 bytes with zeros (0: a row past the weight's end).
-__device__ __forceinline__ void cp_async16_zfill_row(void* smem_dst, const void* gmem_src, int src_bytes) {
+// src_bytes < 16 fills the rest of the 16 bytes with zeros (0: a row past the weight's end).
+__device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Four 8x8 b16 matrices from shared memory, lane l giving the address of row l % 8 of matrix l / 8;
@@ -248,11 +237,11 @@ __global__ void __launch_bounds__(kThreads, NT == 2 ? 4 : 0) decode24_kernel(con
           const int p = i * 32 + lane, r = p >> 3, q = p & 7;
           const bool ok = prow0 + r < n_out;
           const T* src = ok ? pv + (size_t)(prow0 + r) * (K / 2) + c * 64 + q * 8 : pv;
-          cp_async16_zfill_row(st + r * 8 + (q ^ (r & 7)), src, ok ? 16 : 0);
+          cp_async16_zfill(st + r * 8 + (q ^ (r & 7)), src, ok ? 16 : 0);
         }
         if (lane < 16) {
           const bool ok = prow0 + lane < n_out;
-          cp_async16_zfill_row(st + 128 + lane, ok ? pm + (size_t)(prow0 + lane) * (K / 8) + c * 16 : kPadMeta, 16);
+          cp_async16(st + 128 + lane, ok ? pm + (size_t)(prow0 + lane) * (K / 8) + c * 16 : kPadMeta);
         }
       } else {
         uint4* st = ring + (c % kStages) * (kU + 1) * 32;
@@ -325,12 +314,12 @@ __global__ void __launch_bounds__(kThreads, NT == 2 ? 4 : 0) decode24_kernel(con
     auto load = [&](int c, uint4 (&a)[kU], uint4& e) {
       if constexpr (PORT) {
         const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-        a[0] = ok0 ? ld_stream_row(v0 + c * 64) : zero;
-        a[1] = ok1 ? ld_stream_row(v1 + c * 64) : zero;
-        a[2] = ok0 ? ld_stream_row(v0 + c * 64 + 32) : zero;
-        a[3] = ok1 ? ld_stream_row(v1 + c * 64 + 32) : zero;
+        a[0] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + c * 64)) : zero;
+        a[1] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + c * 64)) : zero;
+        a[2] = ok0 ? ld_stream(reinterpret_cast<const uint4*>(v0 + c * 64 + 32)) : zero;
+        a[3] = ok1 ? ld_stream(reinterpret_cast<const uint4*>(v1 + c * 64 + 32)) : zero;
         const uint2 pad = make_uint2(0x44444444u, 0x44444444u);
-        const uint2 e0 = ok0 ? ld_stream8_row(m0 + c * 16) : pad, e1 = ok1 ? ld_stream8_row(m1 + c * 16) : pad;
+        const uint2 e0 = ok0 ? ld_stream8(m0 + c * 16) : pad, e1 = ok1 ? ld_stream8(m1 + c * 16) : pad;
         e = make_uint4(e0.x, e0.y, e1.x, e1.y);
       } else {
 #pragma unroll
