@@ -24,9 +24,9 @@ from bench_dense_vs_sparse import plot, summarize
 def merge(base: dict, new: dict, label: str) -> dict:
     """The merged result (``base`` and ``new`` are left as they were)."""
     if base["device"] != new["device"]:
-        raise ValueError(f"merge_results: base is from {base['device']!r}, the new run from {new['device']!r}")
+        raise ValueError(f"results_tool merge: base is from {base['device']!r}, the new run from {new['device']!r}")
     if "summary" not in new:
-        raise ValueError("merge_results: the new run has no summary (cut short?)")
+        raise ValueError("results_tool merge: the new run has no summary (cut short?)")
     base_copy = next((v for k, v in base["summary"].items() if k.startswith("copy_bandwidth_gbps")), None)
     new_copy = new["summary"]["copy_bandwidth_gbps"]
     key = lambda r: (r["name"], r["M"], r["dtype"])

@@ -56,13 +56,17 @@ int64_t decode24_default_split(int64_t tiles, int64_t k_padded, int64_t device) 
   return std::max<int64_t>(split, 1);
 }
 
+// n-tiles of 8 tokens the kernel is instantiated for at m tokens.
+static int token_tiles(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
+
 // Blocks of the kernel instantiation for m tokens (dtype, SwiGLU, pipeline, reading) resident
 // per SM: with the SM count, the grid sizes that are whole waves (the dispatcher's split-K
 // candidates; the ring's shared memory allows 2 blocks, the register pipeline 4).
 int64_t decode24_blocks_per_sm(int64_t m, bool bf16, bool swiglu, bool ring, bool portable, int64_t device) {
   TORCH_CHECK(m >= 1 && m <= kMaxM, "decode24_blocks_per_sm: m must be in 1..", static_cast<int64_t>(kMaxM));
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));  // the shared-memory attribute is per device
   DecodeArgs a{};
-  a.nt = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
+  a.nt = token_tiles(m);
   a.bf16 = bf16, a.swiglu = swiglu, a.ring = ring, a.portable = portable;
   int per_sm = 0;
   C10_CUDA_CHECK(decode24_occupancy(a, static_cast<int>(device), &per_sm));
@@ -100,7 +104,7 @@ at::Tensor launch(const at::Tensor& x, const void* A, const void* E, const void*
   split = std::min<int64_t>(split, chunks);
   const int64_t per = (chunks + split - 1) / split;
   split = (chunks + per - 1) / per;
-  const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  const int nt = token_tiles(M);
   auto y = at::empty({M, n_out}, x.options());
   float* ws = nullptr;
   int* counters = nullptr;
