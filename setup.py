@@ -53,6 +53,52 @@ def _extra_cuda_includes(cuda_home):
     return []
 
 
+def _find_cutlass():
+    """CUTLASS's C++ headers: $CUTLASS_DIR (a CUTLASS checkout) or the nvidia-cutlass wheel
+    (``pip install nvidia-cutlass``, which carries them under cutlass_library/source)."""
+    roots = [os.environ.get("CUTLASS_DIR", "")]
+    try:
+        import cutlass_library
+
+        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))
+    except ImportError:
+        pass
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "include", "cutlass", "cutlass.h")):
+            return root
+    return None
+
+
+def _cutlass_extension(CUDAExtension, cuda_includes):
+    """sparseflow._cutlass: CUTLASS's sm90 2:4 GEMM, compiled for sm_90a only (wgmma.sp)."""
+    if os.environ.get("SPARSEFLOW_NO_CUTLASS") == "1":
+        _note("SPARSEFLOW_NO_CUTLASS=1: no CUTLASS sm90 kernels")
+        return []
+    root = _find_cutlass()
+    if root is None:
+        _note("CUTLASS headers not found (pip install nvidia-cutlass, or set CUTLASS_DIR): no sm90 kernels")
+        return []
+    _note(f"building sparseflow._cutlass for sm_90a with CUTLASS at {root}")
+    flags = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
+    return [
+        CUDAExtension(
+            name="sparseflow._cutlass",
+            # one file per (dtype, configuration) under cutlass_inst/: they compile in parallel
+            sources=[
+                "csrc/cutlass_module.cpp",
+                "csrc/cutlass_gemm_ops.cu",
+                *sorted(glob.glob("csrc/cutlass_inst/*.cu")),
+            ],
+            include_dirs=[
+                os.path.join(root, "include"),
+                os.path.join(root, "tools", "util", "include"),
+                *cuda_includes,
+            ],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": flags},
+        )
+    ]
+
+
 def _extensions():
     if os.environ.get("SPARSEFLOW_NO_EXT") == "1":
         _note("SPARSEFLOW_NO_EXT=1: pure-Python install")
@@ -92,7 +138,7 @@ def _extensions():
         extra_link_args=[f"-Wl,-rpath,{os.path.join(root, 'lib')}"],
         extra_compile_args={"cxx": ["-O3", "-Wno-deprecated-declarations"], "nvcc": ["-O3", "--use_fast_math"]},
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext, *_cutlass_extension(CUDAExtension, _extra_cuda_includes(CUDA_HOME))], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

@@ -2,8 +2,8 @@
 
 y = x @ W^T for square problems (M=N=K) and Llama-3-8B layers x M, fp16 and bf16. Columns:
 cuBLAS (``F.linear``), PyTorch ``to_sparse_semi_structured``, cuSPARSELt through sparseflow
-(searched plan), our decode kernel (M <= 64), the faster of the two 2:4 kernels ("2:4 kern",
-i.e. forced sparse) and ``SparseLinear`` as dispatched. For the decode kernel the achieved HBM
+(searched plan), CUTLASS's sm90 kernels (Hopper, at the dispatcher's configuration), our decode
+kernel (M <= 64), the fastest of these 2:4 kernels ("kern x", i.e. forced sparse) and ``SparseLinear`` as dispatched. For the decode kernel the achieved HBM
 bandwidth (compressed weight + x + y bytes / time) is reported against a measured copy. Each figure is
 the median over samples; a sample is one pass over a rotation of weight/input sets whose total
 size exceeds the L2 cache (so weights come from HBM, as in a real model), captured in a CUDA graph
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow import timing
+from sparseflow import cutlass_gemm, timing
 from sparseflow.cslt_tuner import TUNER
 from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
 from sparseflow.nn import SparseLinear
@@ -72,26 +72,31 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
         samples,
     )
     row.update(both)
-    for key, backend in (("cusparselt_ms", "cusparselt"), ("decode_ms", "decode")):
+    d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
+    for key, backend in (("cusparselt_ms", "cusparselt"), ("cutlass_ms", "cutlass"), ("decode_ms", "decode")):
         row[key] = None
         if backend == "decode" and m > DECODE_MAX_M:
+            continue
+        if backend == "cutlass" and (d is None or d.cutlass_ms is None):  # not Hopper / not built / M < 16
             continue
         row[key] = median_ms(
             [lambda c=c, x=x, b=backend: sf.sparse_mm(x, c, backend=b) for c, x in zip(comp, xs)], samples
         )
-    row["sparse_kernel_ms"] = min(t for t in (row["cusparselt_ms"], row["decode_ms"]) if t)
+    row["sparse_kernel_ms"] = min(t for t in (row["cusparselt_ms"], row["cutlass_ms"], row["decode_ms"]) if t)
     if row["decode_ms"]:  # bytes moved / time: compressed weight + x + y (dense: weight + x + y)
         row["decode_gbps"] = (n * k * 1.125 + m * k * 2 + m * n * 2) / row["decode_ms"] / 1e6
         row["cublas_gbps"] = (n * k * 2 + m * k * 2 + m * n * 2) / row["cublas_ms"] / 1e6
         row["decode_vs_cublas_bandwidth"] = row["decode_gbps"] / row["cublas_gbps"]
-    d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
     row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
     row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
+    row["cutlass_cfg"] = cutlass_gemm.configs(dtype)[d.cutlass_cfg] if d and d.cutlass_ms is not None else None
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
     # What the dispatcher measured (L2 scrubbed, one weight) when it chose: beside the columns
     # above (weights rotated) it shows where the two methods disagree on a close call.
-    row["dispatch_ms"] = {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "decode": d.decode_ms} if d else None
+    row["dispatch_ms"] = (
+        {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "cutlass": d.cutlass_ms, "decode": d.decode_ms} if d else None
+    )
     # The decode kernel reading the portable form in place (no packed copy) against the packed
     # layout, each at its best pipeline (registers or ring), at the dispatcher's split and the
     # default: does the second copy pay?
@@ -201,6 +206,7 @@ def plot(rows, path: Path, gpu: str) -> None:
             ms = [r["M"] for r in sel]
             for key, color, label in (
                 ("cusparselt_ms", "C0", "cuSPARSELt"),
+                ("cutlass_ms", "C4", "CUTLASS sm90"),
                 ("decode_ms", "C1", "decode kernel"),
                 ("sparseflow_ms", "C2", "SparseLinear"),
                 ("torch_ms", "C3", "torch semi-structured"),
@@ -299,7 +305,8 @@ def main(argv=None) -> int:
     rows = []
     hdr = (
         f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>8} {'torch':>8} {'cuSPLt':>8} "
-        f"{'decode':>8} {'SparseLin':>9} | {'cslt x':>6} {'dec x':>6} {'kern x':>6} {'SL x':>6} {'torch x':>7} "
+        f"{'CUTLASS':>8} {'decode':>8} {'SparseLin':>9} | {'cslt x':>6} {'cutl x':>6} {'dec x':>6} {'kern x':>6} "
+        f"{'SL x':>6} {'torch x':>7} "
         f"{'dec GB/s':>8} choice"
     )
     print(hdr)
@@ -320,8 +327,9 @@ def main(argv=None) -> int:
         gbps = f"{r['decode_gbps']:8.0f}" if r.get("decode_gbps") else f"{'-':>8}"
         print(
             f"{name:>11} {r['dtype']:>8} {m:6d} {n:6d} {k:6d} | {r['cublas_ms']:8.4f} {ms(r['torch_ms'])} "
-            f"{ms(r['cusparselt_ms'])} {ms(r['decode_ms'])} {ms(r['sparseflow_ms'], 9)} | {x(r['cusparselt_ms'])} "
-            f"{x(r['decode_ms'])} {x(r['sparse_kernel_ms'])} {x(r['sparseflow_ms'])} {x(r['torch_ms'], 7)} {gbps} "
+            f"{ms(r['cusparselt_ms'])} {ms(r['cutlass_ms'])} {ms(r['decode_ms'])} {ms(r['sparseflow_ms'], 9)} | "
+            f"{x(r['cusparselt_ms'])} {x(r['cutlass_ms'])} {x(r['decode_ms'])} {x(r['sparse_kernel_ms'])} "
+            f"{x(r['sparseflow_ms'])} {x(r['torch_ms'], 7)} {gbps} "
             f"{r['choice']}",
             flush=True,
         )

@@ -63,17 +63,19 @@ def markdown_table(data: dict) -> str:
 
     lines = [
         (
-            "| layer | dtype | M | N | K | cuBLAS ms | PyTorch 2:4 ms | cuSPARSELt ms | decode ms | SparseLinear ms "
-            "| cuSPARSELt x | decode x | SparseLinear x | PyTorch x | chosen (cuSPARSELt layout) | run |"
+            "| layer | dtype | M | N | K | cuBLAS ms | PyTorch 2:4 ms | cuSPARSELt ms | CUTLASS ms | decode ms "
+            "| SparseLinear ms | cuSPARSELt x | CUTLASS x | decode x | SparseLinear x | PyTorch x "
+            "| chosen (cuSPARSELt layout) | run |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         choice = r["choice"] + (f" ({r['cusparselt_layout']})" if r["choice"] == "cusparselt" else "")
         lines.append(
             f"| {r['name']} | {r['dtype'].replace('float', 'fp').replace('bfloat', 'bf')} | {r['M']} | {r['N']} | "
             f"{r['K']} | {r['cublas_ms']:.4f} | {ms(r.get('torch_ms'))} | {ms(r.get('cusparselt_ms'))} | "
-            f"{ms(r.get('decode_ms'))} | {ms(r['sparseflow_ms'])} | {x(r, 'cusparselt_ms')} | {x(r, 'decode_ms')} | "
+            f"{ms(r.get('cutlass_ms'))} | {ms(r.get('decode_ms'))} | {ms(r['sparseflow_ms'])} | "
+            f"{x(r, 'cusparselt_ms')} | {x(r, 'cutlass_ms')} | {x(r, 'decode_ms')} | "
             f"{x(r, 'sparseflow_ms')} | {x(r, 'torch_ms')} | {choice} | {run(r.get('run'))} |"
         )
     return "\n".join(lines)

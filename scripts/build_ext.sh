@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 log=${1:-build.log}
 PY=${PYTHON:-python3}
 t0=$(date +%s)
-stamp=$(cat csrc/* setup.py | sha256sum | cut -c1-16)
+stamp=$(find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16)
 if [ "${REBUILD:-0}" != 1 ] && [ -f build/.sf_stamp ] && [ "$(cat build/.sf_stamp)" = "$stamp" ] \
     && $PY -c "import sparseflow._C" 2>/dev/null; then
   echo "build: skipped (sources unchanged since this machine's last build)"

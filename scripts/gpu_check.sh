@@ -21,8 +21,12 @@ PY=${PYTHON:-python3}
 summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to the device (nvidia-cutlass: CUTLASS's headers)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 summary+=("$(scripts/build_ext.sh "$OUT/build.log")")
-$PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR)" | tee -a "$OUT/build.log"
+$PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR, '| CUTLASS sm90:', sf._ext._CUTLASS is not None, sf._ext.CUTLASS_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
 timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import warnings
@@ -17,6 +18,18 @@ else:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
         from sparseflow import _C  # type: ignore[attr-defined]
     except ImportError as exc:  # built, but does not load (e.g. against another torch)
         EXT_ERROR = f"sparseflow._C does not load: {exc}"
+
+# CUTLASS's sm90 2:4 GEMM (csrc/cutlass_*; sparseflow.cutlass_gemm): built beside _C where CUTLASS's
+# headers were found (pip install nvidia-cutlass); runs on sm_90 (Hopper) only.
+_CUTLASS = None
+CUTLASS_ERROR: str | None = None
+if importlib.util.find_spec("sparseflow._cutlass") is None:
+    CUTLASS_ERROR = "sparseflow._cutlass was not built by this install (CUTLASS headers not found at build time)"
+else:
+    try:
+        _CUTLASS = importlib.import_module("sparseflow._cutlass")
+    except ImportError as exc:
+        CUTLASS_ERROR = f"sparseflow._cutlass does not load: {exc}"
 
 # How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt_gemm.cpp): 0 sparse A with a
 # column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B;

@@ -1,7 +1,9 @@
-"""Per-shape choice among dense cuBLAS, cuSPARSELt and our decode kernel, measured on the GPU.
+"""Per-shape choice among dense cuBLAS, cuSPARSELt, CUTLASS's sm90 kernels and our decode kernel,
+measured on the GPU.
 
 For each (dtype, N, K, M-bucket) we time, once, on the shapes themselves: ``F.linear``;
-cuSPARSELt with the algorithm ``cusparseLtMatmulSearch`` picks; and, for M <= 64, our small-M
+cuSPARSELt with the algorithm ``cusparseLtMatmulSearch`` (or our tuner) picks; on Hopper, each
+compiled CUTLASS configuration (``sparseflow.cutlass_gemm``); and, for M <= 64, our small-M
 kernel (``sparseflow.decode``) at a few split-K factors. The fastest wins, and the decision (with
 every time measured) persists in a JSON file keyed by GPU name and cuSPARSELt version
 (``$SPARSEFLOW_CACHE_DIR``, default ``~/.cache/sparseflow``), so a new process neither searches
@@ -103,7 +105,7 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 10
+_CACHE_VERSION = 11
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
 # H200, session 10 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
@@ -123,7 +125,7 @@ def m_bucket(m: int) -> int:
 
 @dataclass
 class Decision:
-    choice: str  # "dense", "cusparselt" or "decode"
+    choice: str  # "dense", "cusparselt", "cutlass" or "decode"
     cfg: list[int] = field(default_factory=lambda: [-1, 1, 0, 0])  # cuSPARSELt config id, split-k, mode, buffers
     layout: int = 1  # cuSPARSELt GEMM layout cfg applies to
     sparse_ms: float | None = None  # cuSPARSELt, searched
@@ -135,18 +137,23 @@ class Decision:
     in_place_vs_packed: float | None = None  # its best time over the packed layout's (taken or not)
     measured: bool = False
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cslt_tuner)
+    cutlass_ms: float | None = None  # CUTLASS's sm90 kernel at its best configuration
+    cutlass_cfg: int = -1  # that configuration (an index into sparseflow.cutlass_gemm.configs)
+
+    def _sparse_times(self) -> dict[str, float]:
+        times = {"cusparselt": self.sparse_ms, "cutlass": self.cutlass_ms, "decode": self.decode_ms}
+        return {name: t for name, t in times.items() if t is not None}
 
     @property
     def best_sparse(self) -> str:
-        """The faster measured 2:4 kernel (what backend='sparse' runs)."""
-        if self.decode_ms is not None and (self.sparse_ms is None or self.decode_ms < self.sparse_ms):
-            return "decode"
-        return "cusparselt"
+        """The fastest measured 2:4 kernel (what backend='sparse' runs); cuSPARSELt if none was."""
+        times = self._sparse_times()
+        return min(times, key=times.get) if times else "cusparselt"
 
     @property
     def speedup(self) -> float | None:
-        """Dense time over the faster 2:4 kernel's time."""
-        best = min((t for t in (self.sparse_ms, self.decode_ms) if t), default=None)
+        """Dense time over the fastest 2:4 kernel's time."""
+        best = min(self._sparse_times().values(), default=None)
         return self.dense_ms / best if best and self.dense_ms else None
 
     def fastest(self) -> str:
@@ -158,6 +165,19 @@ class Decision:
 
 def static_decision(m: int) -> Decision:
     return Decision("decode" if m <= STATIC_DECODE_MAX_M else "dense")
+
+
+def cutlass_wanted(weight) -> bool:
+    """Whether CUTLASS's sm90 kernels are timed for this weight: on Hopper, where they are built,
+    for shapes they take, at every M (their 16-token tiles ran gate_up/down at 1.6x cuBLAS at
+    M = 16 on the H200, beside our decode kernel's 1.3x); ``SPARSEFLOW_CUTLASS=0`` turns them off."""
+    from sparseflow import cutlass_gemm
+
+    return (
+        os.environ.get("SPARSEFLOW_CUTLASS", "1") != "0"
+        and cutlass_gemm.available(weight.device)
+        and cutlass_gemm.unsupported(*weight.shape) is None
+    )
 
 
 def default_sparse(m: int) -> str:
@@ -211,7 +231,7 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
 
 def _unchosen(d: Decision, had: set) -> list[str]:
     """Device layouts a measurement built (not in ``had`` before it) for kernels it did not choose."""
-    layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["decode"]
+    layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["cutlass", "decode"]
     keep = cslt_cache_key(d.layout) if d.choice == "cusparselt" else d.choice
     if d.decode_portable:
         keep = None  # the decode kernel reads the portable form: its packed copy is not kept either
@@ -233,6 +253,8 @@ class Dispatcher:
         return Path(os.environ.get("SPARSEFLOW_CACHE_DIR", Path.home() / ".cache" / "sparseflow"))
 
     def cache_file(self, device: torch.device) -> Path:
+        from sparseflow import cutlass_gemm
+
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
         # Decisions measured over other candidates than the default's are kept apart from them.
@@ -245,6 +267,8 @@ class Dispatcher:
             suffix = "-notuner"
         else:
             suffix = "-layouts" + "".join(map(str, layouts))
+        if not cutlass_gemm.available(device) or os.environ.get("SPARSEFLOW_CUTLASS", "1") == "0":
+            suffix += "-nocutlass"
         return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{suffix}.json"
 
     @staticmethod
@@ -336,6 +360,13 @@ class Dispatcher:
                     if found and (d.sparse_ms is None or found[1] < d.sparse_ms):
                         d.cfg, d.sparse_ms, d.search = found
                         d.layout = layout
+            if cutlass_wanted(weight):
+                from sparseflow.cutlass_gemm import configs, cutlass_mm
+
+                cw = weight.cutlass_packed()
+                d.cutlass_ms, d.cutlass_cfg = min(
+                    (_median_ms(lambda c=c: cutlass_mm(x, cw, c)), c) for c in range(len(configs(weight.dtype)))
+                )
             if bucket <= DECODE_MAX_M:
                 w = weight.decode_packed()
 
@@ -389,6 +420,8 @@ class Dispatcher:
                         "decode_in_place_vs_packed": d.in_place_vs_packed,
                         "cusparselt_cfg": d.cfg,
                         "cusparselt_layout": d.layout,
+                        "cutlass_ms": d.cutlass_ms,
+                        "cutlass_cfg": d.cutlass_cfg,
                     }
                 )
         return rows

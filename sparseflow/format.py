@@ -151,6 +151,16 @@ class Sparse24Weight:
             packed = cache["decode"] = pack_decode(self)
         return packed
 
+    def cutlass_packed(self):
+        """CUTLASS's sm90 layout of this weight (``sparseflow.cutlass_gemm``; built once)."""
+        cache = self._fresh_cache()
+        packed = cache.get("cutlass")
+        if packed is None:
+            from sparseflow.cutlass_gemm import pack_cutlass
+
+            packed = cache["cutlass"] = pack_cutlass(self)
+        return packed
+
     def drop_cached(self, *names: str) -> None:
         """Free device layouts (e.g. one a measurement built but the dispatcher did not choose)."""
         for name in names:

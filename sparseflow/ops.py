@@ -3,9 +3,9 @@
 The op ``sparseflow::sparse_linear`` is opaque to ``torch.compile`` (a fake implementation gives
 output shapes) and safe under CUDA-graph capture once each shape has been run eagerly. Its CUDA
 implementation looks the weight's device caches (cuSPARSELt buffer, optional dense copy) up by an
-integer handle, so compiled graphs carry no Python objects. Three kernels can serve a call:
-dense cuBLAS, cuSPARSELt (large M) and our decode kernel (M <= 64); ``sparseflow.dispatch``
-measures which is fastest per shape.
+integer handle, so compiled graphs carry no Python objects. Four kernels can serve a call:
+dense cuBLAS, cuSPARSELt and (on Hopper) CUTLASS's sm90 kernels for M >= 16, and our decode
+kernel (M <= 64); ``sparseflow.dispatch`` measures which is fastest per shape.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
+from sparseflow.cutlass_gemm import cutlass_mm
 from sparseflow.decode import DECODE_MAX_M, portable_ok
 from sparseflow.dispatch import CSLT_ALIGN, DISPATCHER, cslt_layout, cslt_unsupported, default_sparse, m_bucket
 from sparseflow.format import Sparse24Weight
@@ -25,8 +26,8 @@ __all__ = ["BACKENDS", "sparse_mm"]
 
 # auto: fastest measured (never slower than dense); sparse: fastest measured 2:4 kernel; the
 # others force one kernel.
-BACKENDS = {"auto": 0, "sparse": 1, "dense": 2, "cusparselt": 3, "decode": 4}
-_DENSE, _CSLT, _DECODE, _DECODE_PORTABLE = 0, 1, 2, 3
+BACKENDS = {"auto": 0, "sparse": 1, "dense": 2, "cusparselt": 3, "decode": 4, "cutlass": 5}
+_DENSE, _CSLT, _DECODE, _DECODE_PORTABLE, _CUTLASS = 0, 1, 2, 3, 4
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 _lib = torch.library.Library("sparseflow", "DEF")
@@ -84,6 +85,8 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
         kernel = "cusparselt"
     elif backend == BACKENDS["decode"]:
         kernel = "decode"
+    elif backend == BACKENDS["cutlass"]:
+        kernel = "cutlass"
     elif torch.cuda.is_current_stream_capturing() and DISPATCHER.lookup(w.device, w.dtype, *w.shape, m) is None:
         kernel = default_sparse(m) if backend == BACKENDS["sparse"] else DISPATCHER.decide(w, m).choice
     else:
@@ -104,6 +107,14 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
             (d.decode_split, d.decode_ring) if d else (0, False),
             None,
         )
+    if kernel == "cutlass":
+        from sparseflow import cutlass_gemm
+
+        why = cutlass_gemm.unavailable_reason(w.device) or cutlass_gemm.unsupported(*w.shape)
+        if why:  # reached only by backend='cutlass'
+            raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
+        cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else 0
+        return (w.values._version, _CUTLASS, w.cutlass_packed(), cfg, None)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
         raise ValueError(
@@ -139,7 +150,10 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
         else:
             y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0], r[3][1])
     else:
-        y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
+        if kernel == _CUTLASS:
+            y = cutlass_mm(x2, r[2], r[3])
+        else:
+            y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
         if bias is not None:
             y.add_(bias)
     return y if flat else y.view(*x.shape[:-1], n)
@@ -189,6 +203,10 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
         reason = cslt_reason
     elif reason is None and backend == "decode":
         reason = decode_reason
+    elif reason is None and backend == "cutlass":
+        from sparseflow import cutlass_gemm
+
+        reason = cutlass_gemm.unavailable_reason(x.device) or cutlass_gemm.unsupported(n, k)
     elif reason is None and backend in ("auto", "sparse") and cslt_reason and decode_reason:
         reason = f"{cslt_reason}, and {decode_reason}"
     if reason is None:
@@ -218,8 +236,8 @@ def sparse_mm(
 
     ``x`` is (..., in_features). ``backend``: ``"auto"`` (per-shape measured choice among dense
     cuBLAS and the 2:4 kernels: never slower than dense), ``"sparse"`` (the faster 2:4 kernel;
-    errors where none can run), ``"dense"``, or one kernel: ``"cusparselt"`` or ``"decode"``
-    (ours, M <= 64). On the CPU the result comes from an exact reference (decompress +
+    errors where none can run), ``"dense"``, or one kernel: ``"cusparselt"``, ``"cutlass"``
+    (Hopper only) or ``"decode"`` (ours, M <= 64). On the CPU the result comes from an exact reference (decompress +
     matmul in float32).
     """
     if backend not in BACKENDS:

@@ -114,6 +114,35 @@ def test_route_maps_decisions_to_kernels(monkeypatch):
         ops._route(odd, 200, ops.BACKENDS["cusparselt"])
 
 
+def test_route_takes_cutlass_where_it_measured_fastest(monkeypatch):
+    """A decision whose fastest 2:4 kernel is CUTLASS's routes to it with its configuration; a
+    forced backend='cutlass' where the kernels cannot run names why."""
+    from sparseflow import cutlass_gemm, ops
+    from sparseflow.dispatch import Decision
+
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256)))
+    monkeypatch.setattr(type(w), "cutlass_packed", lambda self: "CUTLASS")
+    monkeypatch.setattr(type(w), "cslt_packed", lambda self, layout: f"CSLT{layout}")
+    d = Decision("cutlass", cfg=[3, 1, 0, 0], sparse_ms=0.8, dense_ms=1.0, cutlass_ms=0.6, cutlass_cfg=2)
+    assert (d.best_sparse, d.fastest(), d.speedup) == ("cutlass", "cutlass", 1.0 / 0.6)
+    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m: d)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(cutlass_gemm, "unavailable_reason", lambda device: None)
+    assert ops._route(w, 512, ops.BACKENDS["auto"])[1:4] == (ops._CUTLASS, "CUTLASS", 2)
+    assert ops._route(w, 512, ops.BACKENDS["sparse"])[1:4] == (ops._CUTLASS, "CUTLASS", 2)
+    assert ops._route(w, 512, ops.BACKENDS["cusparselt"])[1] == ops._CSLT
+    d.cutlass_ms = 0.9  # cuSPARSELt now the faster 2:4 kernel
+    d.choice = d.fastest()
+    assert ops._route(w, 512, ops.BACKENDS["auto"])[1] == ops._CSLT
+    odd = sf.compress_2_4(sf.prune_2_4(torch.randn(96, 256)))  # N not a multiple of 64
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ops._route(odd, 512, ops.BACKENDS["cutlass"])
+    monkeypatch.setattr(cutlass_gemm, "unavailable_reason", lambda device: "sm_90a only")
+    with pytest.raises(ValueError, match="backend='cutlass' cannot run .*sm_90a only"):
+        ops._route(w, 512, ops.BACKENDS["cutlass"])
+
+
 def test_route_during_capture_without_measurement_uses_the_static_rule(monkeypatch):
     from sparseflow import ops
 
@@ -202,9 +231,11 @@ def test_cslt_candidate_layouts_follow_the_environment(monkeypatch):
 
 
 def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tmp_path):
-    from sparseflow import dispatch
+    from sparseflow import cutlass_gemm, dispatch
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(cutlass_gemm, "available", lambda device: True)
+    monkeypatch.delenv("SPARSEFLOW_CUTLASS", raising=False)
     monkeypatch.setattr(dispatch, "_C", None)
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "1")
@@ -218,19 +249,25 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
         "1,4,0": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-layouts140.json",
         "1": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-notuner.json",
     }
+    # decisions measured without CUTLASS's kernels (not built, not Hopper, or turned off) apart too
+    monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", "1,4")
+    monkeypatch.setenv("SPARSEFLOW_CUTLASS", "0")
+    assert dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name.endswith("cusparselt0-nocutlass.json")
 
 
 def test_a_measurement_frees_the_layouts_it_built_but_did_not_choose():
     from sparseflow.dispatch import Decision, _unchosen
 
-    assert _unchosen(Decision("cusparselt", layout=4), set()) == ["cslt_layout0", "cslt_sparse_b", "decode"]
-    assert _unchosen(Decision("cusparselt", layout=0), set()) == ["cslt", "cslt_sparse_b", "decode"]
-    assert _unchosen(Decision("decode"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b"]
-    assert _unchosen(Decision("dense"), {"cslt", "decode"}) == ["cslt_layout0", "cslt_sparse_b"]  # built before: kept
+    assert _unchosen(Decision("cusparselt", layout=4), set()) == ["cslt_layout0", "cslt_sparse_b", "cutlass", "decode"]
+    assert _unchosen(Decision("cusparselt", layout=0), set()) == ["cslt", "cslt_sparse_b", "cutlass", "decode"]
+    assert _unchosen(Decision("decode"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b", "cutlass"]
+    assert _unchosen(Decision("cutlass"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b", "decode"]
+    assert _unchosen(Decision("dense"), {"cslt", "decode", "cutlass"}) == ["cslt_layout0", "cslt_sparse_b"]  # kept
     assert _unchosen(Decision("decode", decode_portable=True), set()) == [
         "cslt",
         "cslt_layout0",
         "cslt_sparse_b",
+        "cutlass",
         "decode",
     ]
 

@@ -1,0 +1,154 @@
+// CUTLASS templates behind cutlass_gemm.cuh: the GEMM configurations and the compressor.
+#pragma once
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/transform/device/transform_universal_adapter.hpp"
+#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "cutlass_gemm.cuh"
+
+namespace sparseflow::cutlass24 {
+namespace detail {
+
+using namespace cute;
+using Problem = Shape<int, int, int, int>;
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using StreamK = cutlass::gemm::StreamKScheduler;
+
+// One configuration: tile (rows of W x tokens x K), cluster, schedule, tile scheduler.
+template <class T, int TN, int TM, int TK, int CN, int CM, class Sched, class TileSched = void>
+struct Gemm24 {
+  using Tile = Shape<Int<TN>, Int<TM>, Int<TK>>;
+  using Cluster = Shape<Int<CN>, Int<CM>, _1>;
+  using EpiSched = std::conditional_t<std::is_same_v<Sched, Coop>, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                                      cutlass::epilogue::TmaWarpSpecialized>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::ColumnMajor, 8, T,
+      cutlass::layout::ColumnMajor, 8, EpiSched>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, T, cutlass::layout::RowMajor, 8, T,
+      cutlass::layout::ColumnMajor, 8, float, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      Sched>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Problem, Mainloop, Epilogue, TileSched>;
+  using Op = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static std::string name() {
+    std::string s = std::to_string(TN) + "x" + std::to_string(TM) + "x" + std::to_string(TK);
+    if (CN * CM > 1) s += " cluster " + std::to_string(CN) + "x" + std::to_string(CM);
+    s += std::is_same_v<Sched, Coop> ? " cooperative" : " ping-pong";
+    if constexpr (std::is_same_v<TileSched, StreamK>) s += " stream-K";
+    return s;
+  }
+
+  static typename Op::Arguments args(const void* a, const void* e, const void* x, void* y, int n, int m, int k,
+                                     int device) {
+    using Main = typename Op::CollectiveMainloop;
+    Problem p{n, m, k, 1};
+    auto sb = cutlass::make_cute_packed_stride(typename Op::GemmKernel::StrideB{}, make_shape(m, k, 1));
+    auto sd = cutlass::make_cute_packed_stride(typename Op::GemmKernel::StrideD{}, make_shape(n, m, 1));
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    hw.sm_count = device >= 0 ? cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device) : 0;
+    return {cutlass::gemm::GemmUniversalMode::kGemm,
+            p,
+            {static_cast<const T*>(a), Main::SparseConfig::fill_layoutA(p), static_cast<const T*>(x), sb,
+             static_cast<const typename Main::ElementE*>(e), Main::SparseConfig::fill_layoutE(p)},
+            {{1.0f, 0.0f}, nullptr, sd, static_cast<T*>(y), sd},
+            hw};
+  }
+};
+
+// The configurations the dispatcher times (indices are the cfg numbers it records), chosen from
+// 16 measured on the H200 (wip/cutlass_probe; benchmarks/NOTES.md, session 13). Tiles are rows of
+// W x tokens x K: the small token tiles serve decode-sized M, where many row tiles and a deep K
+// tile keep enough bytes in flight. Each is compiled in its own file under csrc/cutlass_inst/
+// (they build in parallel); kConfigs must match those files.
+template <class T>
+using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-1024 (qkv, gate_up)
+                           Gemm24<T, 128, 256, 128, 2, 1, Coop>,  // 1: M >= 1024
+                           Gemm24<T, 128, 64, 128, 1, 1, Coop>,   // 2: M = 256 (o, down); M = 64 (gate_up)
+                           Gemm24<T, 64, 32, 128, 1, 1, Ping>,    // 3: M = 64 (o, down)
+                           Gemm24<T, 64, 64, 256, 1, 1, Ping>,    // 4: M = 64 (qkv)
+                           Gemm24<T, 128, 16, 128, 1, 1, Coop>,   // 5: M <= 16 (qkv, gate_up)
+                           Gemm24<T, 64, 16, 256, 1, 1, Ping>>;   // 6: M <= 16 (o, down)
+constexpr int kConfigs = 7;
+
+template <class T, int I>
+using Cfg = std::tuple_element_t<I, Configs<T>>;
+
+// One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE.
+template <class T, int I>
+std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws, int device,
+                cudaStream_t stream) {
+  using G = Cfg<T, I>;
+  auto args = G::args(a, e, x, y, n, m, k, device);
+  typename G::Op op;  // host side: can_implement + TMA descriptors (initialize), then the launch
+  auto can = op.can_implement(args);
+  if (can != cutlass::Status::kSuccess) return std::string("can_implement: ") + cutlassGetStatusString(can);
+  auto init = op.initialize(args, ws, stream);
+  if (init != cutlass::Status::kSuccess) return std::string("initialize: ") + cutlassGetStatusString(init);
+  auto st = op.run(stream);
+  return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
+}
+
+template <class T, int I>
+int64_t workspace(int n, int m, int k, int device) {
+  using G = Cfg<T, I>;
+  return int64_t(G::Op::get_workspace_size(G::args(nullptr, nullptr, nullptr, nullptr, n, m, k, device)));
+}
+
+template <class T>
+struct Compress {
+  using Sparse = typename Cfg<T, 0>::Op::CollectiveMainloop::SparseConfig;  // the same for every config
+  using ElementE = typename Cfg<T, 0>::Op::CollectiveMainloop::ElementE;
+  using StrideA = cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>;
+  using Util = cutlass::transform::kernel::StructuredSparseCompressorUtility<Problem, T, cutlass::layout::RowMajor,
+                                                                             Sparse>;
+  using Kernel = cutlass::transform::kernel::StructuredSparseCompressor<Problem, T, cutlass::layout::RowMajor,
+                                                                         Sparse, cutlass::arch::Sm90>;
+  using Op = cutlass::transform::device::TransformUniversalAdapter<Kernel>;
+
+  static StrideA stride(int n, int k) { return cutlass::make_cute_packed_stride(StrideA{}, make_shape(n, k, 1)); }
+
+  static typename Op::Arguments args(const void* dense, void* a, void* e, int n, int k, int device) {
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    hw.sm_count = device >= 0 ? cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device) : 0;
+    return {Problem{n, 1, k, 1},
+            {static_cast<const T*>(dense), stride(n, k), static_cast<T*>(a),
+             static_cast<ElementE*>(e)},
+            {hw}};
+  }
+};
+
+}  // namespace detail
+
+template <bool BF16>
+using Element = std::conditional_t<BF16, cutlass::bfloat16_t, cutlass::half_t>;
+
+}  // namespace sparseflow::cutlass24
+
+#define SF_CUTLASS_DECLARE(PREFIX, T, I)                                                                     \
+  PREFIX template std::string sparseflow::cutlass24::detail::run<T, I>(                                      \
+      const void*, const void*, const void*, void*, int, int, int, void*, int, cudaStream_t);                \
+  PREFIX template int64_t sparseflow::cutlass24::detail::workspace<T, I>(int, int, int, int);
+// In a csrc/cutlass_inst/ file: compile configuration I for element type T there.
+#define SF_CUTLASS_INSTANCE(T, I) SF_CUTLASS_DECLARE(, T, I)
+// In cutlass_gemm_ops.cu: configuration I is compiled elsewhere.
+#define SF_CUTLASS_EXTERN(T, I) SF_CUTLASS_DECLARE(extern, T, I)

@@ -1,0 +1,83 @@
+// Ops<BF16> (cutlass_gemm.cuh): configuration names, the compressor, and the switch from a
+// configuration index to its GEMM, which is compiled in csrc/cutlass_inst/.
+#include "cutlass_gemm_impl.cuh"
+
+#define SF_EXTERN_ALL(T) \
+  SF_CUTLASS_EXTERN(T, 0) \
+  SF_CUTLASS_EXTERN(T, 1) \
+  SF_CUTLASS_EXTERN(T, 2) \
+  SF_CUTLASS_EXTERN(T, 3) \
+  SF_CUTLASS_EXTERN(T, 4) \
+  SF_CUTLASS_EXTERN(T, 5) \
+  SF_CUTLASS_EXTERN(T, 6)
+SF_EXTERN_ALL(cutlass::half_t)
+SF_EXTERN_ALL(cutlass::bfloat16_t)
+
+namespace sparseflow::cutlass24 {
+
+static_assert(std::tuple_size_v<detail::Configs<cutlass::half_t>> == detail::kConfigs,
+              "kConfigs (and the files in csrc/cutlass_inst/, and SF_EXTERN_ALL) must match Configs");
+
+namespace {
+template <class T, size_t... I>
+std::string gemm_at(int cfg, const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws,
+                    int device, cudaStream_t stream, std::index_sequence<I...>) {
+  std::string err = "no such configuration";
+  ((cfg == int(I) ? (err = detail::run<T, int(I)>(a, e, x, y, n, m, k, ws, device, stream), 0) : 0), ...);
+  return err;
+}
+
+template <class T, size_t... I>
+int64_t workspace_at(int cfg, int n, int m, int k, int device, std::index_sequence<I...>) {
+  int64_t out = 0;
+  ((cfg == int(I) ? (out = detail::workspace<T, int(I)>(n, m, k, device), 0) : 0), ...);
+  return out;
+}
+}  // namespace
+
+template <bool BF16>
+std::vector<std::string> Ops<BF16>::names() {
+  std::vector<std::string> out;
+  std::apply([&](auto... c) { (out.push_back(decltype(c)::name()), ...); }, detail::Configs<Element<BF16>>{});
+  return out;
+}
+
+template <bool BF16>
+Sizes Ops<BF16>::sizes(int n, int k) {
+  using C = detail::Compress<Element<BF16>>;
+  typename C::Util u(detail::Problem{n, 1, k, 1}, C::stride(n, k));
+  auto args = C::args(nullptr, nullptr, nullptr, n, k, -1);
+  return {int64_t(u.get_tensorA_m_physical()) * u.get_tensorA_k_physical(), int64_t(u.get_tensor_E_bytes()),
+          int64_t(C::Op::get_workspace_size(args))};
+}
+
+template <bool BF16>
+std::string Ops<BF16>::compress(const void* dense, void* a, void* e, void* ws, int n, int k, int device,
+                                cudaStream_t stream) {
+  using C = detail::Compress<Element<BF16>>;
+  auto args = C::args(dense, a, e, n, k, device);
+  typename C::Op op;
+  auto can = op.can_implement(args);
+  if (can != cutlass::Status::kSuccess) return std::string("can_implement: ") + cutlassGetStatusString(can);
+  auto init = op.initialize(args, ws, stream);
+  if (init != cutlass::Status::kSuccess) return std::string("initialize: ") + cutlassGetStatusString(init);
+  auto st = op.run(stream);
+  return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
+}
+
+template <bool BF16>
+int64_t Ops<BF16>::workspace(int cfg, int n, int m, int k, int device) {
+  return workspace_at<Element<BF16>>(cfg, n, m, k, device, std::make_index_sequence<detail::kConfigs>{});
+}
+
+template <bool BF16>
+std::string Ops<BF16>::gemm(int cfg, const void* a, const void* e, const void* x, void* y, int n, int m, int k,
+                            void* ws, int device, cudaStream_t stream) {
+  return gemm_at<Element<BF16>>(cfg, a, e, x, y, n, m, k, ws, device, stream,
+                                std::make_index_sequence<detail::kConfigs>{});
+}
+
+template struct Ops<false>;
+template struct Ops<true>;
+
+}  // namespace sparseflow::cutlass24

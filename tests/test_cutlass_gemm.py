@@ -1,0 +1,106 @@
+"""CUTLASS's sm90 2:4 GEMM (sparseflow.cutlass_gemm): every compiled configuration against a
+float64 reference on fresh random data, outputs poisoned first. Runs on a Hopper GPU with
+sparseflow._cutlass built; skipped elsewhere."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparseflow as sf
+from sparseflow import cutlass_gemm
+from sparseflow.dispatch import DISPATCHER
+from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
+
+pytestmark = [
+    needs_cuda,
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not cutlass_gemm.available(torch.device("cuda")),
+        reason="CUTLASS sm90 kernels not built or not a Hopper GPU",
+    ),
+]
+
+SHAPES = [  # (M, N, K): M = 1 and odd M, tiles partly filled in every dimension, long K
+    (1, 64, 128),
+    (7, 192, 384),
+    (16, 4096, 4096),
+    (33, 320, 1152),
+    (64, 6144, 4096),
+    (255, 4096, 14336),
+    (256, 1024, 2048),
+    (1000, 768, 3072),
+    (4096, 4096, 4096),
+]
+
+
+def _poisoned(m, n, dtype):
+    """Fill freed allocator blocks with NaN so an unwritten output element shows up."""
+    junk = torch.empty(max(m * n * 2, 64 << 20), device="cuda", dtype=dtype).fill_(float("nan"))
+    del junk
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_every_configuration_matches_reference(dtype, m, n, k):
+    torch.manual_seed(m + 3 * n + 7 * k)
+    w = random_2_4(n, k, dtype, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    cw = cutlass_gemm.pack_cutlass(sf.compress_2_4(w))
+    ref = nn.functional.linear(x.double(), w.double())
+    names = cutlass_gemm.configs(dtype)
+    assert len(names) >= 2
+    for cfg, name in enumerate(names):
+        _poisoned(m, n, dtype)
+        out = cutlass_gemm.cutlass_mm(x, cw, cfg)
+        torch.cuda.synchronize()
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], f"config {cfg} ({name})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forced_backend_with_bias_nd_input_and_a_view(dtype):
+    """backend='cutlass' through sparse_mm: bias, 3-D x, and x a strided view (copied to be
+    contiguous and aligned before the kernel)."""
+    torch.manual_seed(0)
+    w = random_2_4(512, 1024, dtype, "cuda")
+    b = torch.randn(512, device="cuda", dtype=dtype)
+    c = sf.compress_2_4(w)
+    x = torch.randn(2, 40, 1024, device="cuda", dtype=dtype)
+    _poisoned(80, 512, dtype)
+    out = sf.sparse_mm(x, c, b, backend="cutlass")
+    assert rel_err(out, nn.functional.linear(x.double(), w.double(), b.double())) < TOL[dtype]
+    xv = torch.randn(300, 1032, device="cuda", dtype=dtype)[:, 8:]  # rows 1032 apart, offset 8
+    out = sf.sparse_mm(xv, c, None, backend="cutlass")
+    assert rel_err(out, nn.functional.linear(xv.double(), w.double())) < TOL[dtype]
+
+
+def test_dispatcher_times_cutlass_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    DISPATCHER.clear()
+    w = sf.compress_2_4(random_2_4(4096, 4096, torch.float16, "cuda"))
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.float16)
+    sf.sparse_mm(x, w)
+    d = DISPATCHER.lookup(w.device, w.dtype, 4096, 4096, 512)
+    assert d.cutlass_ms is not None and 0 <= d.cutlass_cfg < len(cutlass_gemm.configs(torch.float16))
+    assert d.speedup == d.dense_ms / min(t for t in (d.sparse_ms, d.cutlass_ms) if t)
+    row = [r for r in DISPATCHER.table(w.device, w.dtype, 4096, 4096) if r["m_bucket"] == 512][0]
+    assert row["cutlass_ms"] == d.cutlass_ms
+    if d.choice != "cutlass":  # the layout it built for timing is freed unless chosen
+        assert "cutlass" not in w._cache
+    DISPATCHER.clear()
+
+
+def test_bad_input_is_a_clear_error():
+    w16 = sf.compress_2_4(random_2_4(128, 256, torch.float16, "cuda"))
+    cw = cutlass_gemm.pack_cutlass(w16)
+    with pytest.raises(RuntimeError, match="config 99 out of range"):
+        cutlass_gemm.cutlass_mm(torch.randn(4, 256, device="cuda", dtype=torch.float16), cw, 99)
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        cutlass_gemm.cutlass_mm(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16), cw, 0)
+    with pytest.raises(RuntimeError, match=r"K \(384\) of 128|does not match"):
+        cutlass_gemm.cutlass_mm(torch.randn(4, 384, device="cuda", dtype=torch.float16), cw, 0)
+    odd = sf.compress_2_4(random_2_4(96, 256, torch.float16, "cuda"))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cutlass_gemm.pack_cutlass(odd)
+    with pytest.raises(ValueError, match="backend='cutlass'.*multiple of 64"):
+        sf.sparse_mm(torch.randn(4, 256, device="cuda", dtype=torch.float16), odd, backend="cutlass")
