@@ -1,5 +1,8 @@
 // Python bindings of the CUTLASS sm90 2:4 GEMM (imported as sparseflow._cutlass; built only where
-// CUTLASS's headers are found, for sm_90a). Checks here name the problem before any CUDA call.
+// CUTLASS's headers are found, for sm_90a). sparseflow/cutlass_gemm.py checks every argument and
+// allocates the outputs; these functions report a failure as a returned message, never by
+// throwing (an exception thrown from this module crashed the interpreter on the H200 device, see
+// benchmarks/NOTES.md session 13), and re-check only what would otherwise corrupt memory.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,79 +11,65 @@
 
 namespace sparseflow::cutlass24 {
 
-static bool is_bf16(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
-              "sparseflow CUTLASS 2:4 GEMM: float16 or bfloat16 tensors only, got ", t.scalar_type());
-  return t.scalar_type() == at::kBFloat16;
-}
-
-static void check_shape(int64_t n, int64_t k) {
-  TORCH_CHECK(n > 0 && n % kAlignN == 0 && k > 0 && k % kAlignK == 0, "sparseflow CUTLASS 2:4 GEMM: N (", n,
-              ") must be a multiple of ", kAlignN, " and K (", k, ") of ", kAlignK);
-  TORCH_CHECK(n < (int64_t(1) << 31) && k < (int64_t(1) << 31), "sparseflow CUTLASS 2:4 GEMM: N and K must fit in int32");
-}
-
-static Sizes sizes_of(bool bf16, int64_t n, int64_t k) {
-  return bf16 ? Ops<true>::sizes(int(n), int(k)) : Ops<false>::sizes(int(n), int(k));
+static bool half_or_bf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
 std::vector<std::string> configs(bool bf16) { return bf16 ? Ops<true>::names() : Ops<false>::names(); }
 
-// dense N x K (2:4) -> (values, metadata) in CUTLASS's sm90 order
-std::tuple<at::Tensor, at::Tensor> compress(const at::Tensor& dense) {
-  TORCH_CHECK(dense.is_cuda() && dense.dim() == 2 && dense.is_contiguous(),
-              "sparseflow CUTLASS compress: need a contiguous 2-D CUDA tensor");
-  bool bf16 = is_bf16(dense);
-  int64_t n = dense.size(0), k = dense.size(1);
-  check_shape(n, k);
-  c10::cuda::CUDAGuard guard(dense.device());
-  Sizes s = sizes_of(bf16, n, k);
-  auto a = at::empty({s.a_elems}, dense.options());
-  auto e = at::empty({s.e_bytes}, dense.options().dtype(at::kByte));
-  auto ws = at::zeros({std::max<int64_t>(s.workspace, 1)}, dense.options().dtype(at::kByte));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  int dev = dense.get_device();
-  std::string err = bf16 ? Ops<true>::compress(dense.data_ptr(), a.data_ptr(), e.data_ptr(), ws.data_ptr(), n, k, dev,
-                                               stream)
-                         : Ops<false>::compress(dense.data_ptr(), a.data_ptr(), e.data_ptr(), ws.data_ptr(), n, k,
-                                                dev, stream);
-  TORCH_CHECK(err.empty(), "sparseflow CUTLASS compress (", n, " x ", k, ") failed: ", err);
-  return {a, e};
+// [compressed values, metadata bytes, compressor workspace bytes] for an N x K weight
+std::vector<int64_t> sizes(bool bf16, int64_t n, int64_t k) {
+  Sizes s = bf16 ? Ops<true>::sizes(int(n), int(k)) : Ops<false>::sizes(int(n), int(k));
+  return {s.a_elems, s.e_bytes, s.workspace};
 }
 
-// y (M x n) = x (M x K) @ W^T, W given as compress()'s (a, e)
-at::Tensor mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, int64_t n, int64_t cfg) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
-              "sparseflow CUTLASS 2:4 GEMM: x must be a contiguous 2-D CUDA tensor");
-  bool bf16 = is_bf16(x);
-  TORCH_CHECK(a.scalar_type() == x.scalar_type() && a.device() == x.device() && e.device() == x.device(),
-              "sparseflow CUTLASS 2:4 GEMM: x and the weight differ in dtype or device");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sparseflow CUTLASS 2:4 GEMM: x must be 16-byte aligned");
-  int64_t m = x.size(0), k = x.size(1);
-  check_shape(n, k);
-  TORCH_CHECK(m < (int64_t(1) << 31), "sparseflow CUTLASS 2:4 GEMM: M must fit in int32");
-  auto names = configs(bf16);
-  TORCH_CHECK(cfg >= 0 && cfg < int64_t(names.size()), "sparseflow CUTLASS 2:4 GEMM: config ", cfg, " out of range 0..",
-              names.size() - 1);
-  Sizes s = sizes_of(bf16, n, k);
-  TORCH_CHECK(a.numel() == s.a_elems && e.numel() == s.e_bytes,
-              "sparseflow CUTLASS 2:4 GEMM: the compressed weight does not match N = ", n, ", K = ", k);
-  auto y = at::empty({m, n}, x.options());
-  if (m == 0) return y;
-  c10::cuda::CUDAGuard guard(x.device());
-  int dev = x.get_device();
-  int64_t wsb = bf16 ? Ops<true>::workspace(cfg, n, m, k, dev) : Ops<false>::workspace(cfg, n, m, k, dev);
-  at::Tensor ws;
-  if (wsb > 0) ws = at::empty({wsb}, x.options().dtype(at::kByte));
+int64_t workspace(bool bf16, int64_t cfg, int64_t n, int64_t m, int64_t k, int64_t device) {
+  return bf16 ? Ops<true>::workspace(int(cfg), int(n), int(m), int(k), int(device))
+              : Ops<false>::workspace(int(cfg), int(n), int(m), int(k), int(device));
+}
+
+// dense N x K (2:4) -> a, e (sized by sizes()); "" or what failed
+std::string compress(const at::Tensor& dense, at::Tensor& a, at::Tensor& e, at::Tensor& ws) {
+  if (!dense.is_cuda() || dense.dim() != 2 || !dense.is_contiguous() || !half_or_bf16(dense))
+    return "dense must be a contiguous 2-D float16/bfloat16 CUDA tensor";
+  bool bf16 = dense.scalar_type() == at::kBFloat16;
+  int64_t n = dense.size(0), k = dense.size(1);
+  if (n <= 0 || k <= 0 || n % kAlignN || k % kAlignK) return "N or K not aligned";
+  auto s = sizes(bf16, n, k);
+  if (a.numel() != s[0] || a.scalar_type() != dense.scalar_type() || e.numel() != s[1] || ws.numel() < s[2])
+    return "output buffers do not match sizes()";
+  c10::cuda::CUDAGuard guard(dense.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  void* wsp = wsb > 0 ? ws.data_ptr() : nullptr;
-  std::string err = bf16 ? Ops<true>::gemm(cfg, a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, wsp,
-                                           dev, stream)
-                         : Ops<false>::gemm(cfg, a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, wsp,
-                                            dev, stream);
-  TORCH_CHECK(err.empty(), "sparseflow CUTLASS 2:4 GEMM (", names[cfg], ", M = ", m, ", N = ", n, ", K = ", k,
-              ") failed: ", err);
-  return y;
+  int dev = dense.get_device();
+  return bf16 ? Ops<true>::compress(dense.data_ptr(), a.data_ptr(), e.data_ptr(), ws.data_ptr(), n, k, dev, stream)
+              : Ops<false>::compress(dense.data_ptr(), a.data_ptr(), e.data_ptr(), ws.data_ptr(), n, k, dev, stream);
+}
+
+// y (M x N) = x (M x K) @ W^T with W as compress()'s (a, e); "" or what failed
+std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at::Tensor& y,
+               const c10::optional<at::Tensor>& ws, int64_t cfg) {
+  if (!x.is_cuda() || x.dim() != 2 || !x.is_contiguous() || !half_or_bf16(x) || y.dim() != 2 ||
+      !y.is_contiguous() || y.scalar_type() != x.scalar_type() || a.scalar_type() != x.scalar_type())
+    return "x and y must be contiguous 2-D CUDA tensors of the weight's dtype";
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 || reinterpret_cast<uintptr_t>(y.data_ptr()) % 16)
+    return "x and y must be 16-byte aligned";
+  bool bf16 = x.scalar_type() == at::kBFloat16;
+  int64_t m = x.size(0), k = x.size(1), n = y.size(1);
+  if (y.size(0) != m || n <= 0 || k <= 0 || n % kAlignN || k % kAlignK) return "shapes do not match";
+  auto s = sizes(bf16, n, k);
+  if (a.numel() != s[0] || e.numel() != s[1]) return "the compressed weight does not match N and K";
+  if (cfg < 0 || cfg >= int64_t(configs(bf16).size())) return "no such configuration";
+  int dev = x.get_device();
+  int64_t need = workspace(bf16, cfg, n, m, k, dev);
+  if (need > 0 && (!ws.has_value() || ws->numel() < need)) return "workspace too small";
+  if (m == 0) return "";
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  void* w = need > 0 ? ws->data_ptr() : nullptr;
+  return bf16 ? Ops<true>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w, dev,
+                                stream)
+              : Ops<false>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w, dev,
+                                 stream);
 }
 
 }  // namespace sparseflow::cutlass24
@@ -89,9 +78,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace c = sparseflow::cutlass24;
   m.doc() = "sparseflow's CUTLASS sm90 2:4 GEMM (Hopper, wgmma.sp)";
   m.def("configs", &c::configs, "names of the compiled configurations", py::arg("bf16"));
-  m.def("compress", &c::compress, "dense 2:4 N x K -> (values, metadata) in CUTLASS's sm90 order");
-  m.def("mm", &c::mm, "y = x @ W^T with W from compress()", py::arg("x"), py::arg("a"), py::arg("e"), py::arg("n"),
-        py::arg("cfg"));
+  m.def("sizes", &c::sizes, "[values, metadata bytes, compressor workspace bytes] of an N x K weight");
+  m.def("workspace", &c::workspace, "workspace bytes of one GEMM");
+  m.def("compress", &c::compress, "dense 2:4 N x K -> (a, e) in CUTLASS's sm90 order; '' or the failure");
+  m.def("mm", &c::mm, "y = x @ W^T with W from compress(); '' or the failure", py::arg("x"), py::arg("a"),
+        py::arg("e"), py::arg("y"), py::arg("ws"), py::arg("cfg"));
   m.attr("ALIGN_N") = c::kAlignN;
   m.attr("ALIGN_K") = c::kAlignK;
 }

@@ -62,15 +62,50 @@ def configs(dtype: torch.dtype) -> list[str]:
 def pack_cutlass(weight) -> CutlassWeight:
     """CUTLASS's layout of a CUDA ``Sparse24Weight``, built on its device by CUTLASS's compressor."""
     reason = unavailable_reason(weight.device) or unsupported(*weight.shape)
+    if reason is None and weight.dtype not in (torch.float16, torch.bfloat16):
+        reason = f"{weight.dtype} weights have no 2:4 tensor-core path (float16 or bfloat16)"
     if reason:
         raise ValueError(f"sparseflow: CUTLASS 2:4 GEMM unavailable for {weight}: {reason}")
-    A, E = _CUTLASS.compress(weight.dense_on_device(keep=False))
-    return CutlassWeight(A, E, *weight.shape)
+    n, k = weight.shape
+    a_elems, e_bytes, ws_bytes = _CUTLASS.sizes(weight.dtype == torch.bfloat16, n, k)
+    dense = weight.dense_on_device(keep=False).contiguous()
+    A = torch.empty(a_elems, dtype=weight.dtype, device=weight.device)
+    E = torch.empty(e_bytes, dtype=torch.uint8, device=weight.device)
+    ws = torch.zeros(max(ws_bytes, 1), dtype=torch.uint8, device=weight.device)
+    with torch.cuda.device(weight.device):
+        err = _CUTLASS.compress(dense, A, E, ws)
+    if err:
+        raise RuntimeError(f"sparseflow: CUTLASS's 2:4 compressor failed for {weight}: {err}")
+    return CutlassWeight(A, E, n, k)
+
+
+_WORKSPACE: dict[tuple, int] = {}
 
 
 def cutlass_mm(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
     """y = x @ W^T for 2-D x (made contiguous and 16-byte aligned here) with configuration ``cfg``."""
+    if not isinstance(w, CutlassWeight):
+        raise TypeError(f"cutlass_mm: weight must be a CutlassWeight (pack_cutlass), got {type(w).__name__}")
+    if x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"cutlass_mm: x has shape {tuple(x.shape)}, expected (M, {w.k})")
+    if x.dtype != w.A.dtype or x.device != w.A.device:
+        raise TypeError(f"cutlass_mm: x is {x.dtype} on {x.device}, the weight {w.A.dtype} on {w.A.device}")
+    bf16 = x.dtype == torch.bfloat16
+    if not 0 <= cfg < len(configs(x.dtype)):
+        raise ValueError(f"cutlass_mm: config {cfg} out of range 0..{len(configs(x.dtype)) - 1}")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
-    return _CUTLASS.mm(x, w.A, w.E, w.n, cfg)
+    m = x.shape[0]
+    y = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
+    key = (bf16, cfg, w.n, m, w.k, x.device.index)
+    need = _WORKSPACE.get(key)
+    if need is None:
+        need = _WORKSPACE[key] = _CUTLASS.workspace(bf16, cfg, w.n, m, w.k, x.device.index)
+    ws = torch.empty(need, dtype=torch.uint8, device=x.device) if need else None
+    err = _CUTLASS.mm(x, w.A, w.E, y, ws, cfg)
+    if err:
+        raise RuntimeError(
+            f"sparseflow: CUTLASS 2:4 GEMM ({configs(x.dtype)[cfg]}, M = {m}, N = {w.n}, K = {w.k}) failed: {err}"
+        )
+    return y
