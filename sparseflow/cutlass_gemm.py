@@ -83,27 +83,35 @@ _WORKSPACE: dict[tuple, int] = {}
 
 
 def cutlass_mm(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
-    """y = x @ W^T for 2-D x (made contiguous and 16-byte aligned here) with configuration ``cfg``."""
+    """y = x @ W^T for 2-D x with configuration ``cfg`` (an index into ``configs``), checked."""
     if not isinstance(w, CutlassWeight):
         raise TypeError(f"cutlass_mm: weight must be a CutlassWeight (pack_cutlass), got {type(w).__name__}")
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"cutlass_mm: x has shape {tuple(x.shape)}, expected (M, {w.k})")
     if x.dtype != w.A.dtype or x.device != w.A.device:
         raise TypeError(f"cutlass_mm: x is {x.dtype} on {x.device}, the weight {w.A.dtype} on {w.A.device}")
-    bf16 = x.dtype == torch.bfloat16
-    if not 0 <= cfg < len(configs(x.dtype)):
-        raise ValueError(f"cutlass_mm: config {cfg} out of range 0..{len(configs(x.dtype)) - 1}")
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
+    count = len(configs(x.dtype))
+    if not 0 <= cfg < count:
+        raise ValueError(f"cutlass_mm: config {cfg} out of range 0..{count - 1}")
+    return mm_unchecked(x, w, cfg)
+
+
+def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
+    """``cutlass_mm`` for callers that checked x against the weight already (the hot path:
+    ``sparseflow.ops``); the extension still refuses what would corrupt memory."""
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
     m = x.shape[0]
-    y = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
-    key = (bf16, cfg, w.n, m, w.k, x.device.index)
+    y = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
+    key = (x.dtype, cfg, w.n, m, w.k, x.device.index)
     need = _WORKSPACE.get(key)
     if need is None:
-        need = _WORKSPACE[key] = _CUTLASS.workspace(bf16, cfg, w.n, m, w.k, x.device.index)
-    ws = torch.empty(need, dtype=torch.uint8, device=x.device) if need else None
-    err = _CUTLASS.mm(x, w.A, w.E, y, ws, cfg)
+        if len(_WORKSPACE) > 4096:  # one entry per distinct M: bounded for servers with varying M
+            _WORKSPACE.clear()
+        need = _WORKSPACE[key] = _CUTLASS.workspace(x.dtype == torch.bfloat16, cfg, w.n, m, w.k, x.device.index)
+    err = _CUTLASS.mm(x, w.A, w.E, y, torch.empty(need, dtype=torch.uint8, device=x.device) if need else None, cfg)
     if err:
         raise RuntimeError(
             f"sparseflow: CUTLASS 2:4 GEMM ({configs(x.dtype)[cfg]}, M = {m}, N = {w.n}, K = {w.k}) failed: {err}"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
-from sparseflow.cutlass_gemm import cutlass_mm
+from sparseflow.cutlass_gemm import mm_unchecked as cutlass_mm
 from sparseflow.decode import DECODE_MAX_M, portable_ok
 from sparseflow.dispatch import CSLT_ALIGN, DISPATCHER, cslt_layout, cslt_unsupported, default_sparse, m_bucket
 from sparseflow.format import Sparse24Weight

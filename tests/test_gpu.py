@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import sparseflow as sf
+from sparseflow import cutlass_gemm
 from sparseflow._ext import _C
 from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, Decision, portable_enabled
 from sparseflow.nn import SparseLinear
@@ -92,7 +93,14 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     info = sl.dispatch_info()
     assert {r["m_bucket"] for r in info} >= {8, 128, 2048}
     for r in info:
-        measured = Decision("dense", sparse_ms=r["cusparselt_ms"], dense_ms=r["dense_ms"], decode_ms=r["decode_ms"])
+        measured = Decision(
+            "dense",
+            sparse_ms=r["cusparselt_ms"],
+            dense_ms=r["dense_ms"],
+            decode_ms=r["decode_ms"],
+            cutlass_ms=r["cutlass_ms"],
+        )
+        assert (r["cutlass_ms"] is not None) == cutlass_gemm.available(w.device)  # 1024 x 2048: a shape it takes
         assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= CSLT_MIN_BUCKET)
         assert (r["decode_ms"] is not None) == (r["m_bucket"] <= 64)
         assert r["choice"] == measured.fastest()  # the fastest, if a 2:4 kernel beats dense by the margin
@@ -105,6 +113,7 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     assert mem["portable"] == 1024 * 2048 * 2 * 0.5625
     assert (mem["dense_fallback"] > 0) == any(r["choice"] == "dense" for r in info)
     assert (mem["decode"] > 0) == any(r["choice"] == "decode" and not r["decode_in_place"] for r in info)
+    assert (mem["cutlass"] > 0) == any(r["choice"] == "cutlass" for r in info)
 
 
 @needs_ext
@@ -261,7 +270,7 @@ def test_autotune_measures_before_the_first_forward(tmp_path, monkeypatch):
     layer = SparseLinear.from_dense(torch.nn.Linear(1536, 768), prune=True).half().cuda()
     rows = sf.autotune(torch.nn.Sequential(layer), tokens=(4, 200))
     assert [(r["M"], r["m_bucket"]) for r in rows] == [(4, 8), (200, 256)]
-    assert all(r["choice"] in ("dense", "decode", "cusparselt") for r in rows)
+    assert all(r["choice"] in ("dense", "decode", "cusparselt", "cutlass") for r in rows)
     searches = sf.DISPATCHER.searches
     for m in (3, 200):  # same buckets: served from the decisions, nothing measured again
         x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
@@ -283,7 +292,9 @@ def test_demo_autotune_step_summarises_the_kernels_chosen(tmp_path, monkeypatch)
     line = autotune_summary(model, (1, 12, 128))
     n_shapes = len({m.weight_2_4.shape for m in model.modules() if isinstance(m, SparseLinear)})
     assert line.startswith(f"{3 * n_shapes} (layer shape, M) pairs, M in (1, 12, 128): "), line
-    assert all(part.split()[1] in ("cusparselt", "decode", "dense") for part in line.split(": ", 1)[1].split(", "))
+    assert all(
+        part.split()[1] in ("cusparselt", "cutlass", "decode", "dense") for part in line.split(": ", 1)[1].split(", ")
+    )
     sf.DISPATCHER.clear()
 
 
@@ -294,6 +305,7 @@ def test_decode_reads_the_portable_form_without_a_packed_copy(tmp_path, monkeypa
 
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("SPARSEFLOW_DECODE_PORTABLE", "1" if portable else "0")
+    monkeypatch.setenv("SPARSEFLOW_CUTLASS", "0")  # CUTLASS's 16-token tile beats decode at M = 4 on the H200
     monkeypatch.setattr(dispatch, "PORTABLE_SLACK", 1e9)  # take the in-place reading whenever it may run
     monkeypatch.setattr(dispatch, "SPARSE_MIN_GAIN", 1.0)
     sf.DISPATCHER.clear()
