@@ -92,19 +92,25 @@ constexpr int kConfigs = 7;
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
 
-// One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE.
-template <class T, int I>
-std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws, int device,
-                cudaStream_t stream) {
-  using G = Cfg<T, I>;
-  auto args = G::args(a, e, x, y, n, m, k, device);
-  typename G::Op op;  // host side: can_implement + TMA descriptors (initialize), then the launch
+// Runs one CUTLASS device operator (GEMM or compressor): can_implement, initialize (on the host:
+// TMA descriptors), launch. "" or which step failed, with CUTLASS's status.
+template <class Op>
+std::string launch(typename Op::Arguments args, void* ws, cudaStream_t stream) {
+  Op op;
   auto can = op.can_implement(args);
   if (can != cutlass::Status::kSuccess) return std::string("can_implement: ") + cutlassGetStatusString(can);
   auto init = op.initialize(args, ws, stream);
   if (init != cutlass::Status::kSuccess) return std::string("initialize: ") + cutlassGetStatusString(init);
   auto st = op.run(stream);
   return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
+}
+
+// One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE.
+template <class T, int I>
+std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws, int device,
+                cudaStream_t stream) {
+  using G = Cfg<T, I>;
+  return launch<typename G::Op>(G::args(a, e, x, y, n, m, k, device), ws, stream);
 }
 
 template <class T, int I>

@@ -55,14 +55,7 @@ template <bool BF16>
 std::string Ops<BF16>::compress(const void* dense, void* a, void* e, void* ws, int n, int k, int device,
                                 cudaStream_t stream) {
   using C = detail::Compress<Element<BF16>>;
-  auto args = C::args(dense, a, e, n, k, device);
-  typename C::Op op;
-  auto can = op.can_implement(args);
-  if (can != cutlass::Status::kSuccess) return std::string("can_implement: ") + cutlassGetStatusString(can);
-  auto init = op.initialize(args, ws, stream);
-  if (init != cutlass::Status::kSuccess) return std::string("initialize: ") + cutlassGetStatusString(init);
-  auto st = op.run(stream);
-  return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
+  return detail::launch<typename C::Op>(C::args(dense, a, e, n, k, device), ws, stream);
 }
 
 template <bool BF16>

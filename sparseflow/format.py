@@ -120,6 +120,14 @@ class Sparse24Weight:
             self._cache = {"version": self.values._version, **{k: v for k, v in self._cache.items() if k == "handle"}}
         return self._cache
 
+    def _derived(self, key: str, build):
+        """The cached device layout ``key``, built by ``build()`` on first use."""
+        cache = self._fresh_cache()
+        layout = cache.get(key)
+        if layout is None:
+            layout = cache[key] = build()
+        return layout
+
     def dense_on_device(self, keep: bool = True) -> torch.Tensor:
         """The dense weight on this device (for dense fallback); kept only if ``keep``."""
         cache = self._fresh_cache()
@@ -134,32 +142,19 @@ class Sparse24Weight:
         """cuSPARSELt's compressed buffer for this weight and GEMM layout (CUDA, built once)."""
         from sparseflow._ext import _C
 
-        cache = self._fresh_cache()
-        key = cslt_cache_key(layout)
-        packed = cache.get(key)
-        if packed is None:
-            packed = cache[key] = _C.cslt_compress(self.dense_on_device(keep=False), layout)
-        return packed
+        return self._derived(cslt_cache_key(layout), lambda: _C.cslt_compress(self.dense_on_device(keep=False), layout))
 
     def decode_packed(self):
         """Our decode kernel's layout of this weight (``sparseflow.decode``; built once)."""
-        cache = self._fresh_cache()
-        packed = cache.get("decode")
-        if packed is None:
-            from sparseflow.decode import pack_decode
+        from sparseflow.decode import pack_decode
 
-            packed = cache["decode"] = pack_decode(self)
-        return packed
+        return self._derived("decode", lambda: pack_decode(self))
 
     def cutlass_packed(self):
         """CUTLASS's sm90 layout of this weight (``sparseflow.cutlass_gemm``; built once)."""
-        cache = self._fresh_cache()
-        packed = cache.get("cutlass")
-        if packed is None:
-            from sparseflow.cutlass_gemm import pack_cutlass
+        from sparseflow.cutlass_gemm import pack_cutlass
 
-            packed = cache["cutlass"] = pack_cutlass(self)
-        return packed
+        return self._derived("cutlass", lambda: pack_cutlass(self))
 
     def drop_cached(self, *names: str) -> None:
         """Free device layouts (e.g. one a measurement built but the dispatcher did not choose)."""
