@@ -319,3 +319,20 @@ def test_layout_4_search_retimes_the_tuners_two_fastest(monkeypatch):
     monkeypatch.setattr(TUNER, "sweep", broken)  # a tuner bug never reaches the forward
     with pytest.warns(RuntimeWarning, match="tuner failed"):
         assert dispatch._search(x, None, 128, 4) is None
+
+
+def test_cutlass_kernels_say_why_they_cannot_run_here():
+    """CUTLASS's sm90 kernels: shape rule, and a clear refusal off Hopper / without the build."""
+    from sparseflow import cutlass_gemm
+    from sparseflow.dispatch import cutlass_wanted
+
+    assert cutlass_gemm.unsupported(4096, 14336) is None
+    assert "multiple of 64" in cutlass_gemm.unsupported(96, 256)
+    assert "of 128" in cutlass_gemm.unsupported(128, 192)
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256, dtype=torch.float16)))
+    assert not cutlass_gemm.available(w.device) and cutlass_gemm.unavailable_reason(w.device)
+    assert not cutlass_wanted(w)
+    with pytest.raises(ValueError, match="CUTLASS 2:4 GEMM unavailable"):
+        cutlass_gemm.pack_cutlass(w)
+    with pytest.raises(ValueError, match="backend='cutlass'.*need CUDA tensors"):
+        sf.sparse_mm(torch.randn(4, 256, dtype=torch.float16), w, backend="cutlass")
