@@ -229,6 +229,27 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
     return (best[0], best[1], "tuner") if best else None
 
 
+def _time_cutlass(weight, x: torch.Tensor) -> tuple[float, int] | None:
+    """The fastest CUTLASS configuration for this problem and its time (L2 scrubbed), or None if
+    none ran. A failure costs that configuration (reported once), never the forward."""
+    from sparseflow.cutlass_gemm import configs, cutlass_mm
+
+    try:
+        cw = weight.cutlass_packed()
+    except RuntimeError as exc:
+        warn_once(f"cutlass-pack:{exc}", f"sparseflow: CUTLASS's 2:4 form could not be built ({exc}); not used")
+        return None
+    times = []
+    for cfg in range(len(configs(weight.dtype))):
+        try:
+            cutlass_mm(x, cw, cfg)  # once eagerly: a refusal raises here, not inside graph capture
+        except RuntimeError as exc:
+            warn_once(f"cutlass:{cfg}:{exc}", f"sparseflow: CUTLASS configuration {cfg} failed ({exc}); not used")
+            continue
+        times.append((_median_ms(lambda cfg=cfg: cutlass_mm(x, cw, cfg)), cfg))
+    return min(times) if times else None
+
+
 def _unchosen(d: Decision, had: set) -> list[str]:
     """Device layouts a measurement built (not in ``had`` before it) for kernels it did not choose."""
     layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["cutlass", "decode"]
@@ -361,12 +382,7 @@ class Dispatcher:
                         d.cfg, d.sparse_ms, d.search = found
                         d.layout = layout
             if cutlass_wanted(weight):
-                from sparseflow.cutlass_gemm import configs, cutlass_mm
-
-                cw = weight.cutlass_packed()
-                d.cutlass_ms, d.cutlass_cfg = min(
-                    (_median_ms(lambda c=c: cutlass_mm(x, cw, c)), c) for c in range(len(configs(weight.dtype)))
-                )
+                d.cutlass_ms, d.cutlass_cfg = _time_cutlass(weight, x) or (None, -1)
             if bucket <= DECODE_MAX_M:
                 w = weight.decode_packed()
 

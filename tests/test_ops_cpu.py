@@ -336,3 +336,25 @@ def test_cutlass_kernels_say_why_they_cannot_run_here():
         cutlass_gemm.pack_cutlass(w)
     with pytest.raises(ValueError, match="backend='cutlass'.*need CUDA tensors"):
         sf.sparse_mm(torch.randn(4, 256, dtype=torch.float16), w, backend="cutlass")
+
+
+def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
+    """The dispatcher's CUTLASS timing, with the kernel faked: a configuration that refuses to run
+    is reported once and left out; if none runs, the decision simply has no CUTLASS time."""
+    from sparseflow import cutlass_gemm, dispatch
+
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256)))
+    monkeypatch.setattr(type(w), "cutlass_packed", lambda self: "CUTLASS")
+    monkeypatch.setattr(cutlass_gemm, "configs", lambda dtype: ["a", "b", "c"])
+
+    def fake_mm(x, cw, cfg):
+        if cfg == 1:
+            raise RuntimeError("can_implement: Error Misaligned Operand")
+
+    monkeypatch.setattr(cutlass_gemm, "cutlass_mm", fake_mm)
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn: {0: 2.0, 2: 1.5}[fn.__defaults__[0]])
+    with pytest.warns(RuntimeWarning, match="CUTLASS configuration 1 failed"):
+        assert dispatch._time_cutlass(w, torch.randn(4, 256)) == (1.5, 2)
+    monkeypatch.setattr(type(w), "cutlass_packed", lambda self: (_ for _ in ()).throw(RuntimeError("no")))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert dispatch._time_cutlass(w, torch.randn(4, 256)) is None
