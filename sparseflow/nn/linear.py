@@ -17,9 +17,9 @@ from sparseflow.ops import BACKENDS, _handle, _validate, cuda_forward, resolve_b
 class SparseLinear(nn.Module):
     """y = x W^T + b with W (out_features x in_features) in the portable 2:4 form.
 
-    ``backend``: "auto" (measured per shape and M-bucket: dense cuBLAS, cuSPARSELt or our decode
-    kernel, whichever is fastest), "sparse" (the faster 2:4 kernel), "dense", "cusparselt" or
-    "decode". Inference only (no backward).
+    ``backend``: "auto" (measured per shape and M-bucket: dense cuBLAS, cuSPARSELt, CUTLASS's sm90
+    kernels or our decode kernel, whichever is fastest), "sparse" (the fastest 2:4 kernel),
+    "dense", "cusparselt", "cutlass" or "decode". Inference only (no backward).
     """
 
     def __init__(
