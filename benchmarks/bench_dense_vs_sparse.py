@@ -3,9 +3,10 @@
 y = x @ W^T for square problems (M=N=K) and Llama-3-8B layers x M, fp16 and bf16. Columns:
 cuBLAS (``F.linear``), PyTorch ``to_sparse_semi_structured``, cuSPARSELt through sparseflow
 (searched plan), CUTLASS's sm90 kernels (Hopper, at the dispatcher's configuration), our decode
-kernel (M <= 64), the fastest of these 2:4 kernels ("kern x", i.e. forced sparse) and ``SparseLinear`` as dispatched. For the decode kernel the achieved HBM
-bandwidth (compressed weight + x + y bytes / time) is reported against a measured copy. Each figure is
-the median over samples; a sample is one pass over a rotation of weight/input sets whose total
+kernel (M <= 64), the fastest of these 2:4 kernels ("kern x", i.e. forced sparse) and
+``SparseLinear`` as dispatched. For the decode kernel the achieved HBM bandwidth (compressed
+weight + x + y bytes / time) is reported against a measured copy. Each figure is the median over
+samples; a sample is one pass over a rotation of weight/input sets whose total
 size exceeds the L2 cache (so weights come from HBM, as in a real model), captured in a CUDA graph
 so that GPU time, not Python launch cost, is measured (host cost per call is reported apart). Writes
 ``benchmarks/results/linear_<gpu>.json`` and a PNG of speedup over cuBLAS vs M per layer.
@@ -77,7 +78,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
         row[key] = None
         if backend == "decode" and m > DECODE_MAX_M:
             continue
-        if backend == "cutlass" and (d is None or d.cutlass_ms is None):  # not Hopper / not built / M < 16
+        if backend == "cutlass" and (d is None or d.cutlass_ms is None):  # not Hopper / not built / shape
             continue
         row[key] = median_ms(
             [lambda c=c, x=x, b=backend: sf.sparse_mm(x, c, backend=b) for c, x in zip(comp, xs)], samples

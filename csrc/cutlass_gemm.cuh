@@ -25,6 +25,9 @@ namespace sparseflow::cutlass24 {
 // N % kAlignN == 0 and K % kAlignK == 0.
 constexpr int64_t kAlignN = 64;
 constexpr int64_t kAlignK = 128;
+// Configurations per element type (Configs in cutlass_gemm_impl.cuh, one file each in
+// csrc/cutlass_inst/; a static_assert there keeps the three in step).
+constexpr int kConfigs = 7;
 
 struct Sizes {
   int64_t a_elems;  // compressed values (with CUTLASS's padding)

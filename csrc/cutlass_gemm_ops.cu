@@ -15,7 +15,7 @@ SF_EXTERN_ALL(cutlass::bfloat16_t)
 
 namespace sparseflow::cutlass24 {
 
-static_assert(std::tuple_size_v<detail::Configs<cutlass::half_t>> == detail::kConfigs,
+static_assert(std::tuple_size_v<detail::Configs<cutlass::half_t>> == kConfigs,
               "kConfigs (and the files in csrc/cutlass_inst/, and SF_EXTERN_ALL) must match Configs");
 
 namespace {
@@ -60,14 +60,14 @@ std::string Ops<BF16>::compress(const void* dense, void* a, void* e, void* ws, i
 
 template <bool BF16>
 int64_t Ops<BF16>::workspace(int cfg, int n, int m, int k, int device) {
-  return workspace_at<Element<BF16>>(cfg, n, m, k, device, std::make_index_sequence<detail::kConfigs>{});
+  return workspace_at<Element<BF16>>(cfg, n, m, k, device, std::make_index_sequence<kConfigs>{});
 }
 
 template <bool BF16>
 std::string Ops<BF16>::gemm(int cfg, const void* a, const void* e, const void* x, void* y, int n, int m, int k,
                             void* ws, int device, cudaStream_t stream) {
   return gemm_at<Element<BF16>>(cfg, a, e, x, y, n, m, k, ws, device, stream,
-                                std::make_index_sequence<detail::kConfigs>{});
+                                std::make_index_sequence<kConfigs>{});
 }
 
 template struct Ops<false>;

@@ -58,7 +58,7 @@ std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at
   if (y.size(0) != m || n <= 0 || k <= 0 || n % kAlignN || k % kAlignK) return "shapes do not match";
   auto s = sizes(bf16, n, k);
   if (a.numel() != s[0] || e.numel() != s[1]) return "the compressed weight does not match N and K";
-  if (cfg < 0 || cfg >= int64_t(configs(bf16).size())) return "no such configuration";
+  if (cfg < 0 || cfg >= kConfigs) return "no such configuration";  // per call: no name strings built
   int dev = x.get_device();
   int64_t need = workspace(bf16, cfg, n, m, k, dev);
   if (need > 0 && (!ws.has_value() || ws->numel() < need)) return "workspace too small";

@@ -35,10 +35,11 @@ class CutlassWeight:
 
 def available(device: torch.device) -> bool:
     """True where the kernels can run: built, and ``device`` is an sm_90 (Hopper) GPU."""
-    return _CUTLASS is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return unavailable_reason(device) is None
 
 
 def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` (not built, not Hopper), or None."""
     if _CUTLASS is None:
         return CUTLASS_ERROR
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
@@ -54,6 +55,11 @@ def unsupported(n: int, k: int) -> str | None:
     return None
 
 
+def refusal(device: torch.device, n: int, k: int) -> str | None:
+    """Why an N x K weight on ``device`` cannot run here, or None: the one check every caller uses."""
+    return unavailable_reason(device) or unsupported(n, k)
+
+
 def configs(dtype: torch.dtype) -> list[str]:
     """Names of the compiled configurations (tile, cluster, schedule); a cfg is an index here."""
     return list(_CUTLASS.configs(dtype == torch.bfloat16)) if _CUTLASS is not None else []
@@ -61,7 +67,7 @@ def configs(dtype: torch.dtype) -> list[str]:
 
 def pack_cutlass(weight) -> CutlassWeight:
     """CUTLASS's layout of a CUDA ``Sparse24Weight``, built on its device by CUTLASS's compressor."""
-    reason = unavailable_reason(weight.device) or unsupported(*weight.shape)
+    reason = refusal(weight.device, *weight.shape)
     if reason is None and weight.dtype not in (torch.float16, torch.bfloat16):
         reason = f"{weight.dtype} weights have no 2:4 tensor-core path (float16 or bfloat16)"
     if reason:

@@ -167,17 +167,21 @@ def static_decision(m: int) -> Decision:
     return Decision("decode" if m <= STATIC_DECODE_MAX_M else "dense")
 
 
-def cutlass_wanted(weight) -> bool:
-    """Whether CUTLASS's sm90 kernels are timed for this weight: on Hopper, where they are built,
-    for shapes they take, at every M (their 16-token tiles ran gate_up/down at 1.6x cuBLAS at
-    M = 16 on the H200, beside our decode kernel's 1.3x); ``SPARSEFLOW_CUTLASS=0`` turns them off."""
+def _cutlass_on(device: torch.device) -> bool:
+    """CUTLASS's sm90 kernels are candidates on ``device``: built, Hopper, not turned off
+    (``SPARSEFLOW_CUTLASS=0``)."""
     from sparseflow import cutlass_gemm
 
-    return (
-        os.environ.get("SPARSEFLOW_CUTLASS", "1") != "0"
-        and cutlass_gemm.available(weight.device)
-        and cutlass_gemm.unsupported(*weight.shape) is None
-    )
+    return os.environ.get("SPARSEFLOW_CUTLASS", "1") != "0" and cutlass_gemm.available(device)
+
+
+def cutlass_wanted(weight) -> bool:
+    """Whether CUTLASS's sm90 kernels are timed for this weight: where they are candidates, for
+    shapes they take, at every M (their 16-token tiles ran gate_up/down at 1.6x cuBLAS at M = 16
+    on the H200, beside our decode kernel's 1.3x)."""
+    from sparseflow import cutlass_gemm
+
+    return _cutlass_on(weight.device) and cutlass_gemm.unsupported(*weight.shape) is None
 
 
 def default_sparse(m: int) -> str:
@@ -274,8 +278,6 @@ class Dispatcher:
         return Path(os.environ.get("SPARSEFLOW_CACHE_DIR", Path.home() / ".cache" / "sparseflow"))
 
     def cache_file(self, device: torch.device) -> Path:
-        from sparseflow import cutlass_gemm
-
         name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
         version = _C.cslt_version() if _C is not None else 0
         # Decisions measured over other candidates than the default's are kept apart from them.
@@ -288,7 +290,7 @@ class Dispatcher:
             suffix = "-notuner"
         else:
             suffix = "-layouts" + "".join(map(str, layouts))
-        if not cutlass_gemm.available(device) or os.environ.get("SPARSEFLOW_CUTLASS", "1") == "0":
+        if not _cutlass_on(device):
             suffix += "-nocutlass"
         return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{suffix}.json"
 

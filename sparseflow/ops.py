@@ -4,8 +4,8 @@ The op ``sparseflow::sparse_linear`` is opaque to ``torch.compile`` (a fake impl
 output shapes) and safe under CUDA-graph capture once each shape has been run eagerly. Its CUDA
 implementation looks the weight's device caches (cuSPARSELt buffer, optional dense copy) up by an
 integer handle, so compiled graphs carry no Python objects. Four kernels can serve a call:
-dense cuBLAS, cuSPARSELt and (on Hopper) CUTLASS's sm90 kernels for M >= 16, and our decode
-kernel (M <= 64); ``sparseflow.dispatch`` measures which is fastest per shape.
+dense cuBLAS, cuSPARSELt (M >= 16), CUTLASS's sm90 kernels (Hopper, any M) and our decode kernel
+(M <= 64); ``sparseflow.dispatch`` measures which is fastest per shape.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     if kernel == "cutlass":
         from sparseflow import cutlass_gemm
 
-        why = cutlass_gemm.unavailable_reason(w.device) or cutlass_gemm.unsupported(*w.shape)
+        why = cutlass_gemm.refusal(w.device, *w.shape)
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
         cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else 0
@@ -206,7 +206,7 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
     elif reason is None and backend == "cutlass":
         from sparseflow import cutlass_gemm
 
-        reason = cutlass_gemm.unavailable_reason(x.device) or cutlass_gemm.unsupported(n, k)
+        reason = cutlass_gemm.refusal(x.device, n, k)
     elif reason is None and backend in ("auto", "sparse") and cslt_reason and decode_reason:
         reason = f"{cslt_reason}, and {decode_reason}"
     if reason is None:
@@ -237,8 +237,8 @@ def sparse_mm(
     ``x`` is (..., in_features). ``backend``: ``"auto"`` (per-shape measured choice among dense
     cuBLAS and the 2:4 kernels: never slower than dense), ``"sparse"`` (the faster 2:4 kernel;
     errors where none can run), ``"dense"``, or one kernel: ``"cusparselt"``, ``"cutlass"``
-    (Hopper only) or ``"decode"`` (ours, M <= 64). On the CPU the result comes from an exact reference (decompress +
-    matmul in float32).
+    (Hopper only) or ``"decode"`` (ours, M <= 64). On the CPU the result comes from an exact
+    reference (decompress + matmul in float32).
     """
     if backend not in BACKENDS:
         raise ValueError(f"sparse_mm: backend must be one of {sorted(BACKENDS)}, got {backend!r}")

@@ -105,9 +105,9 @@ class SparseLinear(nn.Module):
 
     def memory_bytes(self) -> dict[str, int]:
         """Device bytes this layer holds now: the portable form, the kernel layouts derived from it
-        (cuSPARSELt's buffer, CUTLASS's sm90 form, the decode kernel's fragments) for the kernels the
-        dispatcher chose,
-        and a dense copy where it chose dense for some M (the price of never being slower)."""
+        (cuSPARSELt's buffer, CUTLASS's sm90 form, the decode kernel's fragments) for the kernels
+        the dispatcher chose, and a dense copy where it chose dense for some M (the price of never
+        being slower)."""
         cache = self.weight_2_4._cache
         cslt = sum(v.numel() * v.element_size() for k, v in cache.items() if k.startswith("cslt"))
         dense = cache["dense"].numel() * cache["dense"].element_size() if "dense" in cache else 0
