@@ -80,6 +80,9 @@ def _cutlass_extension(CUDAExtension, cuda_includes):
         return []
     _note(f"building sparseflow._cutlass for sm_90a with CUTLASS at {root}")
     flags = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
+    # TMA descriptors through our once-resolved cuTensorMapEncodeTiled (csrc/cutlass_gemm_ops.cu), not
+    # a driver entry-point lookup per descriptor (host time on every call)
+    flags.append("-DCUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL")
     return [
         CUDAExtension(
             name="sparseflow._cutlass",

@@ -44,8 +44,9 @@ struct Ops {
   static std::string compress(const void* dense, void* a, void* e, void* ws, int n, int k, int device,
                               cudaStream_t stream);
   static int64_t workspace(int cfg, int n, int m, int k, int device);  // stream-K partials
+  // y = x @ W^T; ws holds ws_bytes (the run refuses if workspace() needs more)
   static std::string gemm(int cfg, const void* a, const void* e, const void* x, void* y, int n, int m, int k,
-                          void* ws, int device, cudaStream_t stream);
+                          void* ws, int64_t ws_bytes, int device, cudaStream_t stream);
 };
 
 }  // namespace sparseflow::cutlass24

@@ -1,6 +1,7 @@
 // CUTLASS templates behind cutlass_gemm.cuh: the GEMM configurations and the compressor.
 #pragma once
 
+#include <atomic>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -28,6 +29,18 @@ using Problem = Shape<int, int, int, int>;
 using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using StreamK = cutlass::gemm::StreamKScheduler;
+constexpr int kMaxDevices = 64;
+
+// The device's SM count (the persistent tile scheduler sizes its grid by it), queried once per
+// device instead of on every call as CUTLASS's KernelHardwareInfo does. 0 where unknown.
+inline int sm_count(int device) {
+  static std::atomic<int> cache[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) return 0;
+  int c = cache[device].load(std::memory_order_relaxed);
+  if (c == 0 && cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device) == cudaSuccess)
+    cache[device].store(c, std::memory_order_relaxed);
+  return c;
+}
 
 // One configuration: tile (rows of W x tokens x K), cluster, schedule, tile scheduler.
 template <class T, int TN, int TM, int TK, int CN, int CM, class Sched, class TileSched = void>
@@ -64,7 +77,7 @@ struct Gemm24 {
     auto sd = cutlass::make_cute_packed_stride(typename Op::GemmKernel::StrideD{}, make_shape(n, m, 1));
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
-    hw.sm_count = device >= 0 ? cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device) : 0;
+    hw.sm_count = sm_count(device);
     return {cutlass::gemm::GemmUniversalMode::kGemm,
             p,
             {static_cast<const T*>(a), Main::SparseConfig::fill_layoutA(p), static_cast<const T*>(x), sb,
@@ -91,8 +104,8 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
 
-// Runs one CUTLASS device operator (GEMM or compressor): can_implement, initialize (on the host:
-// TMA descriptors), launch. "" or which step failed, with CUTLASS's status.
+// Runs a CUTLASS device operator once (the compressor, once per weight): can_implement,
+// initialize, launch. "" or which step failed, with CUTLASS's status.
 template <class Op>
 std::string launch(typename Op::Arguments args, void* ws, cudaStream_t stream) {
   Op op;
@@ -104,12 +117,35 @@ std::string launch(typename Op::Arguments args, void* ws, cudaStream_t stream) {
   return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
 }
 
-// One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE.
+// One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE. The steps of
+// GemmUniversalAdapter::initialize + run without the per-call cudaFuncSetAttribute (done once per
+// device: a kernel's shared-memory limit is a property of the context, not of the call), with
+// the arguments built once and the workspace checked against what the caller holds.
 template <class T, int I>
-std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws, int device,
-                cudaStream_t stream) {
+std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws,
+                int64_t ws_bytes, int device, cudaStream_t stream) {
   using G = Cfg<T, I>;
-  return launch<typename G::Op>(G::args(a, e, x, y, n, m, k, device), ws, stream);
+  using Op = typename G::Op;
+  using Kernel = typename Op::GemmKernel;
+  static std::atomic<bool> smem_set[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) return "device index out of range";
+  auto args = G::args(a, e, x, y, n, m, k, device);
+  if (int64_t(Op::get_workspace_size(args)) > ws_bytes) return "workspace too small";
+  auto can = Op::can_implement(args);
+  if (can != cutlass::Status::kSuccess) return std::string("can_implement: ") + cutlassGetStatusString(can);
+  auto st = Kernel::initialize_workspace(args, ws, stream);
+  if (st != cutlass::Status::kSuccess) return std::string("initialize_workspace: ") + cutlassGetStatusString(st);
+  typename Op::Params params = Kernel::to_underlying_arguments(args, ws);
+  if (!smem_set[device].load(std::memory_order_acquire)) {
+    constexpr int smem = Kernel::SharedStorageSize;
+    if (smem >= (48 << 10) &&
+        cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+            cudaSuccess)
+      return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(cudaGetLastError());
+    smem_set[device].store(true, std::memory_order_release);
+  }
+  st = Op::run(params, stream);
+  return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
 }
 
 template <class T, int I>
@@ -134,7 +170,7 @@ struct Compress {
   static typename Op::Arguments args(const void* dense, void* a, void* e, int n, int k, int device) {
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
-    hw.sm_count = device >= 0 ? cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device) : 0;
+    hw.sm_count = sm_count(device);
     return {Problem{n, 1, k, 1},
             {static_cast<const T*>(dense), stride(n, k), static_cast<T*>(a),
              static_cast<ElementE*>(e)},
@@ -151,7 +187,7 @@ using Element = std::conditional_t<BF16, cutlass::bfloat16_t, cutlass::half_t>;
 
 #define SF_CUTLASS_DECLARE(PREFIX, T, I)                                                                     \
   PREFIX template std::string sparseflow::cutlass24::detail::run<T, I>(                                      \
-      const void*, const void*, const void*, void*, int, int, int, void*, int, cudaStream_t);                \
+      const void*, const void*, const void*, void*, int, int, int, void*, int64_t, int, cudaStream_t);       \
   PREFIX template int64_t sparseflow::cutlass24::detail::workspace<T, I>(int, int, int, int);
 // In a csrc/cutlass_inst/ file: compile configuration I for element type T there.
 #define SF_CUTLASS_INSTANCE(T, I) SF_CUTLASS_DECLARE(, T, I)

@@ -13,6 +13,31 @@
 SF_EXTERN_ALL(cutlass::half_t)
 SF_EXTERN_ALL(cutlass::bfloat16_t)
 
+// CUTLASS encodes its TMA descriptors with cuTensorMapEncodeTiled, a driver function. Left to
+// itself it looks the function up (cudaGetDriverEntryPointByVersion) for every descriptor, i.e.
+// several lookups on every GEMM call; built with CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL (setup.py)
+// it calls the symbol, defined here as a forwarder to the entry point looked up once. (Linking
+// libcuda instead would make the module unimportable where no driver is installed, as in CI.)
+extern "C" CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank,
+                                                   void* addr, const cuuint64_t* dims, const cuuint64_t* strides,
+                                                   const cuuint32_t* box, const cuuint32_t* elem_strides,
+                                                   CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                                                   CUtensorMapL2promotion l2, CUtensorMapFloatOOBfill oob) {
+  using Fn = CUresult(CUDAAPI*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static const Fn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    bool ok = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) ==
+                  cudaSuccess &&
+              found == cudaDriverEntryPointSuccess;
+    return ok ? reinterpret_cast<Fn>(p) : nullptr;
+  }();
+  if (fn == nullptr) return CUDA_ERROR_NOT_FOUND;
+  return fn(map, type, rank, addr, dims, strides, box, elem_strides, interleave, swizzle, l2, oob);
+}
+
 namespace sparseflow::cutlass24 {
 
 static_assert(std::tuple_size_v<detail::Configs<cutlass::half_t>> == kConfigs,
@@ -21,9 +46,9 @@ static_assert(std::tuple_size_v<detail::Configs<cutlass::half_t>> == kConfigs,
 namespace {
 template <class T, size_t... I>
 std::string gemm_at(int cfg, const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws,
-                    int device, cudaStream_t stream, std::index_sequence<I...>) {
+                    int64_t ws_bytes, int device, cudaStream_t stream, std::index_sequence<I...>) {
   std::string err = "no such configuration";
-  ((cfg == int(I) ? (err = detail::run<T, int(I)>(a, e, x, y, n, m, k, ws, device, stream), 0) : 0), ...);
+  ((cfg == int(I) ? (err = detail::run<T, int(I)>(a, e, x, y, n, m, k, ws, ws_bytes, device, stream), 0) : 0), ...);
   return err;
 }
 
@@ -65,8 +90,8 @@ int64_t Ops<BF16>::workspace(int cfg, int n, int m, int k, int device) {
 
 template <bool BF16>
 std::string Ops<BF16>::gemm(int cfg, const void* a, const void* e, const void* x, void* y, int n, int m, int k,
-                            void* ws, int device, cudaStream_t stream) {
-  return gemm_at<Element<BF16>>(cfg, a, e, x, y, n, m, k, ws, device, stream,
+                            void* ws, int64_t ws_bytes, int device, cudaStream_t stream) {
+  return gemm_at<Element<BF16>>(cfg, a, e, x, y, n, m, k, ws, ws_bytes, device, stream,
                                 std::make_index_sequence<kConfigs>{});
 }
 

@@ -59,17 +59,20 @@ std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at
   auto s = sizes(bf16, n, k);
   if (a.numel() != s[0] || e.numel() != s[1]) return "the compressed weight does not match N and K";
   if (cfg < 0 || cfg >= kConfigs) return "no such configuration";  // per call: no name strings built
-  int dev = x.get_device();
-  int64_t need = workspace(bf16, cfg, n, m, k, dev);
-  if (need > 0 && (!ws.has_value() || ws->numel() < need)) return "workspace too small";
+  if (a.get_device() != x.get_device() || e.get_device() != x.get_device() || y.get_device() != x.get_device())
+    return "x, y and the weight must be on one device";
+  if (ws.has_value() && (ws->scalar_type() != at::kByte || ws->get_device() != x.get_device()))
+    return "the workspace must be a uint8 tensor on x's device";
   if (m == 0) return "";
   c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  void* w = need > 0 ? ws->data_ptr() : nullptr;
-  return bf16 ? Ops<true>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w, dev,
-                                stream)
-              : Ops<false>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w, dev,
-                                 stream);
+  int dev = x.get_device();
+  void* w = ws.has_value() ? ws->data_ptr() : nullptr;
+  int64_t ws_bytes = ws.has_value() ? ws->numel() : 0;  // the run checks it against what the config needs
+  return bf16 ? Ops<true>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w,
+                                ws_bytes, dev, stream)
+              : Ops<false>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w,
+                                 ws_bytes, dev, stream);
 }
 
 }  // namespace sparseflow::cutlass24

@@ -10,6 +10,7 @@
 #   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
+#   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,10 @@ if [ "${NCU:-0}" = 1 ]; then  # hardware counters: where the decode kernel's tim
     --section WarpStateStats --section SchedulerStats \
     $PY scripts/profile_decode.py ${NCU_ARGS:-} >"$OUT/ncu.log" 2>&1
   summary+=("ncu: rc=$? $(grep -c 'profiled:' "$OUT/ncu.log") ranges, $(grep -c 'DRAM Throughput' "$OUT/ncu.log") kernels profiled")
+fi
+if [ "${HOST:-0}" = 1 ]; then
+  timeout 300 $PY scripts/probe_host_cost.py ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
+  summary+=("$(grep '^HOST' "$OUT/host.log")")
 fi
 if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
   timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"

@@ -111,12 +111,13 @@ def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
             x = x.clone()
     m = x.shape[0]
     y = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
-    key = (x.dtype, cfg, w.n, m, w.k, x.device.index)
+    dev = x.get_device()
+    key = (x.dtype, cfg, w.n, m, w.k, dev)
     need = _WORKSPACE.get(key)
     if need is None:
         if len(_WORKSPACE) > 4096:  # one entry per distinct M: bounded for servers with varying M
             _WORKSPACE.clear()
-        need = _WORKSPACE[key] = _CUTLASS.workspace(x.dtype == torch.bfloat16, cfg, w.n, m, w.k, x.device.index)
+        need = _WORKSPACE[key] = _CUTLASS.workspace(x.dtype == torch.bfloat16, cfg, w.n, m, w.k, dev)
     err = _CUTLASS.mm(x, w.A, w.E, y, torch.empty(need, dtype=torch.uint8, device=x.device) if need else None, cfg)
     if err:
         raise RuntimeError(

@@ -13,7 +13,7 @@ from torch import nn
 import sparseflow as sf
 from sparseflow import cutlass_gemm
 from sparseflow._ext import _C
-from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, Decision, portable_enabled
+from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, Decision, m_bucket, portable_enabled
 from sparseflow.nn import SparseLinear
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
@@ -109,11 +109,13 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
         if r["decode_in_place_vs_packed"] is not None:
             assert r["decode_in_place_vs_packed"] > 0
             assert r["decode_in_place"] == (r["decode_in_place_vs_packed"] <= PORTABLE_SLACK)
+    # the table is per shape (other tests may have measured more buckets); this layer ran three
+    ran = [r for r in info if r["m_bucket"] in {m_bucket(m) for m in (1, 100, 2048)}]
     mem = sl.memory_bytes()
     assert mem["portable"] == 1024 * 2048 * 2 * 0.5625
-    assert (mem["dense_fallback"] > 0) == any(r["choice"] == "dense" for r in info)
-    assert (mem["decode"] > 0) == any(r["choice"] == "decode" and not r["decode_in_place"] for r in info)
-    assert (mem["cutlass"] > 0) == any(r["choice"] == "cutlass" for r in info)
+    assert (mem["dense_fallback"] > 0) == any(r["choice"] == "dense" for r in ran)
+    assert (mem["decode"] > 0) == any(r["choice"] == "decode" and not r["decode_in_place"] for r in ran)
+    assert (mem["cutlass"] > 0) == any(r["choice"] == "cutlass" for r in ran)
 
 
 @needs_ext

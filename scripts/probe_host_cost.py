@@ -1,0 +1,77 @@
+"""Host time per call at each level of the call stack, where the GPU is not the bottleneck (a
+256 x 256 layer at M = 16: every kernel runs in a few microseconds, so a loop without a sync per
+call is bound by the CPU). Tells where the time over ``F.linear`` goes (the target: <= 10 us).
+Diagnostic, one GPU call:
+    python scripts/probe_host_cost.py [--calls 3000] [--reps 5]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparseflow as sf
+from sparseflow import cutlass_gemm
+from sparseflow._ext import _CUTLASS
+
+
+def per_call_us(fn, calls: int, reps: int) -> float:
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--m", type=int, default=16)
+    args = ap.parse_args()
+    dt, dev, n, k, m = torch.float16, "cuda", 256, 256, args.m
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    w = sf.prune_2_4(torch.randn(n, k, device=dev, dtype=dt))
+    c = sf.compress_2_4(w)
+    ref = F.linear(x.float(), w.float())
+    cases = {
+        "torch.empty (M x N)": lambda: torch.empty((m, n), device=dev, dtype=dt),
+        "F.linear": lambda: F.linear(x, w),
+    }
+    if cutlass_gemm.available(torch.device(dev)):
+        cw = c.cutlass_packed()
+        y = torch.empty(m, n, device=dev, dtype=dt)
+        cases |= {
+            "cutlass: _cutlass.mm (y given)": lambda: _CUTLASS.mm(x, cw.A, cw.E, y, None, 5),
+            "cutlass: mm_unchecked": lambda: cutlass_gemm.mm_unchecked(x, cw, 5),
+            "cutlass: cutlass_mm (checked)": lambda: cutlass_gemm.cutlass_mm(x, cw, 5),
+        }
+    for backend in ("cutlass", "decode", "cusparselt", "auto"):
+        try:
+            lin = sf.SparseLinear.from_compressed(c, None, backend=backend)
+            got = lin(x)
+        except (ValueError, RuntimeError) as e:
+            print(f"  {backend}: not run ({e})")
+            continue
+        err = (got.float() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-2, f"{backend}: relative error {err}"
+        cases[f"sparse_mm backend={backend}"] = lambda b=backend: sf.sparse_mm(x, c, backend=b)
+        cases[f"SparseLinear backend={backend}"] = lambda lin=lin: lin(x)
+    res = {label: per_call_us(fn, args.calls, args.reps) for label, fn in cases.items()}
+    base = res["F.linear"]
+    print(f"host time per call, {n} x {k} fp16 weight, M = {m} (median of {args.reps} x {args.calls} calls):")
+    for label, us in res.items():
+        print(f"  {label:40s} {us:7.2f} us   ({us - base:+6.2f} vs F.linear)")
+    print("HOST " + " | ".join(f"{label}={us:.1f}" for label, us in res.items() if label.startswith("SparseLinear")))
+
+
+if __name__ == "__main__":
+    main()
