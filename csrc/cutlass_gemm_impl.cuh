@@ -69,8 +69,9 @@ struct Gemm24 {
     return s;
   }
 
+  // clusters: how many of this kernel's clusters fit on the GPU at once (0: CUTLASS estimates)
   static typename Op::Arguments args(const void* a, const void* e, const void* x, void* y, int n, int m, int k,
-                                     int device) {
+                                     int device, int clusters = 0) {
     using Main = typename Op::CollectiveMainloop;
     Problem p{n, m, k, 1};
     auto sb = cutlass::make_cute_packed_stride(typename Op::GemmKernel::StrideB{}, make_shape(m, k, 1));
@@ -78,6 +79,7 @@ struct Gemm24 {
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
     hw.sm_count = sm_count(device);
+    hw.max_active_clusters = clusters;
     return {cutlass::gemm::GemmUniversalMode::kGemm,
             p,
             {static_cast<const T*>(a), Main::SparseConfig::fill_layoutA(p), static_cast<const T*>(x), sb,
@@ -117,33 +119,66 @@ std::string launch(typename Op::Arguments args, void* ws, cudaStream_t stream) {
   return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
 }
 
+// Once per (kernel, device): raise the kernel's dynamic shared-memory limit (a property of the
+// context, which GemmUniversalAdapter::initialize would set again on every call), then ask how
+// many clusters fit on the GPU at once with that shared memory: the persistent tile scheduler
+// sizes the grid of a cluster configuration by it (without it CUTLASS estimates from GH100's GPC
+// layout). Returns that count (0 for 1x1 clusters or where unknown) or -1 on failure.
+template <class Kernel>
+int setup_kernel() {
+  constexpr int smem = Kernel::SharedStorageSize;
+  auto kernel = cutlass::device_kernel<Kernel>;
+  if (smem >= (48 << 10) &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  using CS = typename Kernel::ClusterShape;
+  constexpr unsigned cx = size<0>(CS{}), cy = size<1>(CS{});
+  if (cx * cy == 1) return 0;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cx;
+  attr.val.clusterDim.y = cy;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(cx, cy, 1);
+  cfg.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // CUTLASS's estimate then
+  }
+  return clusters;
+}
+
 // One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE. The steps of
-// GemmUniversalAdapter::initialize + run without the per-call cudaFuncSetAttribute (done once per
-// device: a kernel's shared-memory limit is a property of the context, not of the call), with
-// the arguments built once and the workspace checked against what the caller holds.
+// GemmUniversalAdapter::initialize + run, with the per-context setup done once per device
+// (setup_kernel), the arguments built once, and the workspace checked against what the caller holds.
 template <class T, int I>
 std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws,
                 int64_t ws_bytes, int device, cudaStream_t stream) {
   using G = Cfg<T, I>;
   using Op = typename G::Op;
   using Kernel = typename Op::GemmKernel;
-  static std::atomic<bool> smem_set[kMaxDevices];
+  static std::atomic<int> clusters[kMaxDevices];  // setup_kernel's count + 1; 0: not set up yet
   if (device < 0 || device >= kMaxDevices) return "device index out of range";
-  auto args = G::args(a, e, x, y, n, m, k, device);
+  int c = clusters[device].load(std::memory_order_acquire) - 1;
+  if (c < 0) {
+    c = setup_kernel<Kernel>();
+    if (c < 0) return std::string("cudaFuncSetAttribute (shared memory): ") + cudaGetErrorString(cudaGetLastError());
+    clusters[device].store(c + 1, std::memory_order_release);
+  }
+  auto args = G::args(a, e, x, y, n, m, k, device, c);
   if (int64_t(Op::get_workspace_size(args)) > ws_bytes) return "workspace too small";
   auto can = Op::can_implement(args);
   if (can != cutlass::Status::kSuccess) return std::string("can_implement: ") + cutlassGetStatusString(can);
   auto st = Kernel::initialize_workspace(args, ws, stream);
   if (st != cutlass::Status::kSuccess) return std::string("initialize_workspace: ") + cutlassGetStatusString(st);
   typename Op::Params params = Kernel::to_underlying_arguments(args, ws);
-  if (!smem_set[device].load(std::memory_order_acquire)) {
-    constexpr int smem = Kernel::SharedStorageSize;
-    if (smem >= (48 << 10) &&
-        cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-            cudaSuccess)
-      return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(cudaGetLastError());
-    smem_set[device].store(true, std::memory_order_release);
-  }
   st = Op::run(params, stream);
   return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
 }
