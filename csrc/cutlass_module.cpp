@@ -88,4 +88,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("e"), py::arg("y"), py::arg("ws"), py::arg("cfg"));
   m.attr("ALIGN_N") = c::kAlignN;
   m.attr("ALIGN_K") = c::kAlignK;
+  m.attr("CONFIGS") = c::kConfigs;
 }

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow import cutlass_gemm
-from sparseflow._ext import _CUTLASS
+from sparseflow import cutlass_gemm, ops
+from sparseflow._ext import _C, _CUTLASS
+from sparseflow.dispatch import m_bucket
 
 
 def per_call_us(fn, calls: int, reps: int) -> float:
@@ -65,6 +66,14 @@ def main() -> None:
         assert err < 1e-2, f"{backend}: relative error {err}"
         cases[f"sparse_mm backend={backend}"] = lambda b=backend: sf.sparse_mm(x, c, backend=b)
         cases[f"SparseLinear backend={backend}"] = lambda lin=lin: lin(x)
+    # the raw extension calls behind the routes the layers took (ops._routes: kernel, layout, config)
+    h = ops._handle(c)
+    for backend in ("cusparselt", "decode"):
+        r = ops._routes.get((h, m_bucket(m), ops.BACKENDS[backend]))
+        if r is not None and r[1] == ops._CSLT:
+            cases[f"cusparselt: _C.cslt_mm (layout {r[4]})"] = lambda r=r: _C.cslt_mm(x, r[2], n, r[3], r[4])
+        elif r is not None and r[1] == ops._DECODE:
+            cases["decode: _C.decode24_mm"] = lambda r=r: _C.decode24_mm(x, r[2].A, r[2].E, None, n, False, *r[3])
     res = {label: per_call_us(fn, args.calls, args.reps) for label, fn in cases.items()}
     base = res["F.linear"]
     print(f"host time per call, {n} x {k} fp16 weight, M = {m} (median of {args.reps} x {args.calls} calls):")

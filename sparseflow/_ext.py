@@ -67,13 +67,26 @@ def extension_available() -> bool:
     return _C is not None
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, asked of torch once per device: every call's backend
+    check reads it, and torch's query costs microseconds of host time each time."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return cap
+
+
 def sparse_unavailable_reason(device: torch.device) -> str | None:
     """Why the sparse GPU path cannot run on ``device``, or None when it can."""
     if device.type != "cuda":
         return f"tensors are on {device}, the 2:4 kernels run on CUDA GPUs"
     if _C is None:
         return f"the CUDA extension is not built ({EXT_ERROR}); reinstall with `pip install --no-build-isolation -e .`"
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = device_capability(device)
     if major < 8:
         return f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; 2:4 sparse tensor cores need sm_80 or newer"
     return None

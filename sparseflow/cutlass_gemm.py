@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseflow import _ext
 from sparseflow._ext import _CUTLASS, CUTLASS_ERROR
 
 __all__ = ["CutlassWeight", "available", "configs", "cutlass_mm", "pack_cutlass", "unsupported"]
@@ -42,7 +43,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     """Why the kernels cannot run on ``device`` (not built, not Hopper), or None."""
     if _CUTLASS is None:
         return CUTLASS_ERROR
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+    if device.type != "cuda" or _ext.device_capability(device) != (9, 0):
         return f"CUTLASS's sm90 2:4 kernels are compiled for sm_90a (Hopper) only; {device} is not one"
     return None
 
@@ -96,7 +97,7 @@ def cutlass_mm(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
         raise ValueError(f"cutlass_mm: x has shape {tuple(x.shape)}, expected (M, {w.k})")
     if x.dtype != w.A.dtype or x.device != w.A.device:
         raise TypeError(f"cutlass_mm: x is {x.dtype} on {x.device}, the weight {w.A.dtype} on {w.A.device}")
-    count = len(configs(x.dtype))
+    count = _CUTLASS.CONFIGS if _CUTLASS is not None else 0
     if not 0 <= cfg < count:
         raise ValueError(f"cutlass_mm: config {cfg} out of range 0..{count - 1}")
     return mm_unchecked(x, w, cfg)
