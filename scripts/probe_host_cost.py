@@ -55,6 +55,7 @@ def main() -> None:
             "cutlass: mm_unchecked": lambda: cutlass_gemm.mm_unchecked(x, cw, 5),
             "cutlass: cutlass_mm (checked)": lambda: cutlass_gemm.cutlass_mm(x, cw, 5),
         }
+    layers = {}
     for backend in ("cutlass", "decode", "cusparselt", "auto"):
         try:
             lin = sf.SparseLinear.from_compressed(c, None, backend=backend)
@@ -66,10 +67,11 @@ def main() -> None:
         assert err < 1e-2, f"{backend}: relative error {err}"
         cases[f"sparse_mm backend={backend}"] = lambda b=backend: sf.sparse_mm(x, c, backend=b)
         cases[f"SparseLinear backend={backend}"] = lambda lin=lin: lin(x)
-    # the raw extension calls behind the routes the layers took (ops._routes: kernel, layout, config)
-    h = ops._handle(c)
+        layers[backend] = lin
+    # the raw extension calls behind the routes the layers took (ops._routes: kernel, buffers, config)
     for backend in ("cusparselt", "decode"):
-        r = ops._routes.get((h, m_bucket(m), ops.BACKENDS[backend]))
+        lin = layers.get(backend)  # its own Sparse24Weight: the route is under that weight's handle
+        r = ops._routes.get((lin._route[4], m_bucket(m), ops.BACKENDS[backend])) if lin is not None else None
         if r is not None and r[1] == ops._CSLT:
             cases[f"cusparselt: _C.cslt_mm (layout {r[4]})"] = lambda r=r: _C.cslt_mm(x, r[2], n, r[3], r[4])
         elif r is not None and r[1] == ops._DECODE:
