@@ -123,19 +123,23 @@ std::string launch(typename Op::Arguments args, void* ws, cudaStream_t stream) {
 // context, which GemmUniversalAdapter::initialize would set again on every call), then ask how
 // many clusters fit on the GPU at once with that shared memory: the persistent tile scheduler
 // sizes the grid of a cluster configuration by it (without it CUTLASS estimates from GH100's GPC
-// layout). Returns that count (0 for 1x1 clusters or where unknown) or -1 on failure.
+// layout). Sets `clusters` to that count (0 for 1x1 clusters or where unknown); returns the
+// shared-memory attribute's error (cleared from CUDA's error state), cudaSuccess otherwise.
 template <class Kernel>
-int setup_kernel() {
+cudaError_t setup_kernel(int& clusters) {
   constexpr int smem = Kernel::SharedStorageSize;
   auto kernel = cutlass::device_kernel<Kernel>;
-  if (smem >= (48 << 10) &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
-    cudaGetLastError();
-    return -1;
+  clusters = 0;
+  if (smem >= (48 << 10)) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return err;
+    }
   }
   using CS = typename Kernel::ClusterShape;
   constexpr unsigned cx = size<0>(CS{}), cy = size<1>(CS{});
-  if (cx * cy == 1) return 0;
+  if (cx * cy == 1) return cudaSuccess;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
   attr.val.clusterDim.x = cx;
@@ -147,12 +151,11 @@ int setup_kernel() {
   cfg.dynamicSmemBytes = smem;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     cudaGetLastError();
-    return 0;  // CUTLASS's estimate then
+    clusters = 0;  // CUTLASS's estimate then
   }
-  return clusters;
+  return cudaSuccess;
 }
 
 // One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE. The steps of
@@ -168,8 +171,8 @@ std::string run(const void* a, const void* e, const void* x, void* y, int n, int
   if (device < 0 || device >= kMaxDevices) return "device index out of range";
   int c = clusters[device].load(std::memory_order_acquire) - 1;
   if (c < 0) {
-    c = setup_kernel<Kernel>();
-    if (c < 0) return std::string("cudaFuncSetAttribute (shared memory): ") + cudaGetErrorString(cudaGetLastError());
+    cudaError_t err = setup_kernel<Kernel>(c);
+    if (err != cudaSuccess) return std::string("cudaFuncSetAttribute (shared memory): ") + cudaGetErrorString(err);
     clusters[device].store(c + 1, std::memory_order_release);
   }
   auto args = G::args(a, e, x, y, n, m, k, device, c);
