@@ -240,9 +240,11 @@ static void run(const std::shared_ptr<Plan>& p, const at::Tensor& packed, const 
   }
 }
 
+at::Tensor transpose_rows(const at::Tensor& src, int64_t m);  // format_kernels.cu
+
 // y (M x N) = x (M x K) @ W^T with W given as cuSPARSELt's compressed buffer.
 static at::Tensor finish(const at::Tensor& y, int64_t m, int64_t m_pad, int layout) {
-  if (transposed_out(layout)) return y.narrow(1, 0, m).t().contiguous();  // y^T (N x m_pad) -> y
+  if (transposed_out(layout)) return transpose_rows(y, m);  // y^T (N x m_pad) -> y
   return m_pad == m ? y : y.narrow(0, 0, m);
 }
 

@@ -45,9 +45,10 @@ std::string compress(const at::Tensor& dense, at::Tensor& a, at::Tensor& e, at::
               : Ops<false>::compress(dense.data_ptr(), a.data_ptr(), e.data_ptr(), ws.data_ptr(), n, k, dev, stream);
 }
 
-// y (M x N) = x (M x K) @ W^T with W as compress()'s (a, e); "" or what failed
-std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at::Tensor& y,
-               const c10::optional<at::Tensor>& ws, int64_t cfg) {
+// The checks and the launch behind mm() and linear(); ws_bytes: what the caller allocated at w
+// (the run checks it against what the configuration needs).
+static std::string run_mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at::Tensor& y, void* w,
+                          int64_t ws_bytes, int64_t cfg) {
   if (!x.is_cuda() || x.dim() != 2 || !x.is_contiguous() || !half_or_bf16(x) || y.dim() != 2 ||
       !y.is_contiguous() || y.scalar_type() != x.scalar_type() || a.scalar_type() != x.scalar_type())
     return "x and y must be contiguous 2-D CUDA tensors of the weight's dtype";
@@ -61,18 +62,39 @@ std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at
   if (cfg < 0 || cfg >= kConfigs) return "no such configuration";  // per call: no name strings built
   if (a.get_device() != x.get_device() || e.get_device() != x.get_device() || y.get_device() != x.get_device())
     return "x, y and the weight must be on one device";
-  if (ws.has_value() && (ws->scalar_type() != at::kByte || ws->get_device() != x.get_device()))
-    return "the workspace must be a uint8 tensor on x's device";
   if (m == 0) return "";
   c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   int dev = x.get_device();
-  void* w = ws.has_value() ? ws->data_ptr() : nullptr;
-  int64_t ws_bytes = ws.has_value() ? ws->numel() : 0;  // the run checks it against what the config needs
   return bf16 ? Ops<true>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w,
                                 ws_bytes, dev, stream)
               : Ops<false>::gemm(int(cfg), a.data_ptr(), e.data_ptr(), x.data_ptr(), y.data_ptr(), n, m, k, w,
                                  ws_bytes, dev, stream);
+}
+
+// y (M x N) = x (M x K) @ W^T with W as compress()'s (a, e); "" or what failed
+std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at::Tensor& y,
+               const c10::optional<at::Tensor>& ws, int64_t cfg) {
+  if (ws.has_value() && (ws->scalar_type() != at::kByte || !ws->is_cuda() || ws->get_device() != x.get_device()))
+    return "the workspace must be a uint8 tensor on x's device";
+  return run_mm(x, a, e, y, ws.has_value() ? ws->data_ptr() : nullptr, ws.has_value() ? ws->numel() : 0, cfg);
+}
+
+// mm() with y and the workspace (ws_bytes, as workspace() gave it) allocated here: the hot path
+// (sparseflow.cutlass_gemm.mm_unchecked). Two allocations from Python cost ~3 us of host time each
+// (argument parsing), here well under one. Returns (y, "") or (None, what failed).
+std::tuple<c10::optional<at::Tensor>, std::string> linear(const at::Tensor& x, const at::Tensor& a,
+                                                           const at::Tensor& e, int64_t n, int64_t ws_bytes,
+                                                           int64_t cfg) {
+  if (!x.is_cuda() || x.dim() != 2 || n <= 0 || ws_bytes < 0)
+    return {c10::nullopt, "x must be a 2-D CUDA tensor, N and the workspace size positive"};
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::Tensor ws;
+  if (ws_bytes) ws = at::empty({ws_bytes}, x.options().dtype(at::kByte));
+  std::string err = run_mm(x, a, e, y, ws_bytes ? ws.data_ptr() : nullptr, ws_bytes, cfg);
+  if (!err.empty()) return {c10::nullopt, err};
+  return {y, err};
 }
 
 }  // namespace sparseflow::cutlass24
@@ -86,6 +108,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compress", &c::compress, "dense 2:4 N x K -> (a, e) in CUTLASS's sm90 order; '' or the failure");
   m.def("mm", &c::mm, "y = x @ W^T with W from compress(); '' or the failure", py::arg("x"), py::arg("a"),
         py::arg("e"), py::arg("y"), py::arg("ws"), py::arg("cfg"));
+  m.def("linear", &c::linear, "mm() with y and the workspace allocated here: (y, '') or (None, the failure)",
+        py::arg("x"), py::arg("a"), py::arg("e"), py::arg("n"), py::arg("ws_bytes"), py::arg("cfg"));
   m.attr("ALIGN_N") = c::kAlignN;
   m.attr("ALIGN_K") = c::kAlignK;
   m.attr("CONFIGS") = c::kConfigs;

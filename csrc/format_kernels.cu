@@ -1,5 +1,6 @@
-// Portable 2:4 form (values N x K/2, packed 2-bit positions N x ceil(K/8)) -> dense N x K.
-// One thread per 8 columns (one metadata byte): reads 4 values and 1 byte, writes 16 bytes.
+// Layout kernels. decompress_24: portable 2:4 form (values N x K/2, packed 2-bit positions
+// N x ceil(K/8)) -> dense N x K; one thread per 8 columns (one metadata byte). transpose_rows:
+// the y^T -> y step of cuSPARSELt's transposed-output layouts (csrc/cusparselt_gemm.cpp).
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -51,6 +52,39 @@ at::Tensor decompress_24(const at::Tensor& values, const at::Tensor& meta, int64
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// src: N x ld row-major (2-byte elements), dst: m x N with dst[i][j] = src[j][i], i < m <= ld.
+// 32 x 32 tiles through shared memory (padded against bank conflicts): both sides coalesced.
+__global__ void transpose_rows_kernel(const uint16_t* __restrict__ src, uint16_t* __restrict__ dst, int64_t n,
+                                      int64_t m, int64_t ld) {
+  __shared__ uint16_t tile[32][33];
+  const int64_t i0 = blockIdx.x * 32LL, j0 = blockIdx.y * 32LL;
+  for (int r = threadIdx.y; r < 32; r += blockDim.y) {  // src rows j, columns i
+    const int64_t j = j0 + r, i = i0 + threadIdx.x;
+    if (j < n && i < m) tile[r][threadIdx.x] = src[j * ld + i];
+  }
+  __syncthreads();
+  for (int r = threadIdx.y; r < 32; r += blockDim.y) {  // dst rows i, columns j
+    const int64_t i = i0 + r, j = j0 + threadIdx.x;
+    if (i < m && j < n) dst[i * n + j] = tile[threadIdx.x][r];
+  }
+}
+
+// The first m columns of src (N x ld) transposed into a new m x N tensor, on the current stream:
+// one launch (torch's .t().contiguous() costs several microseconds more host time per call).
+at::Tensor transpose_rows(const at::Tensor& src, int64_t m) {
+  TORCH_CHECK(src.is_cuda() && src.dim() == 2 && src.is_contiguous() && src.element_size() == 2,
+              "sparseflow: transpose_rows needs a contiguous 2-D 16-bit CUDA tensor");
+  const int64_t n = src.size(0), ld = src.size(1);
+  TORCH_CHECK(m >= 0 && m <= ld && (n + 31) / 32 <= 65535, "sparseflow: transpose_rows: bad sizes");
+  auto dst = at::empty({m, n}, src.options());
+  if (m == 0 || n == 0) return dst;
+  const dim3 grid(static_cast<unsigned>((m + 31) / 32), static_cast<unsigned>((n + 31) / 32)), block(32, 8);
+  transpose_rows_kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const uint16_t*>(src.data_ptr()), static_cast<uint16_t*>(dst.data_ptr()), n, m, ld);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dst;
 }
 
 }  // namespace sparseflow

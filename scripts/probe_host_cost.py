@@ -52,6 +52,7 @@ def main() -> None:
         y = torch.empty(m, n, device=dev, dtype=dt)
         cases |= {
             "cutlass: _cutlass.mm (y given)": lambda: _CUTLASS.mm(x, cw.A, cw.E, y, None, 5),
+            "cutlass: _cutlass.linear (y made in C++)": lambda: _CUTLASS.linear(x, cw.A, cw.E, n, 0, 5),
             "cutlass: mm_unchecked": lambda: cutlass_gemm.mm_unchecked(x, cw, 5),
             "cutlass: cutlass_mm (checked)": lambda: cutlass_gemm.cutlass_mm(x, cw, 5),
         }
@@ -73,14 +74,18 @@ def main() -> None:
         lin = layers.get(backend)  # its own Sparse24Weight: the route is under that weight's handle
         r = ops._routes.get((lin._route[4], m_bucket(m), ops.BACKENDS[backend])) if lin is not None else None
         if r is not None and r[1] == ops._CSLT:
-            cases[f"cusparselt: _C.cslt_mm (layout {r[4]})"] = lambda r=r: _C.cslt_mm(x, r[2], n, r[3], r[4])
+            cases[f"cusparselt: _C.cslt_mm (layout {r[4]}, cfg {r[3]})"] = lambda r=r: _C.cslt_mm(
+                x, r[2], n, r[3], r[4]
+            )
+            p1 = c.cslt_packed(1)  # layout 1 (y^T, then our transpose) with the library's default algorithm
+            cases["cusparselt: _C.cslt_mm (layout 1, default)"] = lambda p1=p1: _C.cslt_mm(x, p1, n, [-1, 1, 0, 0], 1)
         elif r is not None and r[1] == ops._DECODE:
             cases["decode: _C.decode24_mm"] = lambda r=r: _C.decode24_mm(x, r[2].A, r[2].E, None, n, False, *r[3])
-    res = {label: per_call_us(fn, args.calls, args.reps) for label, fn in cases.items()}
-    base = res["F.linear"]
     print(f"host time per call, {n} x {k} fp16 weight, M = {m} (median of {args.reps} x {args.calls} calls):")
-    for label, us in res.items():
-        print(f"  {label:40s} {us:7.2f} us   ({us - base:+6.2f} vs F.linear)")
+    res = {}
+    for label, fn in cases.items():  # printed as measured: a crash still leaves the lines before it
+        res[label] = us = per_call_us(fn, args.calls, args.reps)
+        print(f"  {label:44s} {us:7.2f} us   ({us - res['F.linear']:+6.2f} vs F.linear)", flush=True)
     print("HOST " + " | ".join(f"{label}={us:.1f}" for label, us in res.items() if label.startswith("SparseLinear")))
 
 

@@ -107,6 +107,12 @@ def test_bad_input_is_a_clear_error():
     assert _CUTLASS.mm(x, cw.A, cw.E, y, None, 99) == "no such configuration"
     assert _CUTLASS.mm(x, cw.A[:-8], cw.E, y, None, 0) == "the compressed weight does not match N and K"
     assert _CUTLASS.mm(x.float(), cw.A, cw.E, y, None, 0).startswith("x and y must be")
+    assert _CUTLASS.mm(x, cw.A, cw.E, y, torch.empty(64, dtype=torch.uint8), 0).startswith("the workspace must be")
+    assert _CUTLASS.linear(x, cw.A, cw.E, 128, 0, 99) == (None, "no such configuration")
+    assert _CUTLASS.linear(x, cw.A, cw.E, 192, 0, 0) == (None, "the compressed weight does not match N and K")
+    y2, err = _CUTLASS.linear(x, cw.A, cw.E, 128, 0, 0)
+    assert err == "" and y2.shape == (4, 128)
+    assert rel_err(y2, nn.functional.linear(x.double(), w16.decompress().double())) < TOL[torch.float16]
     odd = sf.compress_2_4(random_2_4(96, 256, torch.float16, "cuda"))
     with pytest.raises(ValueError, match="multiple of 64"):
         cutlass_gemm.pack_cutlass(odd)

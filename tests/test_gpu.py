@@ -151,6 +151,22 @@ def test_cuda_graph_capture_and_replay():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (7, 4128, 512), (33, 96, 160), (100, 512, 1024), (16, 64, 64)])
+def test_cusparselt_transposed_output_layout(dtype, m, n, k):
+    """Layout 1 writes y^T (N x M padded to 16) and transposes it with our kernel: every row of y,
+    the padding columns cut, the partial 32 x 32 tiles included."""
+    w = random_2_4(n, k, dtype, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    packed = sf.compress_2_4(w).cslt_packed(1)
+    _poison()
+    y = _C.cslt_mm(x, packed, n, [-1, 1, 0, 0], 1)
+    torch.cuda.synchronize()
+    assert y.shape == (m, n) and y.is_contiguous()
+    assert rel_err(y, _ref(x, w)) < TOL[dtype]
+
+
+@needs_ext
 def test_plan_cache_reused_across_calls():
     c = sf.compress_2_4(random_2_4(1024, 1024, torch.float16, "cuda"))
     x = torch.randn(200, 1024, device="cuda", dtype=torch.float16)
