@@ -101,10 +101,7 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            Gemm24<T, 64, 32, 128, 1, 1, Ping>,    // 3: M = 64 (o, down)
                            Gemm24<T, 64, 64, 256, 1, 1, Ping>,    // 4: M = 64 (qkv)
                            Gemm24<T, 128, 16, 128, 1, 1, Coop>,   // 5: M <= 16 (qkv, gate_up)
-                           Gemm24<T, 64, 16, 256, 1, 1, Ping>,    // 6: M <= 16 (o, down)
-                           // 7: M <= 16 where the row tiles leave SMs idle (down: 32 tiles of 128 rows
-                           // on 132 SMs): stream-K deals the K iterations out over every SM
-                           Gemm24<T, 128, 16, 128, 1, 1, Coop, StreamK>>;
+                           Gemm24<T, 64, 16, 256, 1, 1, Ping>>;   // 6: M <= 16 (o, down)
 
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
