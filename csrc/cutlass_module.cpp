@@ -1,6 +1,6 @@
 // Python bindings of the CUTLASS sm90 2:4 GEMM (imported as sparseflow._cutlass; built only where
-// CUTLASS's headers are found, for sm_90a). sparseflow/cutlass_gemm.py checks every argument and
-// allocates the outputs; these functions report a failure as a returned message, never by
+// CUTLASS's headers are found, for sm_90a). sparseflow/cutlass_gemm.py checks every argument first
+// (linear() allocates the output here, mm() takes it); these report a failure as a returned message, never by
 // throwing (an exception thrown from this module crashed the interpreter on the H200 device, see
 // benchmarks/NOTES.md session 13), and re-check only what would otherwise corrupt memory.
 #include <torch/extension.h>
