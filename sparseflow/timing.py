@@ -67,7 +67,7 @@ def _reader(scrub: torch.Tensor) -> Callable[[], object]:
     of clean lines, as when other layers' weights pass through it in a model. A written scrub
     (``zero_``, sessions <= 14) left dirty lines whose write-back the next kernel paid for, and
     that cost fell unevenly on the kernels compared (benchmarks/NOTES.md, session 15)."""
-    src = scrub.view(torch.int16)[: scrub.numel() // 2 // 4096 * 4096].view(-1, 4096)
+    src = scrub.view(torch.int16).view(-1, 4096)
     out = torch.empty(4096, dtype=torch.int16, device=scrub.device)
     return lambda: torch.amax(src, dim=0, out=out)
 
