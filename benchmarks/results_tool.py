@@ -72,7 +72,7 @@ def markdown_table(data: dict) -> str:
     for r in data["rows"]:
         choice = r["choice"] + (f" ({r['cusparselt_layout']})" if r["choice"] == "cusparselt" else "")
         lines.append(
-            f"| {r['name']} | {r['dtype'].replace('float', 'fp').replace('bfloat', 'bf')} | {r['M']} | {r['N']} | "
+            f"| {r['name']} | {r['dtype'].replace('bfloat', 'bf').replace('float', 'fp')} | {r['M']} | {r['N']} | "
             f"{r['K']} | {r['cublas_ms']:.4f} | {ms(r.get('torch_ms'))} | {ms(r.get('cusparselt_ms'))} | "
             f"{ms(r.get('cutlass_ms'))} | {ms(r.get('decode_ms'))} | {ms(r['sparseflow_ms'])} | "
             f"{x(r, 'cusparselt_ms')} | {x(r, 'cutlass_ms')} | {x(r, 'decode_ms')} | "
