@@ -69,6 +69,13 @@ def _find_cutlass():
     return None
 
 
+def _host_opt() -> str:
+    """-O3, or -O0 under SPARSEFLOW_COMPILE_CHECK=1 (CI): a build that is compiled but never run.
+    nvcc's -O sets only the host code's level (device code is optimized either way); gcc at -O0
+    takes a third of the time on CUTLASS's host-side templates and catches the same build breaks."""
+    return "-O0" if os.environ.get("SPARSEFLOW_COMPILE_CHECK") == "1" else "-O3"
+
+
 def _cutlass_extension(CUDAExtension, cuda_includes):
     """sparseflow._cutlass: CUTLASS's sm90 2:4 GEMM, compiled for sm_90a only (wgmma.sp)."""
     if os.environ.get("SPARSEFLOW_NO_CUTLASS") == "1":
@@ -79,7 +86,7 @@ def _cutlass_extension(CUDAExtension, cuda_includes):
         _note("CUTLASS headers not found (pip install nvidia-cutlass, or set CUTLASS_DIR): no sm90 kernels")
         return []
     _note(f"building sparseflow._cutlass for sm_90a with CUTLASS at {root}")
-    flags = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
+    flags = [_host_opt(), "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
     # TMA descriptors through our once-resolved cuTensorMapEncodeTiled (csrc/cutlass_gemm_ops.cu), not
     # a driver entry-point lookup per descriptor (host time on every call)
     flags.append("-DCUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL")
@@ -97,7 +104,7 @@ def _cutlass_extension(CUDAExtension, cuda_includes):
                 os.path.join(root, "tools", "util", "include"),
                 *cuda_includes,
             ],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": flags},
+            extra_compile_args={"cxx": [_host_opt()], "nvcc": flags},
         )
     ]
 
@@ -125,6 +132,8 @@ def _extensions():
         return [], {}
     root, lib = found
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if _host_opt() == "-O0":
+        _note("SPARSEFLOW_COMPILE_CHECK=1: host code at -O0 (a compile check: slow host path, do not benchmark)")
     _note(f"building sparseflow._C for {os.environ['TORCH_CUDA_ARCH_LIST']} with cuSPARSELt at {root}")
     ext = CUDAExtension(
         name="sparseflow._C",
@@ -139,7 +148,10 @@ def _extensions():
         library_dirs=[os.path.join(root, "lib")],
         libraries=[":" + os.path.basename(lib)],
         extra_link_args=[f"-Wl,-rpath,{os.path.join(root, 'lib')}"],
-        extra_compile_args={"cxx": ["-O3", "-Wno-deprecated-declarations"], "nvcc": ["-O3", "--use_fast_math"]},
+        extra_compile_args={
+            "cxx": [_host_opt(), "-Wno-deprecated-declarations"],
+            "nvcc": [_host_opt(), "--use_fast_math"],
+        },
     )
     return [ext, *_cutlass_extension(CUDAExtension, _extra_cuda_includes(CUDA_HOME))], {"build_ext": BuildExtension}
 
