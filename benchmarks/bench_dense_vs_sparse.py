@@ -380,11 +380,15 @@ def main(argv=None) -> int:
     errs = sorted({r["torch_error"] for r in rows if r["torch_error"]})
     for e in errs:
         print("torch semi-structured failure:", e)
+
+    def ratio(v: float) -> str:  # "nan" where the run had no such rows
+        return "- (no rows)" if math.isnan(v) else f"{v:.2f}x"
+
     print(
         f"SUMMARY device={gpu} rows={len(rows)} "
         f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x | "
-        f"2:4 kernel geomean (Llama, M>=256)={summary['kernel_geomean_llama_m_ge_256']:.2f}x | "
-        f"gate_up/down M<=16 min={summary['kernel_min_gate_up_down_m_le_16']:.2f}x | "
+        f"2:4 kernel geomean (Llama, M>=256)={ratio(summary['kernel_geomean_llama_m_ge_256'])} | "
+        f"gate_up/down M<=16 min={ratio(summary['kernel_min_gate_up_down_m_le_16'])} | "
         f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f} | "
         f"prune+compress Llama-3-8B linears on GPU: {conversion['llama3_8b_linears_seconds']:.1f}s"
     )
