@@ -1,0 +1,92 @@
+"""Every 2:4 kernel against dense cuBLAS across token counts that are not powers of two.
+
+For each layer shape and M: F.linear, each CUTLASS configuration, cuSPARSELt (layout 1, the
+library's search at that exact M, and the plan searched at the power-of-two bucket above it
+applied at M), and SparseLinear as dispatched. Times are the dispatcher's own (CUDA-graph replay,
+L2 scrubbed). Prints one line per (shape, M) and writes JSON to --out.
+
+    python scripts/probe_m_sweep.py --out /tmp/probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sparseflow as sf
+from sparseflow import cutlass_gemm
+from sparseflow._ext import _C
+from sparseflow.dispatch import DISPATCHER, _median_ms, m_bucket
+
+SHAPES = {
+    "llama_down": (4096, 14336),
+    "llama_gate_up": (28672, 4096),
+    "qwen_o": (3584, 3584),
+    "llama_qkv": (6144, 4096),
+}
+MS = [200, 256, 300, 333, 384, 448, 512, 700, 1024, 1337, 2048, 3000, 5000]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="probe_out")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--dispatch", type=int, default=1)
+    a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    rows = []
+    t0 = time.time()
+    for name in a.shapes.split(","):
+        n, k = SHAPES[name]
+        w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype))
+        c = sf.compress_2_4(w)
+        cw = c.cutlass_packed()
+        packed = c.cslt_packed(1)
+        layer = sf.SparseLinear.from_compressed(c)
+        ncfg = len(cutlass_gemm.configs(dtype))
+        for m in [int(v) for v in a.ms.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            r = {"shape": name, "N": n, "K": k, "M": m}
+            r["dense"] = _median_ms(lambda: F.linear(x, w))
+            r["cutlass"] = [_median_ms(lambda i=i: cutlass_gemm.cutlass_mm(x, cw, i)) for i in range(ncfg)]
+            try:
+                cfg = [int(v) for v in _C.cslt_search(x, packed, n, 1, 256)[:4]]
+                r["cslt_own"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, 1))
+                xb = torch.randn(m_bucket(m), k, device="cuda", dtype=dtype)
+                cfgb = [int(v) for v in _C.cslt_search(xb, packed, n, 1, 256)[:4]]
+                r["cslt_bucketcfg"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfgb, 1))
+                r["cslt_cfgs"] = [cfg, cfgb]
+            except RuntimeError as exc:
+                r["cslt_err"] = str(exc)[:200]
+            if a.dispatch:
+                layer(x)
+                r["sparselinear"] = _median_ms(lambda: layer(x))
+                d = DISPATCHER.lookup(w.device, dtype, n, k, m)
+                r["choice"] = d.choice if d else None
+                r["choice_cfg"] = d.cutlass_cfg if d else None
+            best_cut = min(r["cutlass"])
+            print(
+                f"{name:14s} M={m:5d} dense={r['dense'] * 1e3:8.1f}us "
+                f"cutlass=[{' '.join(f'{t * 1e3:.1f}' for t in r['cutlass'])}] best={r['dense'] / best_cut:.2f}x "
+                f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
+                f"SL={r.get('sparselinear', 0) * 1e3:.1f} ({r['dense'] / r['sparselinear'] if a.dispatch else 0:.2f}x "
+                f"{r.get('choice')}/{r.get('choice_cfg')})",
+                flush=True,
+            )
+            rows.append(r)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    (out / f"probe_m_{gpu}_{a.dtype}.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
+    print(f"probe done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
