@@ -197,7 +197,7 @@ __host__ __device__ constexpr int smem_bytes() {
 // four k-steps two 16-byte pieces of rows g and g + 8 (groups 4t.., 16 + 4t..: each warp load is
 // 8 rows x 64 contiguous bytes) and its metadata 8 bytes of each row (halfword p, nibble u).
 // Two token tiles (M 9-16): at most 64 registers, so 4 blocks per SM (at 74, gate_up's 448 blocks
-// took 1.13 waves: 54% of DRAM peak, Nsight Compute, session 11; capped: 1.11x faster, session 12).
+// took 1.13 waves and reached 54% of DRAM peak in Nsight Compute on the H200; capped, 1.11x faster).
 // Other tile counts name no block count: a minimum of 1 lets ptxas take 86 registers at one token
 // tile (2 blocks per SM, 1.2x slower on gate_up), unnamed it takes 64.
 template <typename T, int NT, bool SWIGLU, bool RING, bool PORT>
