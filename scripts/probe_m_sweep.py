@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -30,6 +31,44 @@ SHAPES = {
     "llama_qkv": (6144, 4096),
 }
 MS = [200, 256, 300, 333, 384, 448, 512, 700, 1024, 1337, 2048, 3000, 5000]
+
+
+def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    r = {"shape": name, "N": n, "K": k, "M": m}
+    r["dense"] = _median_ms(lambda: F.linear(x, w))
+    r["cutlass"] = [_median_ms(lambda i=i: cutlass_gemm.cutlass_mm(x, cw, i)) for i in range(ncfg)]
+    try:
+        cfg = [int(v) for v in _C.cslt_search(x, packed, n, 1, 256)[:4]]
+        r["cslt_own"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, 1))
+        xb = torch.randn(m_bucket(m), k, device="cuda", dtype=dtype)
+        cfgb = [int(v) for v in _C.cslt_search(xb, packed, n, 1, 256)[:4]]
+        r["cslt_bucketcfg"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfgb, 1))
+        r["cslt_cfgs"] = [cfg, cfgb]
+    except RuntimeError as exc:
+        r["cslt_err"] = str(exc)[:200]
+    if a.dispatch:
+        try:
+            t1 = time.time()
+            layer(x)
+            r["measure_s"] = time.time() - t1
+            r["sparselinear"] = _median_ms(lambda: layer(x))
+            d = DISPATCHER.lookup(w.device, dtype, n, k, m)
+            r["choice"] = d.choice if d else None
+            r["choice_cfg"] = d.cutlass_cfg if d else None
+        except Exception:  # noqa: BLE001 -- a probe: report and go on with the kernels
+            traceback.print_exc()
+            a.dispatch = 0
+    best_cut = min(r["cutlass"])
+    print(
+        f"{name:14s} M={m:5d} dense={r['dense'] * 1e3:8.1f}us "
+        f"cutlass=[{' '.join(f'{t * 1e3:.1f}' for t in r['cutlass'])}] best={r['dense'] / best_cut:.2f}x "
+        f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
+        f"SL={r.get('sparselinear', 0) * 1e3:.1f} ({r['dense'] / r.get('sparselinear', r['dense']):.2f}x "
+        f"{r.get('choice')}/{r.get('choice_cfg')} {r.get('measure_s', 0):.1f}s)",
+        flush=True,
+    )
+    return r
 
 
 def main() -> None:
@@ -52,34 +91,7 @@ def main() -> None:
         layer = sf.SparseLinear.from_compressed(c)
         ncfg = len(cutlass_gemm.configs(dtype))
         for m in [int(v) for v in a.ms.split(",")]:
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            r = {"shape": name, "N": n, "K": k, "M": m}
-            r["dense"] = _median_ms(lambda: F.linear(x, w))
-            r["cutlass"] = [_median_ms(lambda i=i: cutlass_gemm.cutlass_mm(x, cw, i)) for i in range(ncfg)]
-            try:
-                cfg = [int(v) for v in _C.cslt_search(x, packed, n, 1, 256)[:4]]
-                r["cslt_own"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, 1))
-                xb = torch.randn(m_bucket(m), k, device="cuda", dtype=dtype)
-                cfgb = [int(v) for v in _C.cslt_search(xb, packed, n, 1, 256)[:4]]
-                r["cslt_bucketcfg"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfgb, 1))
-                r["cslt_cfgs"] = [cfg, cfgb]
-            except RuntimeError as exc:
-                r["cslt_err"] = str(exc)[:200]
-            if a.dispatch:
-                layer(x)
-                r["sparselinear"] = _median_ms(lambda: layer(x))
-                d = DISPATCHER.lookup(w.device, dtype, n, k, m)
-                r["choice"] = d.choice if d else None
-                r["choice_cfg"] = d.cutlass_cfg if d else None
-            best_cut = min(r["cutlass"])
-            print(
-                f"{name:14s} M={m:5d} dense={r['dense'] * 1e3:8.1f}us "
-                f"cutlass=[{' '.join(f'{t * 1e3:.1f}' for t in r['cutlass'])}] best={r['dense'] / best_cut:.2f}x "
-                f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
-                f"SL={r.get('sparselinear', 0) * 1e3:.1f} ({r['dense'] / r['sparselinear'] if a.dispatch else 0:.2f}x "
-                f"{r.get('choice')}/{r.get('choice_cfg')})",
-                flush=True,
-            )
+            r = _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg)
             rows.append(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

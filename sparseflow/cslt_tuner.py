@@ -144,6 +144,26 @@ class Tuner:
                 self._idle.start()
         return found
 
+    def check(self, device: int, dtype: str, n: int, k: int, m: int, layout: int, variant: list[int]) -> float | None:
+        """Run one configuration ([algorithm id, split-k]) at M rows in the child: its time if it
+        completed with a right answer, else None. A plan searched at one M is run at others (the
+        dispatcher's buckets between anchors) only after this, since some ids crash at some M."""
+        req = {"device": device, "dtype": dtype, "n": n, "k": k, "m": m, "layout": layout, "start": 0}
+        req.update(variants=[list(variant)], stop=1)
+        with self._lock:
+            if self._idle is not None:
+                self._idle.cancel()
+            try:
+                if self.disabled:
+                    return None
+                times: dict[int, float] = {}
+                self._sweep(req, (layout, dtype, "check"), times)
+                return times.get(0)
+            finally:
+                self._idle = threading.Timer(self.idle_s, self._close_if_idle)
+                self._idle.daemon = True
+                self._idle.start()
+
     def _sweep(self, req: dict, family: tuple, times: dict[int, float]) -> None:
         """Fill ``times``; restart past crashes within the bounds the class docstring names."""
         deadline = time.time() + self.timeout_s

@@ -68,9 +68,42 @@ def test_cpu_path_warns_once_that_it_is_not_fast(recwarn):
 def test_buckets_and_the_no_measurement_rule():
     from sparseflow.dispatch import m_bucket, static_decision
 
-    assert [m_bucket(m) for m in (1, 8, 9, 16, 17, 64, 65, 2048, 2049)] == [8, 8, 16, 16, 32, 64, 128, 2048, 4096]
+    assert [m_bucket(m) for m in (1, 8, 9, 16, 17, 64, 65, 300, 1337, 2048, 2049)] == [
+        8, 8, 16, 16, 24, 64, 72, 320, 1408, 2048, 2304
+    ]  # fmt: skip
     assert static_decision(1).choice == "decode" and static_decision(16).choice == "decode"
     assert static_decision(17).choice == "dense" and static_decision(4096).choice == "dense"
+
+
+def test_buckets_are_narrow_and_their_ends_are_what_is_measured():
+    """Every M up to 16k falls in a bucket whose two ends map back to it, and no bucket spans more
+    than 1/8 of its top above 64 rows (dense and a tiled 2:4 kernel cannot cross far inside)."""
+    from sparseflow.dispatch import anchor, bucket_range, m_bucket
+
+    for m in range(1, 20000):
+        b = m_bucket(m)
+        lo, hi = bucket_range(b)
+        assert lo <= m <= hi == b and m_bucket(lo) == b
+        assert lo == 1 or m_bucket(lo - 1) < b
+        assert hi - lo < 8 or (hi - lo + 1) <= lo / 8
+        a = anchor(b)
+        assert a >= b and a & (a - 1) == 0 and m_bucket(a) == a
+
+
+def test_a_kernel_must_beat_dense_at_both_ends_of_its_bucket():
+    """A 2:4 kernel that wins at the top of a bucket but loses at its bottom is not chosen; the
+    CUTLASS-vs-cuSPARSELt choice goes by the worse end."""
+    from sparseflow.dispatch import Decision
+
+    d = Decision("dense", dense_ms=1.0, cutlass_ms=0.7, m_lo=257, lo_ms={"dense": 0.5, "cutlass": 0.7})
+    assert d.fastest() == "dense" and abs(d.speedup - 0.5 / 0.7) < 1e-9
+    d.lo_ms["cutlass"] = 0.4
+    assert d.fastest() == "cutlass" and abs(d.speedup - 1.0 / 0.8) < 1e-9
+    # cuSPARSELt faster at the top, but CUTLASS's worse end is better: CUTLASS
+    d = Decision(
+        "dense", dense_ms=1.0, sparse_ms=0.6, cutlass_ms=0.7, lo_ms={"dense": 0.8, "cusparselt": 0.75, "cutlass": 0.5}
+    )
+    assert d.best_sparse == "cutlass" and d.fastest() == "cutlass"
 
 
 def test_a_2_4_kernel_must_beat_dense_by_a_margin_to_be_chosen():
@@ -352,9 +385,14 @@ def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
             raise RuntimeError("can_implement: Error Misaligned Operand")
 
     monkeypatch.setattr(cutlass_gemm, "cutlass_mm", fake_mm)
-    monkeypatch.setattr(dispatch, "_median_ms", lambda fn: {0: 2.0, 2: 1.5}[fn.__defaults__[0]])
+    xs = (torch.randn(8, 256), torch.randn(1, 256))
+    # (configuration, rows) -> ms: configuration 2 is faster at the top of the bucket, 0 at its
+    # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins.
+    times = {(0, 8): 2.0, (2, 8): 1.5, (0, 1): 1.0, (2, 1): 3.0}
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn: times[fn.__defaults__[0], fn()])
+    monkeypatch.setattr(cutlass_gemm, "cutlass_mm", lambda x, cw, cfg: fake_mm(x, cw, cfg) or x.shape[0])
     with pytest.warns(RuntimeWarning, match="CUTLASS configuration 1 failed"):
-        assert dispatch._time_cutlass(w, torch.randn(4, 256)) == (1.5, 2)
+        assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (2.0, 1.0, 0)
     monkeypatch.setattr(type(w), "cutlass_packed", lambda self: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert dispatch._time_cutlass(w, torch.randn(4, 256)) is None
+        assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) is None
