@@ -111,7 +111,7 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 12
+_CACHE_VERSION = 13
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
 # H200, session 10 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
