@@ -36,7 +36,17 @@ from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, porta
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-MS = [1, 4, 8, 16, 64, 256, 1024, 4096, 16384]
+# Qwen2.5-7B: hidden 3584, 28 query / 4 key-value heads of 128, intermediate 18944 (its config.json)
+QWEN25_7B = {
+    "qwen_qkv": (4608, 3584),
+    "qwen_o": (3584, 3584),
+    "qwen_gate_up": (37888, 3584),
+    "qwen_down": (3584, 18944),
+}
+MODELS = {"llama3_8b": LLAMA3_8B, "qwen2.5_7b": QWEN25_7B}
+# Token counts a user runs, not only powers of two: prompt lengths and batch sizes as they come.
+MS = [1, 3, 8, 12, 16, 40, 64, 100, 256, 300, 700, 1024, 1337, 3000, 4096, 5000, 16384]
+FLOOR = 0.98  # a SparseLinear row below this ratio to cuBLAS is reported as a failure
 SQUARE = [2048, 4096, 8192, 16384]
 ROTATE_BYTES = 256 << 20  # several times the 50-60 MB L2
 
@@ -193,7 +203,9 @@ def plot(rows, path: Path, gpu: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [
-        n for n in [*LLAMA3_8B, "square"] if any(r["name"] == n or r["name"].startswith(n + "1") for r in rows)
+        n
+        for n in [*LLAMA3_8B, *QWEN25_7B, "square"]
+        if any(r["name"] == n or (n == "square" and r["name"].startswith("square")) for r in rows)
     ] or ["square"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True, squeeze=False)
     axes = axes[0]
@@ -234,9 +246,15 @@ def geomean(xs):
 def summarize(rows: list[dict], copy_gbps: float) -> dict:
     """The summary fields computed from the rows (also used to re-summarize merged result files).
     A row may carry its own ``copy_bandwidth_gbps`` (merged from another run)."""
-    llama = [r for r in rows if not r["name"].startswith("square")]
+    llama = [r for r in rows if r["name"] in LLAMA3_8B]
     return {
         "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
+        "below_floor": [
+            f"{r['name']} {r['dtype']} M={r['M']} {r['cublas_ms'] / r['sparseflow_ms']:.2f}x"
+            for r in rows
+            if r["cublas_ms"] / r["sparseflow_ms"] < FLOOR
+        ],
+        "sparselinear_geomean_m_ge_256": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows if r["M"] >= 256]),
         "kernel_geomean_llama_m_ge_256": geomean(
             [r["cublas_ms"] / r["sparse_kernel_ms"] for r in llama if r["M"] >= 256]
         ),
@@ -279,7 +297,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few rows only")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--ms", type=lambda v: [int(t) for t in v.split(",")], help="comma-separated M values")
-    ap.add_argument("--layers", type=lambda v: v.split(","), help="comma-separated subset of qkv,o,gate_up,down")
+    ap.add_argument(
+        "--layers", type=lambda v: v.split(","), help="comma-separated subset of the layer names (qkv, qwen_o, ...)"
+    )
+    ap.add_argument("--models", type=lambda v: v.split(","), default=list(MODELS), help=f"subset of {list(MODELS)}")
+    ap.add_argument("--dtypes", type=lambda v: v.split(","), default=["float16", "bfloat16"])
     ap.add_argument("--no-square", action="store_true")
     ap.add_argument("--bf16-ms", type=lambda v: [int(t) for t in v.split(",")], help="M values for bf16 rows")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -294,10 +316,11 @@ def main(argv=None) -> int:
     found = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", gpu)
     tag = (found.group(1) if found else re.sub(r"\W+", "_", gpu)).lower()
     grid = []
-    for dtype in (torch.float16, torch.bfloat16):
+    layers = {name: nk for model in args.models for name, nk in MODELS[model].items()}
+    for dtype in [getattr(torch, d) for d in args.dtypes]:
         for s in [] if args.no_square else SQUARE if not args.quick else [4096]:
             grid.append((f"square{s}", s, s, s, dtype))
-        for name, (n, k) in LLAMA3_8B.items():
+        for name, (n, k) in layers.items():
             if args.layers and name not in args.layers:
                 continue
             ms = args.ms or (MS if not args.quick else [1, 16, 4096])
@@ -384,9 +407,12 @@ def main(argv=None) -> int:
     def ratio(v: float) -> str:  # "nan" where the run had no such rows
         return "- (no rows)" if math.isnan(v) else f"{v:.2f}x"
 
+    fails = summary["below_floor"]
+    verdict = f"FAIL {len(fails)} rows below {FLOOR}x: {'; '.join(fails)}" if fails else f"all rows >= {FLOOR}x"
     print(
-        f"SUMMARY device={gpu} rows={len(rows)} "
-        f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x | "
+        f"SUMMARY device={gpu} rows={len(rows)} {verdict} | "
+        f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x "
+        f"geomean M>=256={ratio(summary['sparselinear_geomean_m_ge_256'])} | "
         f"2:4 kernel geomean (Llama, M>=256)={ratio(summary['kernel_geomean_llama_m_ge_256'])} | "
         f"gate_up/down M<=16 min={ratio(summary['kernel_min_gate_up_down_m_le_16'])} | "
         f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f} | "
