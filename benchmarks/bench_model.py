@@ -41,13 +41,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import sparseflow as sf
 from sparseflow.nn import SparseGatedMLP, SparseLinear
 
-PREFILL = {"b1x2048": (1, 2048), "b8x512": (8, 512)}
+# Prompt lengths that are not powers of two too: real prompts are 300 or 1337 tokens long.
+PREFILL = {"b1x2048": (1, 2048), "b8x512": (8, 512), "b1x300": (1, 300), "b1x1337": (1, 1337), "b4x700": (4, 700)}
 DECODE_BATCHES = (1, 16)
 PROMPT, REPS = 128, 3  # decode/generate prompt length; timed samples per metric (median)
 # speedup key -> (tokens/s key in the dense/sparse dicts, label)
 SPEEDUPS = {
     "prefill_speedup": ("prefill_tok_s_b1x2048", "prefill 1x2048"),
     "prefill_speedup_b8x512": ("prefill_tok_s_b8x512", "prefill 8x512"),
+    "prefill_speedup_b1x300": ("prefill_tok_s_b1x300", "prefill 1x300"),
+    "prefill_speedup_b1x1337": ("prefill_tok_s_b1x1337", "prefill 1x1337"),
+    "prefill_speedup_b4x700": ("prefill_tok_s_b4x700", "prefill 4x700"),
     "decode_speedup_b1": ("decode_tok_s_b1", "decode b1"),
     "decode_speedup_b16": ("decode_tok_s_b16", "decode b16"),
     "eager_generate_speedup_b1": ("generate_tok_s_b1", "generate b1 (eager)"),
@@ -387,7 +391,9 @@ def main() -> None:
     graph = "graph" if modes == {"cuda_graph"} else "eager"
     print(
         f"MODEL {name} layers={cfg.num_hidden_layers} prefill_b1x2048={s['prefill_speedup']} "
-        f"prefill_b8x512={s['prefill_speedup_b8x512']} decode_{graph}_b1={s['decode_speedup_b1']} "
+        f"prefill_b8x512={s['prefill_speedup_b8x512']} prefill_b1x300={s['prefill_speedup_b1x300']} "
+        f"prefill_b1x1337={s['prefill_speedup_b1x1337']} prefill_b4x700={s['prefill_speedup_b4x700']} "
+        f"decode_{graph}_b1={s['decode_speedup_b1']} "
         f"decode_{graph}_b16={s['decode_speedup_b16']} generate_b1={s['eager_generate_speedup_b1']} "
         f"linear_weight_mem={s['linear_weight_memory_ratio']} gpu_mem={s['gpu_mem']} convert={convert_s:.1f}s"
     )
