@@ -87,17 +87,17 @@ def _cutlass_extension(CUDAExtension, cuda_includes):
         return []
     _note(f"building sparseflow._cutlass for sm_90a with CUTLASS at {root}")
     flags = [_host_opt(), "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
-    # TMA descriptors through our once-resolved cuTensorMapEncodeTiled (csrc/cutlass_gemm_ops.cu), not
+    # TMA descriptors through our once-resolved cuTensorMapEncodeTiled (csrc/cutlass/cutlass_gemm_ops.cu), not
     # a driver entry-point lookup per descriptor (host time on every call)
     flags.append("-DCUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL")
     return [
         CUDAExtension(
             name="sparseflow._cutlass",
-            # one file per (dtype, configuration) under cutlass_inst/: they compile in parallel
+            # one file per (dtype, configuration) under csrc/cutlass/inst/: they compile in parallel
             sources=[
-                "csrc/cutlass_module.cpp",
-                "csrc/cutlass_gemm_ops.cu",
-                *sorted(glob.glob("csrc/cutlass_inst/*.cu")),
+                "csrc/cutlass/cutlass_module.cpp",
+                "csrc/cutlass/cutlass_gemm_ops.cu",
+                *sorted(glob.glob("csrc/cutlass/inst/*.cu")),
             ],
             include_dirs=[
                 os.path.join(root, "include"),
@@ -138,11 +138,11 @@ def _extensions():
     ext = CUDAExtension(
         name="sparseflow._C",
         sources=[
-            "csrc/module.cpp",
-            "csrc/cusparselt_gemm.cpp",
-            "csrc/format_kernels.cu",
-            "csrc/decode_gemm.cu",
-            "csrc/decode_ops.cpp",
+            "csrc/common/module.cpp",
+            "csrc/common/format_kernels.cu",
+            "csrc/cusparselt/cusparselt_gemm.cpp",
+            "csrc/decode/decode_gemm.cu",
+            "csrc/decode/decode_ops.cpp",
         ],
         include_dirs=[os.path.join(root, "include")] + _extra_cuda_includes(CUDA_HOME),
         library_dirs=[os.path.join(root, "lib")],

@@ -3,7 +3,7 @@
 // cuSPARSELt algorithms that win on an H100 (ids >= 36) fail with an illegal instruction, and
 // the ones that run leave the small-tile cases (M = 256 on a 4096-wide layer: 32 tiles of 128 x
 // 256 for 132 SMs) at 1.0-1.1x of cuBLAS; CUTLASS's 64-row ping-pong and cluster tiles fill them
-// (wip/cutlass_probe measured 1.2-1.3x there). The dispatcher times every configuration below
+// (a stand-alone probe measured 1.2-1.3x there). The dispatcher times every configuration below
 // and keeps the fastest kernel per (shape, M-bucket).
 //
 // The GEMM is posed with W as CUTLASS's sparse A (N x K row-major), x as B (K x M column-major,
@@ -26,7 +26,7 @@ namespace sparseflow::cutlass24 {
 constexpr int64_t kAlignN = 64;
 constexpr int64_t kAlignK = 128;
 // Configurations per element type (Configs in cutlass_gemm_impl.cuh, one file each in
-// csrc/cutlass_inst/; a static_assert there keeps the three in step).
+// csrc/cutlass/inst/; a static_assert there keeps the three in step).
 constexpr int kConfigs = 7;
 
 struct Sizes {

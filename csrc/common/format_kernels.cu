@@ -1,6 +1,6 @@
 // Layout kernels. decompress_24: portable 2:4 form (values N x K/2, packed 2-bit positions
 // N x ceil(K/8)) -> dense N x K; one thread per 8 columns (one metadata byte). transpose_rows:
-// the y^T -> y step of cuSPARSELt's transposed-output layouts (csrc/cusparselt_gemm.cpp).
+// the y^T -> y step of cuSPARSELt's transposed-output layouts (csrc/cusparselt/cusparselt_gemm.cpp).
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -90,9 +90,9 @@ struct Gemm24 {
 };
 
 // The configurations the dispatcher times (indices are the cfg numbers it records), chosen from
-// 16 measured on the H200 (wip/cutlass_probe; benchmarks/NOTES.md, session 13). Tiles are rows of
+// 16 measured on the H200 in a stand-alone probe (benchmarks/NOTES.md). Tiles are rows of
 // W x tokens x K: the small token tiles serve decode-sized M, where many row tiles and a deep K
-// tile keep enough bytes in flight. Each is compiled in its own file under csrc/cutlass_inst/
+// tile keep enough bytes in flight. Each is compiled in its own file under csrc/cutlass/inst/
 // (they build in parallel); kConfigs must match those files.
 template <class T>
 using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-1024 (qkv, gate_up)
@@ -227,7 +227,7 @@ using Element = std::conditional_t<BF16, cutlass::bfloat16_t, cutlass::half_t>;
   PREFIX template std::string sparseflow::cutlass24::detail::run<T, I>(                                      \
       const void*, const void*, const void*, void*, int, int, int, void*, int64_t, int, cudaStream_t);       \
   PREFIX template int64_t sparseflow::cutlass24::detail::workspace<T, I>(int, int, int, int);
-// In a csrc/cutlass_inst/ file: compile configuration I for element type T there.
+// In a csrc/cutlass/inst/ file: compile configuration I for element type T there.
 #define SF_CUTLASS_INSTANCE(T, I) SF_CUTLASS_DECLARE(, T, I)
 // In cutlass_gemm_ops.cu: configuration I is compiled elsewhere.
 #define SF_CUTLASS_EXTERN(T, I) SF_CUTLASS_DECLARE(extern, T, I)

@@ -1,5 +1,5 @@
 // Ops<BF16> (cutlass_gemm.cuh): configuration names, the compressor, and the switch from a
-// configuration index to its GEMM, which is compiled in csrc/cutlass_inst/.
+// configuration index to its GEMM, which is compiled in csrc/cutlass/inst/.
 #include "cutlass_gemm_impl.cuh"
 
 #define SF_EXTERN_ALL(T) \
@@ -41,7 +41,7 @@ extern "C" CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMap
 namespace sparseflow::cutlass24 {
 
 static_assert(std::tuple_size_v<detail::Configs<cutlass::half_t>> == kConfigs,
-              "kConfigs (and the files in csrc/cutlass_inst/, and SF_EXTERN_ALL) must match Configs");
+              "kConfigs (and the files in csrc/cutlass/inst/, and SF_EXTERN_ALL) must match Configs");
 
 namespace {
 template <class T, size_t... I>
