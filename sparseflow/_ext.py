@@ -19,7 +19,7 @@ else:  # built by setup.py where CUDA torch, nvcc and cuSPARSELt were present
     except ImportError as exc:  # built, but does not load (e.g. against another torch)
         EXT_ERROR = f"sparseflow._C does not load: {exc}"
 
-# CUTLASS's sm90 2:4 GEMM (csrc/cutlass_*; sparseflow.cutlass_gemm): built beside _C where CUTLASS's
+# CUTLASS's sm90 2:4 GEMM (csrc/cutlass/; sparseflow.kernels.cutlass): built beside _C where CUTLASS's
 # headers were found (pip install nvidia-cutlass); runs on sm_90 (Hopper) only.
 _CUTLASS = None
 CUTLASS_ERROR: str | None = None
@@ -31,10 +31,10 @@ else:
     except ImportError as exc:
         CUTLASS_ERROR = f"sparseflow._cutlass does not load: {exc}"
 
-# How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt_gemm.cpp): 0 sparse A with a
+# How the 2:4 GEMM is posed to cuSPARSELt (csrc/cusparselt/cusparselt_gemm.cpp): 0 sparse A with a
 # column-major output, 1 sparse A with a row-major y^T output transposed afterwards, 2 sparse B;
 # 3 and 4 are 1 and 0 with x described as PyTorch describes it (M x K row-major, op T).
-# sparseflow.dispatch.cslt_layout picks one per M; SPARSEFLOW_CSLT_LAYOUT forces one for all M.
+# sparseflow.kernels.cusparselt.cslt_layout picks one per M; SPARSEFLOW_CSLT_LAYOUT forces one for all M.
 CSLT_LAYOUT_OVERRIDE = os.environ.get("SPARSEFLOW_CSLT_LAYOUT")
 
 

@@ -7,12 +7,15 @@ four consecutive elements of a row holds at most two non-zeros. We store
 * ``meta``: N x ceil(K/8) uint8: per group a nibble ``i0 | i1 << 2`` (0 <= i0 < i1 <= 3), two
   groups per byte, the even group in the low nibble.
 
-This form is the same bytes on every device, so it is what checkpoints hold. GPU layouts
-(cuSPARSELt's compressed buffer, our decode kernel's fragment order) are derived from it on the device and cached on the object.
+This form is the same bytes on every device, so it is what checkpoints hold. Each GPU kernel's
+layout (``sparseflow.kernels``: cuSPARSELt's compressed buffer, our decode kernel's fragment
+order, ...) is derived from it on the device and cached on the object (``Sparse24Weight.layout``).
 Bytes: K/2 values + K/8 metadata per row = 0.5625x the dense fp16 bytes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 import torch
 
@@ -61,11 +64,11 @@ def is_2_4(weight: torch.Tensor) -> bool:
 class Sparse24Weight:
     """A compressed 2:4 weight: ``values`` (N x K/2) and ``meta`` (N x ceil(K/8) uint8).
 
-    ``shape`` is the dense (N, K). Device-specific layouts are cached in ``_cache`` and
-    rebuilt lazily; ``to()`` returns a new object so caches never outlive their device.
+    ``shape`` is the dense (N, K). Kernel layouts are built lazily and cached (``layout``);
+    ``to()`` returns a new object so caches never outlive their device.
     """
 
-    __slots__ = ("__weakref__", "_cache", "meta", "shape", "values")
+    __slots__ = ("__weakref__", "_handle", "_layouts", "_layouts_version", "meta", "shape", "values")
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int]):
         n, k = int(shape[0]), int(shape[1])
@@ -84,7 +87,9 @@ class Sparse24Weight:
         self.values = values
         self.meta = meta
         self.shape = (n, k)
-        self._cache: dict = {}
+        self._layouts: dict[tuple[str, Hashable], object] = {}
+        self._layouts_version = values._version
+        self._handle: int | None = None  # sparseflow.ops's integer name for it (torch.library ops take no objects)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,52 +119,47 @@ class Sparse24Weight:
     def decompress(self) -> torch.Tensor:
         return decompress_2_4(self)
 
-    # -- device layouts, derived from the portable form and cached ---------------------------
-    def _fresh_cache(self) -> dict:
-        if self._cache.get("version") != self.values._version:  # values edited in place
-            self._cache = {"version": self.values._version, **{k: v for k, v in self._cache.items() if k == "handle"}}
-        return self._cache
+    # -- kernel layouts, derived from the portable form and cached ---------------------------
+    def layout(self, kernel: str, key: Hashable = None, keep: bool = True):
+        """The layout ``kernel`` (a name in ``sparseflow.kernels.KERNELS``) reads this weight in,
+        built by its ``pack`` on first use and cached (when ``keep``; a measurement builds
+        temporaries with ``keep=False``). ``key`` picks a variant (cuSPARSELt's GEMM layout).
+        Editing ``values`` in place drops every cached layout."""
+        from sparseflow.kernels import KERNELS
 
-    def _derived(self, key: str, build):
-        """The cached device layout ``key``, built by ``build()`` on first use."""
-        cache = self._fresh_cache()
-        layout = cache.get(key)
-        if layout is None:
-            layout = cache[key] = build()
-        return layout
-
-    def dense_on_device(self, keep: bool = True) -> torch.Tensor:
-        """The dense weight on this device (for dense fallback); kept only if ``keep``."""
-        cache = self._fresh_cache()
-        dense = cache.get("dense")
-        if dense is None:
-            dense = decompress_2_4(self)
+        k = KERNELS[kernel]
+        slot = (kernel, k.cache_key(key))
+        layouts = self._fresh_layouts()
+        built = layouts.get(slot)
+        if built is None:
+            built = k.pack(self, key)
             if keep:
-                cache["dense"] = dense
-        return dense
+                layouts[slot] = built
+        return built
 
-    def cslt_packed(self, layout: int) -> torch.Tensor:
-        """cuSPARSELt's compressed buffer for this weight and GEMM layout (CUDA, built once)."""
-        from sparseflow._ext import _C
+    def cached_layouts(self) -> set[tuple[str, Hashable]]:
+        """The (kernel, cache key) pairs of the layouts built and kept so far."""
+        return set(self._fresh_layouts())
 
-        return self._derived(cslt_cache_key(layout), lambda: _C.cslt_compress(self.dense_on_device(keep=False), layout))
+    def drop_layouts(self, *which) -> None:
+        """Free cached layouts: each of ``which`` is a kernel name (all its layouts) or a
+        (kernel, cache key) pair from ``cached_layouts``. Rebuilt if ever asked for again."""
+        for slot in [s for s in self._layouts if s in which or s[0] in which]:
+            del self._layouts[slot]
 
-    def decode_packed(self):
-        """Our decode kernel's layout of this weight (``sparseflow.decode``; built once)."""
-        from sparseflow.decode import pack_decode
+    def layout_bytes(self) -> dict[str, int]:
+        """Device bytes of the cached layouts, per kernel (the portable form is ``nbytes``)."""
+        from sparseflow.kernels import KERNELS
 
-        return self._derived("decode", lambda: pack_decode(self))
+        out: dict[str, int] = {}
+        for (kernel, _), built in self._fresh_layouts().items():
+            out[kernel] = out.get(kernel, 0) + KERNELS[kernel].nbytes(built)
+        return out
 
-    def cutlass_packed(self):
-        """CUTLASS's sm90 layout of this weight (``sparseflow.cutlass_gemm``; built once)."""
-        from sparseflow.cutlass_gemm import pack_cutlass
-
-        return self._derived("cutlass", lambda: pack_cutlass(self))
-
-    def drop_cached(self, *names: str) -> None:
-        """Free device layouts (e.g. one a measurement built but the dispatcher did not choose)."""
-        for name in names:
-            self._cache.pop(name, None)
+    def _fresh_layouts(self) -> dict:
+        if self._layouts_version != self.values._version:  # values edited in place
+            self._layouts, self._layouts_version = {}, self.values._version
+        return self._layouts
 
     def validate(self) -> None:
         """Check the metadata (e.g. after loading a checkpoint): each group's two positions differ
@@ -180,13 +180,6 @@ class Sparse24Weight:
 
     def __repr__(self) -> str:
         return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-
-def cslt_cache_key(layout: int) -> str:
-    """Which compressed buffer a layout reads. Layouts 1, 3 and 4 describe W the same way (the
-    sparse operand, row-major N x K) and share one (1 and 4 checked on an H200); layout 2 (W the
-    sparse B) and the opt-in layout 0 keep their own."""
-    return {0: "cslt_layout0", 2: "cslt_sparse_b"}.get(layout, "cslt")
 
 
 def _pack_indices(idx: torch.Tensor) -> torch.Tensor:

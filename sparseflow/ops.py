@@ -2,10 +2,10 @@
 
 The op ``sparseflow::sparse_linear`` is opaque to ``torch.compile`` (a fake implementation gives
 output shapes) and safe under CUDA-graph capture once each shape has been run eagerly. Its CUDA
-implementation looks the weight's device caches (cuSPARSELt buffer, optional dense copy) up by an
-integer handle, so compiled graphs carry no Python objects. Four kernels can serve a call:
-dense cuBLAS, cuSPARSELt (M >= 16), CUTLASS's sm90 kernels (Hopper, any M) and our decode kernel
-(M <= 64); ``sparseflow.dispatch`` measures which is fastest per shape.
+implementation looks the weight (and so its cached kernel layouts) up by an integer handle, so
+compiled graphs carry no Python objects. Four kernels (``sparseflow.kernels.KERNELS``) can serve a
+call: dense cuBLAS, cuSPARSELt (M >= 16), CUTLASS's sm90 kernels (Hopper, any M) and our decode
+kernel (M <= 64); ``sparseflow.kernels.dispatch`` measures which is fastest per shape.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from sparseflow._ext import _C, sparse_unavailable_reason, warn_once
-from sparseflow.cutlass_gemm import mm_unchecked as cutlass_mm
-from sparseflow.decode import DECODE_MAX_M, portable_ok
-from sparseflow.dispatch import CSLT_ALIGN, DISPATCHER, cslt_layout, cslt_unsupported, default_sparse, m_bucket
+from sparseflow._ext import sparse_unavailable_reason, warn_once
 from sparseflow.format import Sparse24Weight
+from sparseflow.kernels import KERNELS
+from sparseflow.kernels.cusparselt import CSLT_ALIGN, cslt_layout, cslt_unsupported
+from sparseflow.kernels.decode import DECODE_MAX_M, portable_ok, portable_view
+from sparseflow.kernels.dispatch import DISPATCHER, default_sparse, m_bucket
 
 __all__ = ["BACKENDS", "sparse_mm"]
 
 # auto: fastest measured (never slower than dense); sparse: fastest measured 2:4 kernel; the
 # others force one kernel.
 BACKENDS = {"auto": 0, "sparse": 1, "dense": 2, "cusparselt": 3, "decode": 4, "cutlass": 5}
-_DENSE, _CSLT, _DECODE, _DECODE_PORTABLE, _CUTLASS = 0, 1, 2, 3, 4
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 _lib = torch.library.Library("sparseflow", "DEF")
@@ -37,9 +37,9 @@ _handles: dict[int, weakref.ref] = {}
 _next_handle = itertools.count(1)
 
 
-# Hot-path routes: (handle, M-bucket, backend) -> (values version, kernel, weight layout, cfg,
-# cuSPARSELt GEMM layout). One
-# dict lookup per call instead of the dispatcher's keyed search; dropped with the weight.
+# Hot-path routes: (handle, M-bucket, backend) -> (values version, the kernel's run, its layout of
+# the weight, cfg). One dict lookup and one call per forward instead of the dispatcher's keyed
+# search; dropped with the weight.
 _routes: dict[tuple[int, int, int], tuple] = {}
 
 
@@ -50,11 +50,11 @@ def _forget(h: int) -> None:
 
 
 def _handle(weight: Sparse24Weight) -> int:
-    h = weight._cache.get("handle")
+    h = weight._handle
     if h is None:
         h = next(_next_handle)
         _handles[h] = weakref.ref(weight, lambda _, h=h: _forget(h))
-        weight._cache["handle"] = h
+        weight._handle = h
     return h
 
 
@@ -95,26 +95,19 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
         if backend == BACKENDS["sparse"]:
             kernel = d.best_sparse if (d.decode_ms or d.sparse_ms) else default_sparse(m)
     d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m)
+    run = KERNELS[kernel].run
     if kernel == "dense":
-        return (w.values._version, _DENSE, w.dense_on_device(keep=True), None, None)
+        return (w.values._version, run, w.layout("dense"), None)
     if kernel == "decode":
         if d is not None and d.decode_portable and portable_ok(w):  # in place: (values, meta), no packed copy
-            return (w.values._version, _DECODE_PORTABLE, (w.values, w.meta), (d.decode_split, d.decode_ring), None)
-        return (
-            w.values._version,
-            _DECODE,
-            w.decode_packed(),
-            (d.decode_split, d.decode_ring) if d else (0, False),
-            None,
-        )
+            return (w.values._version, run, portable_view(w), (d.decode_split, d.decode_ring))
+        return (w.values._version, run, w.layout("decode"), (d.decode_split, d.decode_ring) if d else (0, False))
     if kernel == "cutlass":
-        from sparseflow import cutlass_gemm
-
-        why = cutlass_gemm.refusal(w.device, *w.shape)
+        why = KERNELS["cutlass"].refusal(w.device, w.dtype, *w.shape)
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
         cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else 0
-        return (w.values._version, _CUTLASS, w.cutlass_packed(), cfg, None)
+        return (w.values._version, run, w.layout("cutlass"), cfg)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
         raise ValueError(
@@ -124,7 +117,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     searched = d is not None and d.sparse_ms is not None
     layout = d.layout if searched else cslt_layout(m_bucket(m))
     cfg = d.cfg if searched else [-1, 1, 0, 0]
-    return (w.values._version, _CSLT, w.cslt_packed(layout), cfg, layout)
+    return (w.values._version, run, w.layout("cusparselt", layout), (cfg, layout))
 
 
 def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, handle: int, backend: int):
@@ -139,23 +132,7 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
         r = _routes[key] = _route(w, m, backend)
         if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
             _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
-    kernel = r[1]
-    if kernel == _DENSE:
-        y = F.linear(x2, r[2], bias)
-    elif kernel in (_DECODE, _DECODE_PORTABLE):
-        x2 = x2.contiguous()
-        x2 = x2 if x2.data_ptr() % 4 == 0 else x2.clone()
-        if kernel == _DECODE:
-            y = _C.decode24_mm(x2, r[2].A, r[2].E, bias, n, False, r[3][0], r[3][1])
-        else:
-            y = _C.decode24_mm_portable(x2, r[2][0], r[2][1], None, None, bias, False, r[3][0], r[3][1])
-    else:
-        if kernel == _CUTLASS:
-            y = cutlass_mm(x2, r[2], r[3])
-        else:
-            y = _C.cslt_mm(x2.contiguous(), r[2], n, r[3], r[4])
-        if bias is not None:
-            y.add_(bias)
+    y = r[1](x2, r[2], r[3], bias)
     return y if flat else y.view(*x.shape[:-1], n)
 
 
@@ -204,9 +181,7 @@ def _cuda_backend(x: torch.Tensor, w: Sparse24Weight, backend: str) -> str:
     elif reason is None and backend == "decode":
         reason = decode_reason
     elif reason is None and backend == "cutlass":
-        from sparseflow import cutlass_gemm
-
-        reason = cutlass_gemm.refusal(x.device, n, k)
+        reason = KERNELS["cutlass"].refusal(x.device, x.dtype, n, k)
     elif reason is None and backend in ("auto", "sparse") and cslt_reason and decode_reason:
         reason = f"{cslt_reason}, and {decode_reason}"
     if reason is None:

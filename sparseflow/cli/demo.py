@@ -29,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from sparseflow.convert.checkpoint import from_pretrained, save_pretrained
     from sparseflow.convert.info import checkpoint_info
     from sparseflow.data import chat_ids, eval_windows, greedy_answer, load_gguf, perplexity, pydoc_texts, smollm2_path
-    from sparseflow.dispatch import DISPATCHER
+    from sparseflow.kernels.dispatch import DISPATCHER
 
     if args.samples < 1 or args.seqlen < 2 or args.eval_windows < 1:
         raise ValueError("--samples and --eval-windows must be >= 1, --seqlen >= 2")
@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def autotune_summary(model: torch.nn.Module, sizes: tuple[int, ...]) -> str:
     """``sf.autotune`` for these row counts, summarised as the kernels chosen."""
-    from sparseflow.dispatch import autotune
+    from sparseflow.kernels.dispatch import autotune
 
     chosen = Counter(row["choice"] for row in autotune(model, sizes))
     picks = ", ".join(f"{n} {c}" for c, n in sorted(chosen.items())) or "no 2:4 layer on a GPU"

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from sparseflow._ext import sparse_unavailable_reason
-from sparseflow.dispatch import DISPATCHER, cslt_unsupported
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
+from sparseflow.kernels.cusparselt import cslt_unsupported
+from sparseflow.kernels.dispatch import DISPATCHER
 from sparseflow.nn import SparseLinear
 
 __all__ = ["Journal", "Target", "build_sparse", "collect_targets", "decide_fallback", "shape_rule"]

@@ -1,7 +1,7 @@
 """Time cuSPARSELt's algorithms in a child process, so one that crashes cannot take the caller down.
 
 On an H200 with cuSPARSELt 0.8.0 the fastest way to pose y = x W^T (layout 4 in
-csrc/cusparselt_gemm.cpp: 1.17-1.70x over cuBLAS at M >= 1024 on Llama-3-8B's layers) has no
+csrc/cusparselt/cusparselt_gemm.cpp: 1.17-1.70x over cuBLAS at M >= 1024 on Llama-3-8B's layers) has no
 working ``cusparseLtMatmulSearch``, and a few of its algorithm ids hit an illegal instruction at
 some shapes, which poisons the CUDA context for good. So the dispatcher sweeps the ids here: a
 long-lived child (started once per process, ~5-10 s) runs each id on random data of the right
@@ -38,7 +38,7 @@ class Tuner:
     each request has a time budget, and after repeated trouble the tuner turns itself off."""
 
     def __init__(self, cmd: list[str] | None = None, timeout_s: float = _TIMEOUT_S, idle_s: float = 60.0) -> None:
-        self.cmd = cmd or [sys.executable, "-m", "sparseflow.cslt_tuner"]
+        self.cmd = cmd or [sys.executable, "-m", "sparseflow.kernels.cusparselt_tuner"]
         self.timeout_s = timeout_s  # per request: a child still busy after this is killed
         self.idle_s = idle_s  # an idle child is ended after this, giving back its GPU memory
         self._lock = threading.Lock()
@@ -220,8 +220,8 @@ def _sweep_one(r: dict) -> None:
     import torch.nn.functional as F
 
     from sparseflow._ext import _C
-    from sparseflow.dispatch import _median_ms
     from sparseflow.format import prune_2_4
+    from sparseflow.kernels.dispatch import _median_ms
 
     torch.cuda.set_device(r["device"])
     dtype = getattr(torch, r["dtype"])

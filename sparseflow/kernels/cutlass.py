@@ -1,10 +1,10 @@
 """Large-M 2:4 GEMM on Hopper through CUTLASS's sm90 sparse kernels (``sparseflow._cutlass``).
 
-The kernels (``csrc/cutlass_gemm_impl.cuh``) run ``wgmma.sp`` fed by TMA in a warp-specialized
+The kernels (``csrc/cutlass/cutlass_gemm_impl.cuh``) run ``wgmma.sp`` fed by TMA in a warp-specialized
 pipeline, with the weight as the sparse operand. They read the weight in CUTLASS's own order
 (values + metadata interleaved for the instruction), which CUTLASS's compressor builds once on the
 device from the dense 2:4 weight: one more derived layout of the portable form, cached on the
-``Sparse24Weight`` like cuSPARSELt's. ``sparseflow.dispatch`` times every compiled configuration
+``Sparse24Weight`` like cuSPARSELt's. ``sparseflow.kernels.dispatch`` times every compiled configuration
 beside cuSPARSELt, our decode kernel and dense cuBLAS, and keeps the fastest per M-bucket.
 """
 
@@ -16,8 +16,19 @@ import torch
 
 from sparseflow import _ext
 from sparseflow._ext import _CUTLASS, CUTLASS_ERROR
+from sparseflow.kernels.base import Kernel
 
-__all__ = ["CutlassWeight", "available", "configs", "cutlass_mm", "pack_cutlass", "unsupported"]
+__all__ = [
+    "KERNEL",
+    "CutlassKernel",
+    "CutlassWeight",
+    "available",
+    "configs",
+    "cutlass_mm",
+    "pack_cutlass",
+    "refusal",
+    "unsupported",
+]
 
 
 @dataclass(frozen=True)
@@ -56,9 +67,13 @@ def unsupported(n: int, k: int) -> str | None:
     return None
 
 
-def refusal(device: torch.device, n: int, k: int) -> str | None:
-    """Why an N x K weight on ``device`` cannot run here, or None: the one check every caller uses."""
-    return unavailable_reason(device) or unsupported(n, k)
+def refusal(device: torch.device, dtype: torch.dtype, n: int, k: int) -> str | None:
+    """Why an N x K ``dtype`` weight on ``device`` cannot run here, or None: the one check every
+    caller uses."""
+    reason = unavailable_reason(device) or unsupported(n, k)
+    if reason is None and dtype not in (torch.float16, torch.bfloat16):
+        reason = f"{dtype} weights have no 2:4 tensor-core path (float16 or bfloat16)"
+    return reason
 
 
 def configs(dtype: torch.dtype) -> list[str]:
@@ -68,14 +83,12 @@ def configs(dtype: torch.dtype) -> list[str]:
 
 def pack_cutlass(weight) -> CutlassWeight:
     """CUTLASS's layout of a CUDA ``Sparse24Weight``, built on its device by CUTLASS's compressor."""
-    reason = refusal(weight.device, *weight.shape)
-    if reason is None and weight.dtype not in (torch.float16, torch.bfloat16):
-        reason = f"{weight.dtype} weights have no 2:4 tensor-core path (float16 or bfloat16)"
+    reason = refusal(weight.device, weight.dtype, *weight.shape)
     if reason:
         raise ValueError(f"sparseflow: CUTLASS 2:4 GEMM unavailable for {weight}: {reason}")
     n, k = weight.shape
     a_elems, e_bytes, ws_bytes = _CUTLASS.sizes(weight.dtype == torch.bfloat16, n, k)
-    dense = weight.dense_on_device(keep=False).contiguous()
+    dense = weight.layout("dense", keep=False).contiguous()
     A = torch.empty(a_elems, dtype=weight.dtype, device=weight.device)
     E = torch.empty(e_bytes, dtype=torch.uint8, device=weight.device)
     ws = torch.zeros(max(ws_bytes, 1), dtype=torch.uint8, device=weight.device)
@@ -103,9 +116,9 @@ def cutlass_mm(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
     return mm_unchecked(x, w, cfg)
 
 
-def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
-    """``cutlass_mm`` for callers that checked x against the weight already (the hot path:
-    ``sparseflow.ops``); the extension still refuses what would corrupt memory."""
+def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``cutlass_mm`` (+ bias) for callers that checked x against the weight already (the hot
+    path: ``CutlassKernel.run``); the extension still refuses what would corrupt memory."""
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
         if x.data_ptr() % 16:
@@ -123,4 +136,27 @@ def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int) -> torch.Tensor:
         raise RuntimeError(
             f"sparseflow: CUTLASS 2:4 GEMM ({configs(x.dtype)[cfg]}, M = {m}, N = {w.n}, K = {w.k}) failed: {err}"
         )
+    if bias is not None:
+        y.add_(bias)
     return y
+
+
+class CutlassKernel(Kernel):
+    """CUTLASS's sm90 kernels (Hopper, any M). ``cfg``: an index into ``configs``."""
+
+    name = "cutlass"
+
+    def refusal(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> str | None:
+        return refusal(device, dtype, n, k)
+
+    def pack(self, weight, key=None) -> CutlassWeight:
+        return pack_cutlass(weight)
+
+    def nbytes(self, layout: CutlassWeight) -> int:
+        return layout.nbytes
+
+    # The hot path calls mm_unchecked itself: no wrapper frame per call.
+    run = staticmethod(mm_unchecked)
+
+
+KERNEL = CutlassKernel()

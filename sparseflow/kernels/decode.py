@@ -1,6 +1,6 @@
 """Our small-M (decode) 2:4 kernel: the weight layout it reads and its Python entry points.
 
-The kernel (``csrc/decode_gemm.cu``) runs ``mma.sp.m16n8k32`` with the weight as the sparse
+The kernel (``csrc/decode/decode_gemm.cu``) runs ``mma.sp.m16n8k32`` with the weight as the sparse
 operand. This module rearranges the portable form (values + 2-bit positions, see
 ``sparseflow.format``) into the per-lane fragment order the instruction wants, once per weight
 and on the weight's device, so the kernel does nothing but 16-byte coalesced loads:
@@ -24,16 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseflow._ext import _C
+from sparseflow._ext import _C, sparse_unavailable_reason
+from sparseflow.kernels.base import Kernel
 
 __all__ = [
     "DECODE_MAX_M",
+    "KERNEL",
+    "DecodeKernel",
     "DecodeWeight",
     "decode_mm",
     "decode_mm_portable",
     "pack_decode",
     "pack_decode_swiglu",
     "portable_ok",
+    "portable_view",
 ]
 
 DECODE_MAX_M = 64  # the kernel holds at most 8 n-tiles of 8 tokens
@@ -43,17 +47,20 @@ _PAD_META = 0x44444444  # every nibble = positions (0, 1): valid metadata for al
 
 @dataclass(frozen=True)
 class DecodeWeight:
-    """A weight in the decode kernel's layout (on one GPU)."""
+    """A weight in the decode kernel's layout (on one GPU), or with ``portable`` a view of the
+    portable form that the kernel reads in place (``A`` = values, ``E`` = meta; no copy)."""
 
-    A: torch.Tensor  # tiles x ksteps x 32 x 4 int32
-    E: torch.Tensor  # tiles x chunks x 16 x 4 int32
+    A: torch.Tensor  # tiles x ksteps x 32 x 4 int32 (portable: N x K/2 values)
+    E: torch.Tensor  # tiles x chunks x 16 x 4 int32 (portable: N x K/8 uint8 metadata)
     n_out: int  # output features (for SwiGLU: the intermediate size)
     k: int
     swiglu: bool = False
+    portable: bool = False
 
     @property
     def nbytes(self) -> int:
-        return self.A.numel() * 4 + self.E.numel() * 4
+        """Device bytes of the packed copy (a portable view holds none of its own)."""
+        return 0 if self.portable else self.A.numel() * 4 + self.E.numel() * 4
 
 
 def _lane_positions(device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +132,7 @@ def decode_mm(
     """y = x @ W^T (+ bias) for x of M <= 64 rows (2-D, contiguous); for a SwiGLU weight,
     ``silu(x @ G^T + bg) * (x @ U^T + bu)`` with ``bias = cat([bg, bu])``. ``split``: split-K
     factor (0 = the kernel's default); ``ring``: stream the weight through the shared-memory
-    cp.async pipeline instead of registers (``sparseflow.dispatch`` times both)."""
+    cp.async pipeline instead of registers (``sparseflow.kernels.dispatch`` times both)."""
     _check(x, w, bias)
     if x.data_ptr() % 4:
         x = x.clone()
@@ -146,6 +153,12 @@ def portable_ok(weight) -> bool:
     )
 
 
+def portable_view(weight) -> DecodeWeight:
+    """The layout under which the kernel reads a ``Sparse24Weight`` in place (``portable_ok``)."""
+    n, k = weight.shape
+    return DecodeWeight(weight.values, weight.meta, n, k, portable=True)
+
+
 def decode_mm_portable(
     x: torch.Tensor, weight, bias: torch.Tensor | None = None, split: int = 0, up=None, ring: bool = False
 ) -> torch.Tensor:
@@ -163,7 +176,7 @@ def decode_mm_portable(
             )
     if up is not None and (up.shape != weight.shape or up.dtype != weight.dtype or up.device != weight.device):
         raise ValueError(f"decode_mm_portable: gate {weight} and up {up} differ in shape, dtype or device")
-    view = DecodeWeight(weight.values, weight.meta, n, k, swiglu=up is not None)  # for _check's shape/device tests
+    view = DecodeWeight(weight.values, weight.meta, n, k, swiglu=up is not None, portable=True)  # for _check
     _check(x, view, bias)
     if x.dtype != weight.dtype:
         raise TypeError(f"decode_mm_portable: x is {x.dtype}, the weight {weight.dtype}")
@@ -180,6 +193,12 @@ def decode_mm_portable(
         split,
         ring,
     )
+
+
+def _dtype_refusal(dtype: torch.dtype) -> str | None:
+    if dtype in (torch.float16, torch.bfloat16):
+        return None
+    return f"{dtype} has no 2:4 tensor-core path (use float16 or bfloat16)"
 
 
 def _check(x: torch.Tensor, w: DecodeWeight, bias: torch.Tensor | None) -> None:
@@ -224,3 +243,30 @@ def _effective_split(split: int, chunks: int) -> int:
     """The split the kernel launches for a requested one (decode_ops.cpp: ``per`` chunks each)."""
     per = -(-chunks // max(1, min(split, chunks)))
     return -(-chunks // per)
+
+
+class DecodeKernel(Kernel):
+    """Our ``mma.sp`` kernel for M <= ``DECODE_MAX_M`` rows. ``cfg`` = (split-K, ring pipeline)."""
+
+    name = "decode"
+
+    def refusal(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> str | None:
+        # any N x K: pack pads to whole tiles and chunks
+        return sparse_unavailable_reason(device) or _dtype_refusal(dtype)
+
+    def pack(self, weight, key=None) -> DecodeWeight:
+        return pack_decode(weight)
+
+    def nbytes(self, layout: DecodeWeight) -> int:
+        return layout.nbytes
+
+    def run(self, x: torch.Tensor, layout: DecodeWeight, cfg, bias: torch.Tensor | None) -> torch.Tensor:
+        # The route checked M, dtype and device; the kernel needs x contiguous and 4-byte aligned.
+        x = x.contiguous()
+        x = x if x.data_ptr() % 4 == 0 else x.clone()
+        if layout.portable:
+            return _C.decode24_mm_portable(x, layout.A, layout.E, None, None, bias, False, cfg[0], cfg[1])
+        return _C.decode24_mm(x, layout.A, layout.E, bias, layout.n_out, layout.swiglu, cfg[0], cfg[1])
+
+
+KERNEL = DecodeKernel()

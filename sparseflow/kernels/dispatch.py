@@ -3,8 +3,8 @@ measured on the GPU.
 
 For each (dtype, N, K, M-bucket) we time, once, on the shapes themselves: ``F.linear``;
 cuSPARSELt with the algorithm ``cusparseLtMatmulSearch`` (or our tuner) picks; on Hopper, each
-compiled CUTLASS configuration (``sparseflow.cutlass_gemm``); and, for M <= 64, our small-M
-kernel (``sparseflow.decode``) at a few split-K factors. The decision (with every time measured)
+compiled CUTLASS configuration (``sparseflow.kernels.cutlass``); and, for M <= 64, our small-M
+kernel (``sparseflow.kernels.decode``) at a few split-K factors. The decision (with every time measured)
 persists in a JSON file keyed by GPU name and cuSPARSELt version (``$SPARSEFLOW_CACHE_DIR``,
 default ``~/.cache/sparseflow``), so a new process neither searches nor measures again.
 
@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, env_number, warn_once
-from sparseflow.format import cslt_cache_key
-from sparseflow.timing import median_ms
+from sparseflow.kernels import cusparselt, cutlass
+from sparseflow.kernels.cusparselt import cslt_candidates, cslt_unsupported, search_works
+from sparseflow.kernels.decode import DECODE_MAX_M
+from sparseflow.kernels.timing import median_ms
 
 # Where nothing can be measured (inside CUDA-graph capture before any eager call at that size):
 # our decode kernel up to this M, dense above. It replaces the seed's "sparse from M >= 2048":
@@ -47,7 +49,6 @@ STATIC_DECODE_MAX_M = 16
 # cuSPARSELt's layout-4 kernels may (the vendor reports 1.5-1.9x at M = 16-64 on an H100 with
 # searched plans), and the dispatcher keeps whichever is measured fastest.
 CSLT_MIN_BUCKET = 16
-CSLT_ALIGN = 32  # cuSPARSELt needs N and K to be multiples of this
 # The tuner's sweep of a layout without a working library search costs seconds per (shape,
 # M-bucket). Below this dense time the GEMM is launch-bound (a 135M model's layers), a better
 # cuSPARSELt algorithm can save a microsecond or two, and layout 1's in-process search is kept.
@@ -55,66 +56,23 @@ CSLT_ALIGN = 32  # cuSPARSELt needs N and K to be multiples of this
 TUNER_MIN_DENSE_MS = env_number("SPARSEFLOW_TUNER_MIN_US", 10.0) / 1000
 
 
-def cslt_unsupported(n: int, k: int) -> str | None:
-    """Why cuSPARSELt cannot take an N x K weight, or None when it can."""
-    if n % CSLT_ALIGN == 0 and k % CSLT_ALIGN == 0:
-        return None
-    bad = f"in_features K={k}" if k % CSLT_ALIGN else f"out_features N={n}"
-    return f"{bad} is not a multiple of {CSLT_ALIGN}, which cuSPARSELt requires"
-
-
-def cslt_layout(bucket: int) -> int:
-    """The layout used where nothing was measured (csrc/cusparselt_gemm.cpp): 1, the one whose
-    library search and every algorithm run safely on an H200 with cuSPARSELt 0.8.0."""
-    if CSLT_LAYOUT_OVERRIDE:
-        return int(CSLT_LAYOUT_OVERRIDE)
-    del bucket  # one default for every M; measured decisions may pick another
-    return 1
-
-
-def cslt_candidates() -> list[int]:
-    """Layouts the dispatcher measures. Layout 1 (sparse W, y^T output plus a transpose) searches
-    in-process. Layout 4 (x described as PyTorch does, y written directly) is faster with its best
-    algorithm (1.17-1.70x over cuBLAS at M >= 1024 on the H200) but has no working library search
-    and a few algorithm ids that crash, so its ids are swept in a child process
-    (``sparseflow.cslt_tuner``); ``SPARSEFLOW_CSLT_TUNER=0`` turns that off.
-    ``SPARSEFLOW_CSLT_LAYOUTS=1,4,0`` measures other layouts too (those without a working search
-    go through the tuner): a way to try layouts 0/2, whose library search crashes, on a new GPU."""
-    if CSLT_LAYOUT_OVERRIDE:
-        return [int(CSLT_LAYOUT_OVERRIDE)]
-    if os.environ.get("SPARSEFLOW_CSLT_TUNER", "1") == "0":
-        return [1]
-    wanted = os.environ.get("SPARSEFLOW_CSLT_LAYOUTS", "1,4")
-    try:
-        layouts = [int(v) for v in wanted.split(",")]
-    except ValueError:
-        layouts = [-1]
-    if not layouts or any(not 0 <= v <= 4 for v in layouts):
-        raise ValueError(f"SPARSEFLOW_CSLT_LAYOUTS must list cuSPARSELt layouts 0-4, e.g. '1,4'; got {wanted!r}")
-    return list(dict.fromkeys(layouts))
-
-
 def portable_enabled() -> bool:
     """Whether the decode kernel may read the portable form in place (``SPARSEFLOW_DECODE_PORTABLE=0``
-    keeps the packed copy, the layout of sessions 7-9)."""
+    keeps the packed copy, as the kernel's first versions always did)."""
     return os.environ.get("SPARSEFLOW_DECODE_PORTABLE", "1") != "0"
-
-
-def _search_works(layout: int) -> bool:
-    return layout in (1, 3)  # cusparseLtMatmulSearch crashes (0, 2) or fails (4) on the others
 
 
 def _worth_measuring(layout: int, dense_ms: float) -> bool:
     """A layout that needs the tuner's sweep is measured only where the GEMM is not launch-bound
     (``TUNER_MIN_DENSE_MS``), unless the user forced that layout."""
-    return _search_works(layout) or bool(CSLT_LAYOUT_OVERRIDE) or dense_ms >= TUNER_MIN_DENSE_MS
+    return search_works(layout) or bool(CSLT_LAYOUT_OVERRIDE) or dense_ms >= TUNER_MIN_DENSE_MS
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
 _CACHE_VERSION = 13
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
-# H200, session 10 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
+# H200 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
 # M <= 8 (3-5% slower at M = 16), but the packed register pipeline beats both, and no Llama-3-8B
 # decision took the in-place reading. A packed copy kept for one M-bucket costs it for all.
 PORTABLE_SLACK = 1.05
@@ -169,9 +127,9 @@ class Decision:
     decode_portable: bool = False  # the decode kernel reads the portable form in place (no packed copy)
     in_place_vs_packed: float | None = None  # its best time over the packed layout's (taken or not)
     measured: bool = False
-    search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cslt_tuner)
+    search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cusparselt_tuner)
     cutlass_ms: float | None = None  # CUTLASS's sm90 kernel at its best configuration
-    cutlass_cfg: int = -1  # that configuration (an index into sparseflow.cutlass_gemm.configs)
+    cutlass_cfg: int = -1  # that configuration (an index into sparseflow.kernels.cutlass.configs)
     # The bucket's smallest M and each kernel's time there ("dense" included); the *_ms fields
     # above are at its largest M. A kernel's standing is its worse ratio to dense over the two.
     m_lo: int = 0
@@ -218,24 +176,18 @@ def static_decision(m: int) -> Decision:
 def _cutlass_on(device: torch.device) -> bool:
     """CUTLASS's sm90 kernels are candidates on ``device``: built, Hopper, not turned off
     (``SPARSEFLOW_CUTLASS=0``)."""
-    from sparseflow import cutlass_gemm
-
-    return os.environ.get("SPARSEFLOW_CUTLASS", "1") != "0" and cutlass_gemm.available(device)
+    return os.environ.get("SPARSEFLOW_CUTLASS", "1") != "0" and cutlass.available(device)
 
 
 def cutlass_wanted(weight) -> bool:
     """Whether CUTLASS's sm90 kernels are timed for this weight: where they are candidates, for
     shapes they take, at every M (their 16-token tiles ran gate_up/down at 1.6x cuBLAS at M = 16
     on the H200, beside our decode kernel's 1.3x)."""
-    from sparseflow import cutlass_gemm
-
-    return _cutlass_on(weight.device) and cutlass_gemm.unsupported(*weight.shape) is None
+    return _cutlass_on(weight.device) and cutlass.unsupported(*weight.shape) is None
 
 
 def default_sparse(m: int) -> str:
     """The 2:4 kernel to use when nothing is measured."""
-    from sparseflow.decode import DECODE_MAX_M
-
     return "decode" if m <= DECODE_MAX_M else "cusparselt"
 
 
@@ -256,13 +208,13 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
     """Best cuSPARSELt config for this problem and its time (in this process, L2 scrubbed): the
     library's own search where it works for this layout, else the fastest algorithm id that ran
     correctly in the tuner's child process. None when nothing usable was found."""
-    if _search_works(layout):
+    if search_works(layout):
         try:
             cfg = [int(v) for v in _C.cslt_search(x, packed, n, layout, 256)[:4]]
             return cfg, _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, layout)), "cusparselt"
         except RuntimeError:
             return None
-    from sparseflow.cslt_tuner import TUNER
+    from sparseflow.kernels.cusparselt_tuner import TUNER
 
     m, k = x.shape
     try:
@@ -284,7 +236,7 @@ def _search(x: torch.Tensor, packed: torch.Tensor, n: int, layout: int) -> tuple
 def _tuner_checked(weight, cfg: list[int], layout: int, ms: set[int]) -> bool:
     """Whether a configuration the tuner found at one M runs correctly at each of ``ms`` (checked
     in the tuner's child process: an id that crashes at some M would take this process down)."""
-    from sparseflow.cslt_tuner import TUNER
+    from sparseflow.kernels.cusparselt_tuner import TUNER
 
     dtype = str(weight.dtype).replace("torch.", "")
     for m in sorted(ms):
@@ -303,10 +255,9 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[fl
     (time at its largest M, time at its smallest M, configuration), or None if none ran.
     ``xs``/``dense``: inputs and dense times at the (largest, smallest) M. A failure costs that
     configuration (reported once), never the forward."""
-    from sparseflow.cutlass_gemm import configs, cutlass_mm
-
+    configs, cutlass_mm = cutlass.configs, cutlass.cutlass_mm
     try:
-        cw = weight.cutlass_packed()
+        cw = weight.layout("cutlass")
     except RuntimeError as exc:
         warn_once(f"cutlass-pack:{exc}", f"sparseflow: CUTLASS's 2:4 form could not be built ({exc}); not used")
         return None
@@ -328,10 +279,12 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[fl
     return best[1:] if best else None
 
 
-def _unchosen(d: Decision, had: set) -> list[str]:
-    """Device layouts a measurement built (not in ``had`` before it) for kernels it did not choose."""
-    layouts = sorted({cslt_cache_key(layout) for layout in range(5)}) + ["cutlass", "decode"]
-    keep = cslt_cache_key(d.layout) if d.choice == "cusparselt" else d.choice
+def _unchosen(d: Decision, had: set) -> list[tuple]:
+    """Layouts (``Sparse24Weight.cached_layouts`` pairs) a measurement builds for the 2:4 kernels,
+    less those there before it (``had``) and the one the decision runs on."""
+    layouts = [("cusparselt", key) for key in sorted({cusparselt.cache_key(v) for v in range(5)})]
+    layouts += [("cutlass", None), ("decode", None)]
+    keep = ("cusparselt", cusparselt.cache_key(d.layout)) if d.choice == "cusparselt" else (d.choice, None)
     if d.decode_portable:
         keep = None  # the decode kernel reads the portable form: its packed copy is not kept either
     return [c for c in layouts if c not in had and c != keep]
@@ -440,17 +393,17 @@ class Dispatcher:
             return self._decisions[key]
 
     def _measure(self, weight, bucket: int) -> Decision:
-        from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok, split_candidates
+        from sparseflow.kernels.decode import decode_mm, decode_mm_portable, portable_ok, split_candidates
 
         n, k = weight.shape
         lo, hi = bucket_range(bucket)
         plans = self._cslt_plans(weight, bucket)  # an anchor's search (measured first) or this bucket's
-        had = set(weight._cache)
+        had = weight.cached_layouts()
         d = Decision("dense", measured=True, m_lo=lo)
         with torch.cuda.device(weight.device), torch.no_grad():
             x = torch.randn(hi, k, dtype=weight.dtype, device=weight.device)
             x_lo = torch.randn(lo, k, dtype=weight.dtype, device=weight.device) if lo < hi else x
-            dense = weight.dense_on_device(keep=False)
+            dense = weight.layout("dense", keep=False)
             d.dense_ms = _median_ms(functools.partial(F.linear, x, dense))
             d.lo_ms["dense"] = _median_ms(functools.partial(F.linear, x_lo, dense)) if lo < hi else d.dense_ms
             del dense
@@ -460,7 +413,7 @@ class Dispatcher:
                     for layout in cslt_candidates():
                         if not _worth_measuring(layout, d.dense_ms):
                             continue
-                        found = _search(x, weight.cslt_packed(layout), n, layout)
+                        found = _search(x, weight.layout("cusparselt", layout).packed, n, layout)
                         self.searches += 1
                         if found:
                             plans.append((found[0], layout, found[2]))
@@ -468,7 +421,7 @@ class Dispatcher:
                 for cfg, layout, how in plans:
                     if how == "tuner" and not _tuner_checked(weight, cfg, layout, {lo, hi} - {anchor(bucket)}):
                         continue
-                    packed = weight.cslt_packed(layout)
+                    packed = weight.layout("cusparselt", layout).packed
                     try:
                         t_hi = _median_ms(lambda cfg=cfg, p=packed, v=layout: _C.cslt_mm(x, p, n, cfg, v))
                         t_lo = _median_ms(lambda cfg=cfg, p=packed, v=layout: _C.cslt_mm(x_lo, p, n, cfg, v))
@@ -485,7 +438,7 @@ class Dispatcher:
                 if found:
                     d.cutlass_ms, d.lo_ms["cutlass"], d.cutlass_cfg = found
             if bucket <= DECODE_MAX_M:
-                w = weight.decode_packed()
+                w = weight.layout("decode")
 
                 def variants(portable: bool) -> list[tuple[int, bool]]:
                     bf16 = x.dtype == torch.bfloat16
@@ -519,7 +472,7 @@ class Dispatcher:
         _SCRUB.clear()  # back to the caching allocator
         d.choice = d.fastest()
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
-        weight.drop_cached(*_unchosen(d, had))
+        weight.drop_layouts(*_unchosen(d, had))
         return d
 
     def _cslt_plans(self, weight, bucket: int) -> list[tuple[list[int], int, str]] | None:

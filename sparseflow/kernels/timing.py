@@ -65,8 +65,8 @@ def _runner(calls: list[Callable[[], object]], graph: bool) -> Callable[[], None
 def _reader(scrub: torch.Tensor) -> Callable[[], object]:
     """One pass that reads all of ``scrub`` and writes 8 KB. Reading, not writing: L2 is left full
     of clean lines, as when other layers' weights pass through it in a model. A written scrub
-    (``zero_``, sessions <= 14) left dirty lines whose write-back the next kernel paid for, and
-    that cost fell unevenly on the kernels compared (benchmarks/NOTES.md, session 15)."""
+    (``zero_``) leaves dirty lines whose write-back the next kernel pays for, and that cost fell
+    unevenly on the kernels compared (benchmarks/NOTES.md)."""
     src = scrub.view(torch.int16).view(-1, 4096)
     out = torch.empty(4096, dtype=torch.int16, device=scrub.device)
     return lambda: torch.amax(src, dim=0, out=out)

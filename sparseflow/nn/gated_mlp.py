@@ -14,9 +14,16 @@ import torch
 from torch import nn
 
 from sparseflow._ext import _C, sparse_unavailable_reason
-from sparseflow.decode import DECODE_MAX_M, DecodeWeight, decode_mm, decode_mm_portable, pack_decode_swiglu, portable_ok
-from sparseflow.dispatch import DISPATCHER
 from sparseflow.format import Sparse24Weight
+from sparseflow.kernels.decode import (
+    DECODE_MAX_M,
+    DecodeWeight,
+    decode_mm,
+    decode_mm_portable,
+    pack_decode_swiglu,
+    portable_ok,
+)
+from sparseflow.kernels.dispatch import DISPATCHER
 from sparseflow.nn.linear import SparseLinear
 
 __all__ = ["SparseGatedMLP", "fuse_gated_mlps"]
@@ -86,7 +93,7 @@ class SparseGatedMLP(nn.Module):
         else:
             fused = pack_decode_swiglu(gate, up)
         for w in (gate, up):
-            w.drop_cached("decode")  # the fused form replaces the per-projection layouts
+            w.drop_layouts("decode")  # the fused form replaces the per-projection layouts
         self._fused = (key, fused, bias)
         return fused, bias
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseflow.dispatch import DISPATCHER
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
+from sparseflow.kernels.dispatch import DISPATCHER
 from sparseflow.ops import BACKENDS, _handle, _validate, cuda_forward, resolve_backend
 
 
@@ -108,16 +108,13 @@ class SparseLinear(nn.Module):
         (cuSPARSELt's buffer, CUTLASS's sm90 form, the decode kernel's fragments) for the kernels
         the dispatcher chose, and a dense copy where it chose dense for some M (the price of never
         being slower)."""
-        cache = self.weight_2_4._cache
-        cslt = sum(v.numel() * v.element_size() for k, v in cache.items() if k.startswith("cslt"))
-        dense = cache["dense"].numel() * cache["dense"].element_size() if "dense" in cache else 0
-        decode = cache["decode"].nbytes if "decode" in cache else 0
+        held = self.weight_2_4.layout_bytes()
         return {
             "portable": self.weight_nbytes,
-            "cusparselt": cslt,
-            "cutlass": cache["cutlass"].nbytes if "cutlass" in cache else 0,
-            "decode": decode,
-            "dense_fallback": dense,
+            "cusparselt": held.get("cusparselt", 0),
+            "cutlass": held.get("cutlass", 0),
+            "decode": held.get("decode", 0),
+            "dense_fallback": held.get("dense", 0),
         }
 
     @torch.compiler.disable
