@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow import cutlass_gemm, timing
-from sparseflow.cslt_tuner import TUNER
-from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
+from sparseflow.kernels import cutlass, timing
+from sparseflow.kernels.cusparselt_tuner import TUNER
+from sparseflow.kernels.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -100,7 +100,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
         row["decode_vs_cublas_bandwidth"] = row["decode_gbps"] / row["cublas_gbps"]
     row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
     row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
-    row["cutlass_cfg"] = cutlass_gemm.configs(dtype)[d.cutlass_cfg] if d and d.cutlass_ms is not None else None
+    row["cutlass_cfg"] = cutlass.configs(dtype)[d.cutlass_cfg] if d and d.cutlass_ms is not None else None
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
     # What the dispatcher measured (L2 scrubbed, one weight) when it chose: beside the columns
@@ -113,7 +113,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     # default: does the second copy pay?
     row["decode_portable_ms"] = row["decode_packed_ms"] = None
     if m <= DECODE_MAX_M and portable_ok(comp[0]):
-        packed = [c.decode_packed() for c in comp]
+        packed = [c.layout("decode") for c in comp]
         variants = [(sp, ring) for sp in sorted({0, d.decode_split if d else 0}) for ring in (False, True)]
 
         def best_ms(run, sets):  # fastest variant; each timed over the rotated (weight, x) sets
@@ -185,11 +185,11 @@ def conversion_seconds_llama3_8b() -> dict:
     """Prune + compress on the GPU, timed on one gate_up weight, scaled to Llama-3-8B's linears."""
     n, k = LLAMA3_8B["gate_up"]
     w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-    sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(1)
+    sf.compress_2_4(sf.prune_2_4(w)).layout("cusparselt", 1)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(3):
-        sf.compress_2_4(sf.prune_2_4(w)).cslt_packed(1)
+        sf.compress_2_4(sf.prune_2_4(w)).layout("cusparselt", 1)
     torch.cuda.synchronize()
     per_param = (time.perf_counter() - t0) / 3 / (n * k)
     params = 32 * sum(a * b for a, b in LLAMA3_8B.values())  # 32 decoder blocks

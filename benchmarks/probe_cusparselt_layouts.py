@@ -23,7 +23,7 @@ LLAMA = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down
 CHILD = r"""
 import json, os, re, sys, torch, torch.nn.functional as F, sparseflow as sf
 from sparseflow._ext import _C
-from sparseflow.timing import median_ms
+from sparseflow.kernels.timing import median_ms
 jobs = json.loads(sys.argv[1])
 start_job, start_alg = int(sys.argv[2]), int(sys.argv[3])
 ONLY = json.loads(sys.argv[4])  # algorithm ids to try ([]: all)

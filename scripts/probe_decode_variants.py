@@ -11,8 +11,8 @@ import argparse
 import torch
 
 import sparseflow as sf
-from sparseflow.decode import _effective_split, decode_mm, decode_mm_portable, portable_ok, split_candidates
-from sparseflow.dispatch import _median_ms
+from sparseflow.kernels.decode import _effective_split, decode_mm, decode_mm_portable, portable_ok, split_candidates
+from sparseflow.kernels.dispatch import _median_ms
 
 SHAPES = {"o": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
 SWEEP = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
@@ -27,7 +27,7 @@ def main() -> None:
     for name in args.layers.split(","):
         n, k = SHAPES[name]
         c = sf.compress_2_4(sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16)))
-        p = c.decode_packed()
+        p = c.layout("decode")
         chunks = p.A.shape[1] // 4
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)

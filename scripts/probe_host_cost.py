@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow import cutlass_gemm, ops
+from sparseflow import ops
 from sparseflow._ext import _C, _CUTLASS
-from sparseflow.dispatch import m_bucket
+from sparseflow.kernels import KERNELS, cutlass
+from sparseflow.kernels.dispatch import m_bucket
 
 
 def per_call_us(fn, calls: int, reps: int) -> float:
@@ -47,14 +48,14 @@ def main() -> None:
         "F.linear": lambda: F.linear(x, w),  # first: the baseline of every line
         "torch.empty (M x N)": lambda: torch.empty((m, n), device=dev, dtype=dt),
     }
-    if cutlass_gemm.available(torch.device(dev)):
-        cw = c.cutlass_packed()  # configuration 5 (128 x 16 tile) is one of those for M <= 16
+    if cutlass.available(torch.device(dev)):
+        cw = c.layout("cutlass")  # configuration 5 (128 x 16 tile) is one of those for M <= 16
         y = torch.empty(m, n, device=dev, dtype=dt)
         cases |= {
             "cutlass: _cutlass.mm (y given)": lambda: _CUTLASS.mm(x, cw.A, cw.E, y, None, 5),
             "cutlass: _cutlass.linear (y made in C++)": lambda: _CUTLASS.linear(x, cw.A, cw.E, n, 0, 5),
-            "cutlass: mm_unchecked": lambda: cutlass_gemm.mm_unchecked(x, cw, 5),
-            "cutlass: cutlass_mm (checked)": lambda: cutlass_gemm.cutlass_mm(x, cw, 5),
+            "cutlass: mm_unchecked": lambda: cutlass.mm_unchecked(x, cw, 5),
+            "cutlass: cutlass_mm (checked)": lambda: cutlass.cutlass_mm(x, cw, 5),
         }
     layers = {}
     for backend in ("cutlass", "decode", "cusparselt", "auto"):
@@ -69,17 +70,18 @@ def main() -> None:
         cases[f"sparse_mm backend={backend}"] = lambda b=backend: sf.sparse_mm(x, c, backend=b)
         cases[f"SparseLinear backend={backend}"] = lambda lin=lin: lin(x)
         layers[backend] = lin
-    # the raw extension calls behind the routes the layers took (ops._routes: kernel, buffers, config)
+    # the raw extension calls behind the routes the layers took (ops._routes: kernel's run, layout, config)
     for backend in ("cusparselt", "decode"):
         lin = layers.get(backend)  # its own Sparse24Weight: the route is under that weight's handle
         r = ops._routes.get((lin._route[4], m_bucket(m), ops.BACKENDS[backend])) if lin is not None else None
-        if r is not None and r[1] == ops._CSLT:
-            cases[f"cusparselt: _C.cslt_mm (layout {r[4]}, cfg {r[3]})"] = lambda r=r: _C.cslt_mm(
-                x, r[2], n, r[3], r[4]
+        if r is not None and r[1] == KERNELS["cusparselt"].run:
+            (cfg, layout) = r[3]
+            cases[f"cusparselt: _C.cslt_mm (layout {layout}, cfg {cfg})"] = lambda r=r, cfg=cfg, v=layout: _C.cslt_mm(
+                x, r[2].packed, n, cfg, v
             )
-            p1 = c.cslt_packed(1)  # layout 1 (y^T, then our transpose) with the library's default algorithm
+            p1 = c.layout("cusparselt", 1).packed  # layout 1 (y^T, then our transpose), the library's default
             cases["cusparselt: _C.cslt_mm (layout 1, default)"] = lambda p1=p1: _C.cslt_mm(x, p1, n, [-1, 1, 0, 0], 1)
-        elif r is not None and r[1] == ops._DECODE:
+        elif r is not None and r[1] == KERNELS["decode"].run and not r[2].portable:
             cases["decode: _C.decode24_mm"] = lambda r=r: _C.decode24_mm(x, r[2].A, r[2].E, None, n, False, *r[3])
     print(f"host time per call, {n} x {k} fp16 weight, M = {m} (median of {args.reps} x {args.calls} calls):")
     res = {}

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow import cutlass_gemm
 from sparseflow._ext import _C
-from sparseflow.dispatch import DISPATCHER, _median_ms, m_bucket
+from sparseflow.kernels import cutlass
+from sparseflow.kernels.dispatch import DISPATCHER, _median_ms, m_bucket
 
 SHAPES = {
     "llama_down": (4096, 14336),
@@ -37,7 +37,7 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     r = {"shape": name, "N": n, "K": k, "M": m}
     r["dense"] = _median_ms(lambda: F.linear(x, w))
-    r["cutlass"] = [_median_ms(lambda i=i: cutlass_gemm.cutlass_mm(x, cw, i)) for i in range(ncfg)]
+    r["cutlass"] = [_median_ms(lambda i=i: cutlass.cutlass_mm(x, cw, i)) for i in range(ncfg)]
     try:
         cfg = [int(v) for v in _C.cslt_search(x, packed, n, 1, 256)[:4]]
         r["cslt_own"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, 1))
@@ -86,10 +86,10 @@ def main() -> None:
         n, k = SHAPES[name]
         w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype))
         c = sf.compress_2_4(w)
-        cw = c.cutlass_packed()
-        packed = c.cslt_packed(1)
+        cw = c.layout("cutlass")
+        packed = c.layout("cusparselt", 1).packed
         layer = sf.SparseLinear.from_compressed(c)
-        ncfg = len(cutlass_gemm.configs(dtype))
+        ncfg = len(cutlass.configs(dtype))
         for m in [int(v) for v in a.ms.split(",")]:
             r = _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg)
             rows.append(r)

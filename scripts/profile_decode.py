@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow.decode import decode_mm, decode_mm_portable, default_split
+from sparseflow.kernels.decode import decode_mm, decode_mm_portable, default_split
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "o": (4096, 4096)}
 
@@ -38,7 +38,7 @@ def main() -> None:
         n, k = SHAPES[name]
         dense = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
         c = sf.compress_2_4(dense)
-        p = c.decode_packed()
+        p = c.layout("decode")
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             prof(f"{name} M={m} cuBLAS", F.linear, x, dense)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
-from sparseflow.decode import decode_mm, pack_decode, pack_decode_swiglu
+from sparseflow.kernels.decode import decode_mm, pack_decode, pack_decode_swiglu
 
 
 def main() -> None:

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-# The dispatcher's crash-isolated cuSPARSELt sweep (sparseflow.cslt_tuner) starts a child process
+# The dispatcher's crash-isolated cuSPARSELt sweep (sparseflow.kernels.cusparselt_tuner) starts a child process
 # and times every algorithm id per new shape: seconds per shape, too slow for the many shapes the
-# tests use. It is off here except where a test turns it on (tests/test_cslt_tuner.py).
+# tests use. It is off here except where a test turns it on (tests/test_cusparselt_tuner.py).
 os.environ.setdefault("SPARSEFLOW_CSLT_TUNER", "0")
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sparseflow as sf
 from sparseflow._ext import _C
-from sparseflow.decode import (
+from sparseflow.kernels.decode import (
     _effective_split,
     _lane_positions,
     decode_mm,
@@ -23,7 +23,7 @@ needs_ext = pytest.mark.skipif(_C is None or not torch.cuda.is_available(), reas
 
 def _meta_position(r: int, q: int, layout: str) -> tuple[int, int]:
     """(lane, bit shift) holding row r's nibble for k-group q (0..7) of an m16n8k32 step."""
-    if layout == "k-halves":  # our reading of the PTX ISA (sparseflow/decode.py)
+    if layout == "k-halves":  # our reading of the PTX ISA (sparseflow/kernels/decode.py)
         return 4 * (r % 8) + q // 4, 16 * (r // 8) + 4 * (q % 4)
     if layout == "rows":  # the other plausible reading: thread 0 row g, thread 1 row g + 8
         return 4 * (r % 8) + r // 8, 4 * q
@@ -247,7 +247,7 @@ def _random_regs(cases, dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mma_sp_fragment_and_metadata_layout_on_hardware(dtype):
-    """The layout sparseflow/decode.py packs for is the one the tensor cores read."""
+    """The layout sparseflow/kernels/decode.py packs for is the one the tensor cores read."""
     torch.manual_seed(1)
     a, b, e = _random_regs(4, dtype)
     got = _C.mma_sp_probe(a.cuda(), b.cuda(), e.cuda(), dtype == torch.bfloat16).cpu().double()

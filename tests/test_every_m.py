@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import sparseflow as sf
 from sparseflow._ext import _C
-from sparseflow.dispatch import _median_ms
+from sparseflow.kernels.dispatch import _median_ms
 from sparseflow.nn import SparseLinear
 from tests.conftest import needs_cuda
 

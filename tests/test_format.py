@@ -96,3 +96,47 @@ def test_sparse24weight_rejects_mismatched_parts():
         sf.Sparse24Weight(c.values[:, :4], c.meta, (4, 16))
     with pytest.raises(ValueError, match="meta"):
         sf.Sparse24Weight(c.values, c.meta.float(), (4, 16))
+
+
+def test_kernel_layouts_are_built_once_cached_and_dropped():
+    """Sparse24Weight's one derived-layout cache, driven through the dense kernel (whose layout,
+    the decompressed weight, builds on the CPU too)."""
+    from sparseflow.kernels import KERNELS
+
+    dense = sf.prune_2_4(torch.randn(64, 128))
+    w = sf.compress_2_4(dense)
+    assert w.cached_layouts() == set() and w.layout_bytes() == {}
+    tmp = w.layout("dense", keep=False)  # a measurement's temporary: not kept
+    assert torch.equal(tmp, dense) and w.cached_layouts() == set()
+    kept = w.layout("dense")
+    assert w.layout("dense") is kept and w.layout("dense", keep=False) is kept  # built once
+    assert w.cached_layouts() == {("dense", None)}
+    assert w.layout_bytes() == {"dense": KERNELS["dense"].nbytes(kept)} == {"dense": 64 * 128 * 4}
+    w.values.mul_(2)  # values edited in place: every layout is stale
+    assert w.cached_layouts() == set()
+    assert torch.equal(w.layout("dense"), 2 * dense)
+    w.drop_layouts("decode")  # another kernel's: nothing to drop
+    assert w.cached_layouts() == {("dense", None)}
+    w.drop_layouts(("dense", None))
+    assert w.cached_layouts() == set()
+    w.layout("dense")
+    w.drop_layouts("dense")
+    assert w.layout_bytes() == {}
+    with pytest.raises(KeyError):
+        w.layout("no-such-kernel")
+
+
+def test_every_kernel_module_offers_the_kernel_interface():
+    from sparseflow.kernels import KERNELS, Kernel
+    from sparseflow.kernels.cusparselt import cslt_unsupported
+
+    assert sorted(KERNELS) == ["cusparselt", "cutlass", "decode", "dense"]
+    cpu = torch.device("cpu")
+    for name, kernel in KERNELS.items():
+        assert isinstance(kernel, Kernel) and kernel.name == name
+        why = kernel.refusal(cpu, torch.float16, 4096, 4096)
+        assert (why is None) == (name == "dense"), (name, why)  # the 2:4 kernels need a GPU
+    # cuSPARSELt's GEMM layouts 1, 3 and 4 share one compressed buffer; 0 and 2 keep their own
+    cslt = KERNELS["cusparselt"]
+    assert [cslt.cache_key(v) for v in range(5)] == [0, 1, 2, 1, 1]
+    assert cslt_unsupported(4096, 4096) is None and "multiple of 32" in cslt_unsupported(4096, 4100)

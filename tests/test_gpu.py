@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import sparseflow as sf
-from sparseflow import cutlass_gemm
 from sparseflow._ext import _C
-from sparseflow.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, Decision, m_bucket, portable_enabled
+from sparseflow.kernels import cutlass
+from sparseflow.kernels.dispatch import CSLT_MIN_BUCKET, PORTABLE_SLACK, Decision, m_bucket, portable_enabled
 from sparseflow.nn import SparseLinear
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
@@ -100,7 +100,7 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
             decode_ms=r["decode_ms"],
             cutlass_ms=r["cutlass_ms"],
         )
-        assert (r["cutlass_ms"] is not None) == cutlass_gemm.available(w.device)  # 1024 x 2048: a shape it takes
+        assert (r["cutlass_ms"] is not None) == cutlass.available(w.device)  # 1024 x 2048: a shape it takes
         assert r["dense_ms"] > 0 and (r["cusparselt_ms"] is not None) == (r["m_bucket"] >= CSLT_MIN_BUCKET)
         assert (r["decode_ms"] is not None) == (r["m_bucket"] <= 64)
         assert r["choice"] == measured.fastest()  # the fastest, if a 2:4 kernel beats dense by the margin
@@ -158,7 +158,7 @@ def test_cusparselt_transposed_output_layout(dtype, m, n, k):
     the padding columns cut, the partial 32 x 32 tiles included."""
     w = random_2_4(n, k, dtype, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    packed = sf.compress_2_4(w).cslt_packed(1)
+    packed = sf.compress_2_4(w).layout("cusparselt", 1).packed
     _poison()
     y = _C.cslt_mm(x, packed, n, [-1, 1, 0, 0], 1)
     torch.cuda.synchronize()
@@ -319,7 +319,7 @@ def test_demo_autotune_step_summarises_the_kernels_chosen(tmp_path, monkeypatch)
 @needs_ext
 @pytest.mark.parametrize("portable", [True, False])
 def test_decode_reads_the_portable_form_without_a_packed_copy(tmp_path, monkeypatch, portable):
-    from sparseflow import dispatch
+    from sparseflow.kernels import dispatch
 
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("SPARSEFLOW_DECODE_PORTABLE", "1" if portable else "0")

@@ -66,7 +66,7 @@ def test_cpu_path_warns_once_that_it_is_not_fast(recwarn):
 
 
 def test_buckets_and_the_no_measurement_rule():
-    from sparseflow.dispatch import m_bucket, static_decision
+    from sparseflow.kernels.dispatch import m_bucket, static_decision
 
     assert [m_bucket(m) for m in (1, 8, 9, 16, 17, 64, 65, 300, 1337, 2048, 2049)] == [
         8, 8, 16, 16, 24, 64, 72, 320, 1408, 2048, 2304
@@ -78,7 +78,7 @@ def test_buckets_and_the_no_measurement_rule():
 def test_buckets_are_narrow_and_their_ends_are_what_is_measured():
     """Every M up to 16k falls in a bucket whose two ends map back to it, and no bucket spans more
     than 1/8 of its top above 64 rows (dense and a tiled 2:4 kernel cannot cross far inside)."""
-    from sparseflow.dispatch import anchor, bucket_range, m_bucket
+    from sparseflow.kernels.dispatch import anchor, bucket_range, m_bucket
 
     for m in range(1, 20000):
         b = m_bucket(m)
@@ -93,7 +93,7 @@ def test_buckets_are_narrow_and_their_ends_are_what_is_measured():
 def test_a_kernel_must_beat_dense_at_both_ends_of_its_bucket():
     """A 2:4 kernel that wins at the top of a bucket but loses at its bottom is not chosen; the
     CUTLASS-vs-cuSPARSELt choice goes by the worse end."""
-    from sparseflow.dispatch import Decision
+    from sparseflow.kernels.dispatch import Decision
 
     d = Decision("dense", dense_ms=1.0, cutlass_ms=0.7, m_lo=257, lo_ms={"dense": 0.5, "cutlass": 0.7})
     assert d.fastest() == "dense" and abs(d.speedup - 0.5 / 0.7) < 1e-9
@@ -107,7 +107,7 @@ def test_a_kernel_must_beat_dense_at_both_ends_of_its_bucket():
 
 
 def test_a_2_4_kernel_must_beat_dense_by_a_margin_to_be_chosen():
-    from sparseflow.dispatch import SPARSE_MIN_GAIN, Decision
+    from sparseflow.kernels.dispatch import SPARSE_MIN_GAIN, Decision
 
     def fastest(cslt, decode):
         return Decision("dense", sparse_ms=cslt, dense_ms=1.0, decode_ms=decode).fastest()
@@ -125,23 +125,30 @@ def test_a_2_4_kernel_must_beat_dense_by_a_margin_to_be_chosen():
 def test_route_maps_decisions_to_kernels(monkeypatch):
     """The GPU route table, driven by faked decisions and layouts (the kernels are not called)."""
     from sparseflow import ops
-    from sparseflow.dispatch import Decision
+    from sparseflow.kernels import KERNELS
+    from sparseflow.kernels.dispatch import Decision
 
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
-    monkeypatch.setattr(type(w), "decode_packed", lambda self: "DECODE")
-    monkeypatch.setattr(type(w), "cslt_packed", lambda self, layout: f"CSLT{layout}")
-    monkeypatch.setattr(type(w), "dense_on_device", lambda self, keep=True: "DENSE")
+    monkeypatch.setattr(KERNELS["decode"], "pack", lambda weight, key=None: "DECODE")
+    monkeypatch.setattr(KERNELS["cusparselt"], "pack", lambda weight, key=None: f"CSLT{key}")
+    monkeypatch.setattr(KERNELS["dense"], "pack", lambda weight, key=None: "DENSE")
+    dense, decode, cslt = (KERNELS[name].run for name in ("dense", "decode", "cusparselt"))
     d = Decision(
         "dense", cfg=[3, 1, 0, 0], sparse_ms=2.0, dense_ms=1.0, decode_ms=1.5, decode_split=4, decode_ring=True
     )
     monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m: d)
     monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert ops._route(w, 8, ops.BACKENDS["auto"])[1:3] == (ops._DENSE, "DENSE")
-    assert ops._route(w, 8, ops.BACKENDS["sparse"])[1:4] == (ops._DECODE, "DECODE", (4, True))  # faster 2:4 kernel
-    assert ops._route(w, 8, ops.BACKENDS["cusparselt"])[1:] == (ops._CSLT, "CSLT1", [3, 1, 0, 0], 1)
+    assert ops._route(w, 8, ops.BACKENDS["auto"])[1:3] == (dense, "DENSE")
+    assert ops._route(w, 8, ops.BACKENDS["sparse"])[1:4] == (decode, "DECODE", (4, True))  # faster 2:4 kernel
+    assert ops._route(w, 8, ops.BACKENDS["cusparselt"])[1:] == (cslt, "CSLT1", ([3, 1, 0, 0], 1))
+    # the route's layouts are the weight's cached ones: dense, decode and cuSPARSELt's layout-1 buffer
+    assert w.cached_layouts() == {("dense", None), ("decode", None), ("cusparselt", 1)}
+    d.layout = 4  # layouts 1, 3 and 4 read the same buffer: the cached one serves
+    assert ops._route(w, 8, ops.BACKENDS["cusparselt"])[2:] == ("CSLT1", ([3, 1, 0, 0], 4))
+    d.layout = 1
     d.decode_ms = None  # M > 64: only cuSPARSELt was measured
-    assert ops._route(w, 200, ops.BACKENDS["sparse"])[1] == ops._CSLT
+    assert ops._route(w, 200, ops.BACKENDS["sparse"])[1] == cslt
     odd = sf.compress_2_4(sf.prune_2_4(torch.randn(100, 128)))  # N not a multiple of 32
     with pytest.raises(ValueError, match="multiples of 32"):
         ops._route(odd, 200, ops.BACKENDS["cusparselt"])
@@ -150,43 +157,46 @@ def test_route_maps_decisions_to_kernels(monkeypatch):
 def test_route_takes_cutlass_where_it_measured_fastest(monkeypatch):
     """A decision whose fastest 2:4 kernel is CUTLASS's routes to it with its configuration; a
     forced backend='cutlass' where the kernels cannot run names why."""
-    from sparseflow import cutlass_gemm, ops
-    from sparseflow.dispatch import Decision
+    from sparseflow import ops
+    from sparseflow.kernels import KERNELS, cutlass
+    from sparseflow.kernels.dispatch import Decision
 
-    w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256)))
-    monkeypatch.setattr(type(w), "cutlass_packed", lambda self: "CUTLASS")
-    monkeypatch.setattr(type(w), "cslt_packed", lambda self, layout: f"CSLT{layout}")
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256, dtype=torch.float16)))
+    monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: "CUTLASS")
+    monkeypatch.setattr(KERNELS["cusparselt"], "pack", lambda weight, key=None: f"CSLT{key}")
+    run_cutlass, run_cslt = KERNELS["cutlass"].run, KERNELS["cusparselt"].run
     d = Decision("cutlass", cfg=[3, 1, 0, 0], sparse_ms=0.8, dense_ms=1.0, cutlass_ms=0.6, cutlass_cfg=2)
     assert (d.best_sparse, d.fastest(), d.speedup) == ("cutlass", "cutlass", 1.0 / 0.6)
     monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m: d)
     monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(cutlass_gemm, "unavailable_reason", lambda device: None)
-    assert ops._route(w, 512, ops.BACKENDS["auto"])[1:4] == (ops._CUTLASS, "CUTLASS", 2)
-    assert ops._route(w, 512, ops.BACKENDS["sparse"])[1:4] == (ops._CUTLASS, "CUTLASS", 2)
-    assert ops._route(w, 512, ops.BACKENDS["cusparselt"])[1] == ops._CSLT
+    monkeypatch.setattr(cutlass, "unavailable_reason", lambda device: None)
+    assert ops._route(w, 512, ops.BACKENDS["auto"])[1:4] == (run_cutlass, "CUTLASS", 2)
+    assert ops._route(w, 512, ops.BACKENDS["sparse"])[1:4] == (run_cutlass, "CUTLASS", 2)
+    assert ops._route(w, 512, ops.BACKENDS["cusparselt"])[1] == run_cslt
     d.cutlass_ms = 0.9  # cuSPARSELt now the faster 2:4 kernel
     d.choice = d.fastest()
-    assert ops._route(w, 512, ops.BACKENDS["auto"])[1] == ops._CSLT
-    odd = sf.compress_2_4(sf.prune_2_4(torch.randn(96, 256)))  # N not a multiple of 64
+    assert ops._route(w, 512, ops.BACKENDS["auto"])[1] == run_cslt
+    odd = sf.compress_2_4(sf.prune_2_4(torch.randn(96, 256, dtype=torch.float16)))  # N not a multiple of 64
     with pytest.raises(ValueError, match="multiple of 64"):
         ops._route(odd, 512, ops.BACKENDS["cutlass"])
-    monkeypatch.setattr(cutlass_gemm, "unavailable_reason", lambda device: "sm_90a only")
+    monkeypatch.setattr(cutlass, "unavailable_reason", lambda device: "sm_90a only")
     with pytest.raises(ValueError, match="backend='cutlass' cannot run .*sm_90a only"):
         ops._route(w, 512, ops.BACKENDS["cutlass"])
 
 
 def test_route_during_capture_without_measurement_uses_the_static_rule(monkeypatch):
     from sparseflow import ops
+    from sparseflow.kernels import KERNELS
 
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
-    monkeypatch.setattr(type(w), "decode_packed", lambda self: "DECODE")
-    monkeypatch.setattr(type(w), "dense_on_device", lambda self, keep=True: "DENSE")
+    monkeypatch.setattr(KERNELS["decode"], "pack", lambda weight, key=None: "DECODE")
+    monkeypatch.setattr(KERNELS["dense"], "pack", lambda weight, key=None: "DENSE")
     monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.warns(RuntimeWarning, match="static rule"):
-        assert ops._route(w, 4, ops.BACKENDS["auto"])[1:4] == (ops._DECODE, "DECODE", (0, False))
-    assert ops._route(w, 100, ops.BACKENDS["auto"])[1:3] == (ops._DENSE, "DENSE")
+        assert ops._route(w, 4, ops.BACKENDS["auto"])[1:4] == (KERNELS["decode"].run, "DECODE", (0, False))
+    assert ops._route(w, 100, ops.BACKENDS["auto"])[1:3] == (KERNELS["dense"].run, "DENSE")
 
 
 @pytest.mark.parametrize("shape", [(5, 128), (2, 3, 128), (0, 128)])
@@ -194,7 +204,7 @@ def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
     """cuda_forward's shape handling (2-D fast path, N-D reshape), driven on the CPU through a
     faked dense route (the same F.linear call the GPU's dense route makes)."""
     from sparseflow import ops
-    from sparseflow.dispatch import Decision
+    from sparseflow.kernels.dispatch import Decision
 
     dense = sf.prune_2_4(torch.randn(64, 128))
     w = sf.compress_2_4(dense)
@@ -202,7 +212,7 @@ def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
     monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
     monkeypatch.setattr(ops, "_routes", {})  # this test's routes stay out of the real table
     monkeypatch.setattr(
-        ops, "_route", lambda weight, m, backend: (weight.values._version, ops._DENSE, dense, None, None)
+        ops, "_route", lambda weight, m, backend: (weight.values._version, ops.KERNELS["dense"].run, dense, None)
     )
     x, bias = torch.randn(*shape), torch.randn(64)
     y = ops.cuda_forward(x, w, bias, handle=1, backend=ops.BACKENDS["auto"])
@@ -215,8 +225,8 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
     decisions themselves are faked: on the CPU there is nothing to measure)."""
     from torch import nn
 
-    from sparseflow import dispatch
-    from sparseflow.dispatch import Decision
+    from sparseflow.kernels import dispatch
+    from sparseflow.kernels.dispatch import Decision
     from sparseflow.nn import SparseLinear
 
     def sl(n, k):
@@ -248,26 +258,26 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
 
 
 def test_cslt_candidate_layouts_follow_the_environment(monkeypatch):
-    from sparseflow import dispatch
+    from sparseflow.kernels import cusparselt
 
     monkeypatch.delenv("SPARSEFLOW_CSLT_LAYOUTS", raising=False)
     monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "1")
-    assert dispatch.cslt_candidates() == [1, 4]
+    assert cusparselt.cslt_candidates() == [1, 4]
     monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", "1,4,0,4")
-    assert dispatch.cslt_candidates() == [1, 4, 0]
+    assert cusparselt.cslt_candidates() == [1, 4, 0]
     for bad in ("1,5", "x", ""):
         monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", bad)
         with pytest.raises(ValueError, match="SPARSEFLOW_CSLT_LAYOUTS"):
-            dispatch.cslt_candidates()
+            cusparselt.cslt_candidates()
     monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "0")  # the tuner off: layout 1 only
-    assert dispatch.cslt_candidates() == [1]
+    assert cusparselt.cslt_candidates() == [1]
 
 
 def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tmp_path):
-    from sparseflow import cutlass_gemm, dispatch
+    from sparseflow.kernels import cutlass, dispatch
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    monkeypatch.setattr(cutlass_gemm, "available", lambda device: True)
+    monkeypatch.setattr(cutlass, "available", lambda device: True)
     monkeypatch.delenv("SPARSEFLOW_CUTLASS", raising=False)
     monkeypatch.setattr(dispatch, "_C", None)
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
@@ -289,20 +299,18 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
 
 
 def test_a_measurement_frees_the_layouts_it_built_but_did_not_choose():
-    from sparseflow.dispatch import Decision, _unchosen
+    from sparseflow.kernels.dispatch import Decision, _unchosen
 
-    assert _unchosen(Decision("cusparselt", layout=4), set()) == ["cslt_layout0", "cslt_sparse_b", "cutlass", "decode"]
-    assert _unchosen(Decision("cusparselt", layout=0), set()) == ["cslt", "cslt_sparse_b", "cutlass", "decode"]
-    assert _unchosen(Decision("decode"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b", "cutlass"]
-    assert _unchosen(Decision("cutlass"), set()) == ["cslt", "cslt_layout0", "cslt_sparse_b", "decode"]
-    assert _unchosen(Decision("dense"), {"cslt", "decode", "cutlass"}) == ["cslt_layout0", "cslt_sparse_b"]  # kept
-    assert _unchosen(Decision("decode", decode_portable=True), set()) == [
-        "cslt",
-        "cslt_layout0",
-        "cslt_sparse_b",
-        "cutlass",
-        "decode",
-    ]
+    # cuSPARSELt's buffers by GEMM layout: 1 (shared by layouts 1, 3 and 4), 0 and 2 (their own)
+    cslt0, cslt1, cslt2 = ("cusparselt", 0), ("cusparselt", 1), ("cusparselt", 2)
+    cut, dec = ("cutlass", None), ("decode", None)
+    assert _unchosen(Decision("cusparselt", layout=4), set()) == [cslt0, cslt2, cut, dec]
+    assert _unchosen(Decision("cusparselt", layout=3), set()) == [cslt0, cslt2, cut, dec]
+    assert _unchosen(Decision("cusparselt", layout=0), set()) == [cslt1, cslt2, cut, dec]
+    assert _unchosen(Decision("decode"), set()) == [cslt0, cslt1, cslt2, cut]
+    assert _unchosen(Decision("cutlass"), set()) == [cslt0, cslt1, cslt2, dec]
+    assert _unchosen(Decision("dense"), {cslt1, dec, cut}) == [cslt0, cslt2]  # there before: kept
+    assert _unchosen(Decision("decode", decode_portable=True), set()) == [cslt0, cslt1, cslt2, cut, dec]
 
 
 def test_numeric_settings_from_the_environment_are_checked(monkeypatch):
@@ -319,7 +327,7 @@ def test_numeric_settings_from_the_environment_are_checked(monkeypatch):
 
 
 def test_the_tuner_is_spent_only_where_the_gemm_is_not_launch_bound(monkeypatch):
-    from sparseflow import dispatch
+    from sparseflow.kernels import dispatch
 
     limit = dispatch.TUNER_MIN_DENSE_MS
     assert dispatch._worth_measuring(1, 0.001)  # layout 1 searches in-process: always measured
@@ -334,8 +342,8 @@ def test_layout_4_search_retimes_the_tuners_two_fastest(monkeypatch):
     configurations, the two fastest are timed again in this process, the faster one wins."""
     from types import SimpleNamespace
 
-    from sparseflow import dispatch
-    from sparseflow.cslt_tuner import TUNER
+    from sparseflow.kernels import dispatch
+    from sparseflow.kernels.cusparselt_tuner import TUNER
 
     here = {(5, -1): 0.30, (3, 1): 0.20, (7, 1): 0.10}  # this process's times (id 7: not in the top 2)
     monkeypatch.setattr(TUNER, "sweep", lambda *a: {(5, -1): 0.1, (3, 1): 0.2, (7, 1): 0.9, (9, 1): 0.3})
@@ -356,17 +364,20 @@ def test_layout_4_search_retimes_the_tuners_two_fastest(monkeypatch):
 
 def test_cutlass_kernels_say_why_they_cannot_run_here():
     """CUTLASS's sm90 kernels: shape rule, and a clear refusal off Hopper / without the build."""
-    from sparseflow import cutlass_gemm
-    from sparseflow.dispatch import cutlass_wanted
+    from sparseflow.kernels import KERNELS, cutlass
+    from sparseflow.kernels.dispatch import cutlass_wanted
 
-    assert cutlass_gemm.unsupported(4096, 14336) is None
-    assert "multiple of 64" in cutlass_gemm.unsupported(96, 256)
-    assert "of 128" in cutlass_gemm.unsupported(128, 192)
+    assert cutlass.unsupported(4096, 14336) is None
+    assert "multiple of 64" in cutlass.unsupported(96, 256)
+    assert "of 128" in cutlass.unsupported(128, 192)
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256, dtype=torch.float16)))
-    assert not cutlass_gemm.available(w.device) and cutlass_gemm.unavailable_reason(w.device)
+    assert not cutlass.available(w.device) and cutlass.unavailable_reason(w.device)
+    assert KERNELS["cutlass"].refusal(w.device, w.dtype, *w.shape) == cutlass.unavailable_reason(w.device)
     assert not cutlass_wanted(w)
     with pytest.raises(ValueError, match="CUTLASS 2:4 GEMM unavailable"):
-        cutlass_gemm.pack_cutlass(w)
+        cutlass.pack_cutlass(w)
+    with pytest.raises(ValueError, match="CUTLASS 2:4 GEMM unavailable"):
+        w.layout("cutlass")
     with pytest.raises(ValueError, match="backend='cutlass'.*need CUDA tensors"):
         sf.sparse_mm(torch.randn(4, 256, dtype=torch.float16), w, backend="cutlass")
 
@@ -374,25 +385,26 @@ def test_cutlass_kernels_say_why_they_cannot_run_here():
 def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
     """The dispatcher's CUTLASS timing, with the kernel faked: a configuration that refuses to run
     is reported once and left out; if none runs, the decision simply has no CUTLASS time."""
-    from sparseflow import cutlass_gemm, dispatch
+    from sparseflow.kernels import KERNELS, cutlass, dispatch
 
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256)))
-    monkeypatch.setattr(type(w), "cutlass_packed", lambda self: "CUTLASS")
-    monkeypatch.setattr(cutlass_gemm, "configs", lambda dtype: ["a", "b", "c"])
+    monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: "CUTLASS")
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["a", "b", "c"])
 
     def fake_mm(x, cw, cfg):
         if cfg == 1:
             raise RuntimeError("can_implement: Error Misaligned Operand")
 
-    monkeypatch.setattr(cutlass_gemm, "cutlass_mm", fake_mm)
+    monkeypatch.setattr(cutlass, "cutlass_mm", fake_mm)
     xs = (torch.randn(8, 256), torch.randn(1, 256))
     # (configuration, rows) -> ms: configuration 2 is faster at the top of the bucket, 0 at its
     # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins.
     times = {(0, 8): 2.0, (2, 8): 1.5, (0, 1): 1.0, (2, 1): 3.0}
     monkeypatch.setattr(dispatch, "_median_ms", lambda fn: times[fn.__defaults__[0], fn()])
-    monkeypatch.setattr(cutlass_gemm, "cutlass_mm", lambda x, cw, cfg: fake_mm(x, cw, cfg) or x.shape[0])
+    monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, cw, cfg: fake_mm(x, cw, cfg) or x.shape[0])
     with pytest.warns(RuntimeWarning, match="CUTLASS configuration 1 failed"):
         assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (2.0, 1.0, 0)
-    monkeypatch.setattr(type(w), "cutlass_packed", lambda self: (_ for _ in ()).throw(RuntimeError("no")))
+    w.drop_layouts("cutlass")
+    monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) is None

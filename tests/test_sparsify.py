@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 import sparseflow as sf
 from sparseflow.convert import SparsifyError, api, report, sparsify, text_windows, walker
 from sparseflow.convert.methods import InputStats, sparsegpt, wanda
-from sparseflow.dispatch import Decision
+from sparseflow.kernels.dispatch import Decision
 from sparseflow.nn import SparseLinear
 
 T.logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""The crash-isolated cuSPARSELt sweep (sparseflow.cslt_tuner): the parent's restart logic runs
+"""The crash-isolated cuSPARSELt sweep (sparseflow.kernels.cusparselt_tuner): the parent's restart logic runs
 here against a scripted child; the real child runs in the GPU tests."""
 
 import sys
@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from sparseflow.cslt_tuner import Tuner
+from sparseflow.kernels.cusparselt_tuner import Tuner
 
 # A stand-in child with ids 0..6: id 1 kills the process (as an illegal instruction would), id 2
 # hangs when M == 7 and kills it too when M == 9, id 3 gives a wrong answer, ids 4..6 are refused
@@ -99,7 +99,7 @@ def test_a_hung_child_is_killed_within_the_request_budget():
 
 
 def test_no_interpreter_for_the_child_is_not_an_error():
-    t = Tuner(["/nonexistent/python3", "-m", "sparseflow.cslt_tuner"])
+    t = Tuner(["/nonexistent/python3", "-m", "sparseflow.kernels.cusparselt_tuner"])
     assert t.sweep(0, "float16", 64, 64, 16, 4) == {} and t.children == 0
 
 
@@ -157,13 +157,14 @@ def test_real_child_sweeps_cusparselt_layout_4():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dispatcher_with_the_tuner_measures_layout_4(monkeypatch, tmp_path):
     import sparseflow as sf
-    from sparseflow import dispatch, extension_available
-    from sparseflow.dispatch import Dispatcher
+    from sparseflow import extension_available
+    from sparseflow.kernels import dispatch
+    from sparseflow.kernels.dispatch import Dispatcher
     from tests.conftest import TOL, random_2_4, rel_err
 
     if not extension_available():
         pytest.skip("extension not built")
-    from sparseflow.cslt_tuner import TUNER
+    from sparseflow.kernels.cusparselt_tuner import TUNER
 
     monkeypatch.setenv("SPARSEFLOW_CSLT_TUNER", "1")
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))

@@ -1,4 +1,4 @@
-"""CUTLASS's sm90 2:4 GEMM (sparseflow.cutlass_gemm): every compiled configuration against a
+"""CUTLASS's sm90 2:4 GEMM (sparseflow.kernels.cutlass): every compiled configuration against a
 float64 reference on fresh random data, outputs poisoned first. Runs on a Hopper GPU with
 sparseflow._cutlass built; skipped elsewhere."""
 
@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 import sparseflow as sf
-from sparseflow import cutlass_gemm
-from sparseflow.dispatch import DISPATCHER
+from sparseflow.kernels import cutlass
+from sparseflow.kernels.dispatch import DISPATCHER
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
 pytestmark = [
     needs_cuda,
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available() or not cutlass_gemm.available(torch.device("cuda")),
+        not torch.cuda.is_available() or not cutlass.available(torch.device("cuda")),
         reason="CUTLASS sm90 kernels not built or not a Hopper GPU",
     ),
 ]
@@ -45,13 +45,13 @@ def test_every_configuration_matches_reference(dtype, m, n, k):
     torch.manual_seed(m + 3 * n + 7 * k)
     w = random_2_4(n, k, dtype, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    cw = cutlass_gemm.pack_cutlass(sf.compress_2_4(w))
+    cw = cutlass.pack_cutlass(sf.compress_2_4(w))
     ref = nn.functional.linear(x.double(), w.double())
-    names = cutlass_gemm.configs(dtype)
+    names = cutlass.configs(dtype)
     assert len(names) >= 2
     for cfg, name in enumerate(names):
         _poisoned(m, n, dtype)
-        out = cutlass_gemm.cutlass_mm(x, cw, cfg)
+        out = cutlass.cutlass_mm(x, cw, cfg)
         torch.cuda.synchronize()
         assert out.shape == (m, n) and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], f"config {cfg} ({name})"
@@ -81,24 +81,24 @@ def test_dispatcher_times_cutlass_and_records_it(tmp_path, monkeypatch):
     x = torch.randn(512, 4096, device="cuda", dtype=torch.float16)
     sf.sparse_mm(x, w)
     d = DISPATCHER.lookup(w.device, w.dtype, 4096, 4096, 512)
-    assert d.cutlass_ms is not None and 0 <= d.cutlass_cfg < len(cutlass_gemm.configs(torch.float16))
+    assert d.cutlass_ms is not None and 0 <= d.cutlass_cfg < len(cutlass.configs(torch.float16))
     assert d.speedup == d.dense_ms / min(t for t in (d.sparse_ms, d.cutlass_ms) if t)
     row = next(r for r in DISPATCHER.table(w.device, w.dtype, 4096, 4096) if r["m_bucket"] == 512)
     assert row["cutlass_ms"] == d.cutlass_ms
     if d.choice != "cutlass":  # the layout it built for timing is freed unless chosen
-        assert "cutlass" not in w._cache
+        assert "cutlass" not in w.layout_bytes()
     DISPATCHER.clear()
 
 
 def test_bad_input_is_a_clear_error():
     w16 = sf.compress_2_4(random_2_4(128, 256, torch.float16, "cuda"))
-    cw = cutlass_gemm.pack_cutlass(w16)
+    cw = cutlass.pack_cutlass(w16)
     with pytest.raises(ValueError, match="config 99 out of range"):
-        cutlass_gemm.cutlass_mm(torch.randn(4, 256, device="cuda", dtype=torch.float16), cw, 99)
+        cutlass.cutlass_mm(torch.randn(4, 256, device="cuda", dtype=torch.float16), cw, 99)
     with pytest.raises(TypeError, match="x is torch.bfloat16"):
-        cutlass_gemm.cutlass_mm(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16), cw, 0)
+        cutlass.cutlass_mm(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16), cw, 0)
     with pytest.raises(ValueError, match=r"expected \(M, 256\)"):
-        cutlass_gemm.cutlass_mm(torch.randn(4, 384, device="cuda", dtype=torch.float16), cw, 0)
+        cutlass.cutlass_mm(torch.randn(4, 384, device="cuda", dtype=torch.float16), cw, 0)
     # the extension's own checks answer with a message, not a crash, where Python's are bypassed
     from sparseflow._ext import _CUTLASS
 
@@ -115,6 +115,6 @@ def test_bad_input_is_a_clear_error():
     assert rel_err(y2, nn.functional.linear(x.double(), w16.decompress().double())) < TOL[torch.float16]
     odd = sf.compress_2_4(random_2_4(96, 256, torch.float16, "cuda"))
     with pytest.raises(ValueError, match="multiple of 64"):
-        cutlass_gemm.pack_cutlass(odd)
+        cutlass.pack_cutlass(odd)
     with pytest.raises(ValueError, match="backend='cutlass'.*multiple of 64"):
         sf.sparse_mm(torch.randn(4, 256, device="cuda", dtype=torch.float16), odd, backend="cutlass")
