@@ -140,6 +140,18 @@ def test_the_child_finds_sparseflow_through_the_parents_sys_path(tmp_path, monke
         t.close()
 
 
+def test_the_default_child_command_starts_the_tuner_module():
+    """The default command runs this module as the child (it exits cleanly at end of input)."""
+    import os
+    import subprocess
+
+    cmd = Tuner().cmd
+    assert cmd[1:] == ["-m", "sparseflow.kernels.cusparselt_tuner"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run(cmd, input="", capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_child_sweeps_cusparselt_layout_4():
     from sparseflow import extension_available

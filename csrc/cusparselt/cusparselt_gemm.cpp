@@ -10,7 +10,7 @@
 // On an H200 with cuSPARSELt 0.8.0 (benchmarks/probe_cusparselt_layouts.py): layout 4 is the
 // fastest with its best algorithm (1.46-1.52x over cuBLAS at M=4096), but its search fails and
 // some of its algorithms hit an illegal instruction (M=8, M=2048); layouts 0 and 2 crash inside
-// the search. Layout 1 searches and runs safely and is the default (sparseflow.dispatch).
+// the search. Layout 1 searches and runs safely and is the default (sparseflow.kernels.cusparselt.cslt_layout).
 //
 // Plans are cached per (device, dtype, N, K, M, algorithm config); creating them per call is what
 // makes PyTorch's _cslt_sparse_mm slow. M is padded to a multiple of 16 (cuSPARSELt's alignment

@@ -35,7 +35,7 @@ struct Sizes {
   int64_t workspace;  // compressor scratch
 };
 
-// Per element type (float16 in cutlass_gemm_f16.cu, bfloat16 in cutlass_gemm_bf16.cu).
+// Per element type (float16 and bfloat16; each configuration compiled in inst/f16_*.cu, inst/bf16_*.cu).
 template <bool BF16>
 struct Ops {
   static std::vector<std::string> names();

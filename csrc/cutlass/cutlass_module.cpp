@@ -1,5 +1,5 @@
 // Python bindings of the CUTLASS sm90 2:4 GEMM (imported as sparseflow._cutlass; built only where
-// CUTLASS's headers are found, for sm_90a). sparseflow/cutlass_gemm.py checks every argument first
+// CUTLASS's headers are found, for sm_90a). sparseflow/kernels/cutlass.py checks every argument first
 // (linear() allocates the output here, mm() takes it); these functions report a failure as a
 // returned message, never by throwing (on the H200 an exception thrown from this module ended the
 // Python process with a segmentation fault instead of raising; see "C++ exceptions" in
@@ -82,7 +82,7 @@ std::string mm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, at
 }
 
 // mm() with y and the workspace (ws_bytes, as workspace() gave it) allocated here: the hot path
-// (sparseflow.cutlass_gemm.mm_unchecked). A torch.empty from Python cost 3.4 us of host time on the
+// (sparseflow.kernels.cutlass.mm_unchecked). A torch.empty from Python cost 3.4 us of host time on the
 // H200's host, at::empty here ~2 us less (measured with scripts/probe_host_cost.py). Returns (y, "")
 // or (None, what failed).
 std::tuple<c10::optional<at::Tensor>, std::string> linear(const at::Tensor& x, const at::Tensor& a,

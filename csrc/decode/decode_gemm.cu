@@ -5,7 +5,7 @@
 // limit). Sparse tensor cores (mma.sp m16n8k32) take the weight as the sparse A operand
 // (16 output features x 32 k) and the few tokens as dense B (32 k x 8 tokens).
 //
-// * Weight layout (built once per weight by sparseflow/decode.py from the portable format):
+// * Weight layout (built once per weight by sparseflow/kernels/decode.py from the portable format):
 //   A[tile][kstep][lane] is one 16-byte mma.sp A fragment per lane, so a warp's load of one
 //   k-step is 512 contiguous bytes; E[tile][chunk][slot] holds the metadata of 4 k-steps per
 //   16-byte load for the 16 lanes that supply it (sparsity selector 0: threads 0 and 1 of each

@@ -124,7 +124,7 @@ at::Tensor launch(const at::Tensor& x, const void* A, const void* E, const void*
 }  // namespace
 
 // x: M x K (contiguous, 4-byte aligned), A: tiles x KS x 32 x 4 int32, E: tiles x KS/4 x 16 x 4
-// int32 (sparseflow/decode.py). Returns y: M x n_out.
+// int32 (sparseflow/kernels/decode.py). Returns y: M x n_out.
 at::Tensor decode24_mm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& E,
                        const c10::optional<at::Tensor>& bias, int64_t n_out, bool swiglu, int64_t split,
                        bool ring) {
