@@ -462,11 +462,10 @@ def _check_something_converts(targets: list[Target]) -> None:
         return
     kept = [t for t in targets if t.action == "dense-fallback"]
     if kept:
-        reasons = sorted({t.reason for t in kept})
         raise SparsifyError(
             f"sparsify: fallback='auto' keeps all {len(kept)} selected layers dense, so nothing would be converted "
-            f"(e.g. {kept[0].name}: {reasons[0]}); pass fallback='never' to convert them anyway. "
-            "The model was not changed",
+            f"(e.g. {kept[0].name}: {kept[0].reason}); pass fallback='never' (CLI: --fallback never) to convert "
+            "them anyway. The model was not changed",
             [],
         )
     why = sorted({t.reason for t in targets})

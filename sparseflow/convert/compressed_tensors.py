@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sparseflow.convert import checkpoint as ck
-from sparseflow.convert.atomic import atomic_directory
+from sparseflow.convert.atomic import atomic_directory, refuse_existing
 from sparseflow.convert.shards import ShardReader, read_headers, write_shards
 from sparseflow.convert.validation import CheckpointError
 from sparseflow.nn import SparseLinear
@@ -183,16 +183,26 @@ def load_compressed_tensors(
 
 
 def save_compressed_tensors(
-    model: nn.Module, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB", tokenizer: Any = None
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a compressed-tensors ``sparse-24-bitmask`` checkpoint (atomically).
 
     Config as compressed-tensors' own ``ModelCompressor.update_config`` writes it: sparsity
-    targets ``["Linear"]`` with every dense ``nn.Linear`` listed under ``ignore``.
+    targets ``["Linear"]`` with every dense ``nn.Linear`` listed under ``ignore``. An existing
+    checkpoint at ``save_directory`` is refused unless ``overwrite=True``.
     """
     import copy
 
-    config = copy.deepcopy(ck._model_config(model, "save_pretrained(format='compressed-tensors')"))
+    what = "save_pretrained(format='compressed-tensors')"
+    if not overwrite:
+        refuse_existing(save_directory, what)
+    config = copy.deepcopy(ck._model_config(model, what))
+    ck.check_quantization_config(model, config, what)
     tensors, _ = ck.split_tied(model.state_dict())  # tied aliases dropped, as transformers does
     sparse = {name: mod for name, mod in model.named_modules() if isinstance(mod, SparseLinear)}
     out: dict[str, torch.Tensor] = {}
