@@ -197,7 +197,9 @@ def from_pretrained(
     verify_checksums: bool = True,
     **config_kwargs: Any,
 ) -> nn.Module:
-    """Load a checkpoint written by :func:`save_pretrained` (or a compressed-tensors 2:4 one).
+    """Load a checkpoint written by :func:`save_pretrained`, or a compressed-tensors 2:4 one
+    (``sparse-24-bitmask``, or stored ``dense`` with a 2:4 ``sparsity_config``: every targeted
+    layer is checked to be 2:4 and compressed as it is read).
 
     ``dtype``: cast floating tensors to it (default: as stored). ``device_map``: ``None``
     (CPU), a device (``"cuda:0"``), ``"auto"``/``"balanced"``/``"sequential"`` (accelerate
@@ -212,7 +214,7 @@ def from_pretrained(
     if section is None:
         from sparseflow.convert import compressed_tensors as ct
 
-        if ct.is_sparse24_config(raw):
+        if ct.sparsity_format(raw, path / "config.json") is not None:
             return ct.load_compressed_tensors(
                 path, dtype=dtype, device_map=device_map, max_memory=max_memory, model_class=model_class
             )

@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
 @dataclass
 class CheckpointInfo:
     path: Path
-    format: str  # "sparseflow v1" or "compressed-tensors sparse-24-bitmask"
+    format: str  # "sparseflow checkpoint v1", "compressed-tensors sparse-24-bitmask" or "... dense ..."
     architecture: str
     dtype: str | None
     sparse_layers: int = 0
@@ -95,11 +95,11 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     if section is None:
         from sparseflow.convert import compressed_tensors as ct
 
-        if not ct.is_sparse24_config(raw):
+        fmt = ct.sparsity_format(raw, path / "config.json")
+        if fmt is None:
             raise ck.CheckpointError(f"{path / 'config.json'}: no {ck.SECTION!r} section: not a sparseflow checkpoint")
-        return CheckpointInfo(
-            path, f"compressed-tensors {ct.FORMAT}", arch, raw.get("dtype"), disk_bytes=disk, tokenizer=tokenizer
-        )
+        what = f"compressed-tensors {fmt}" + (" (2:4 weights stored dense)" if fmt == ct.DENSE else "")
+        return CheckpointInfo(path, what, arch, raw.get("dtype"), disk_bytes=disk, tokenizer=tokenizer)
     version = section.get("format_version") if isinstance(section, dict) else None
     section = ck._check_section(section, path / "config.json")
     infos = read_headers(path)
