@@ -108,6 +108,8 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
     row["dispatch_ms"] = (
         {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "cutlass": d.cutlass_ms, "decode": d.decode_ms} if d else None
     )
+    row["dispatch_bucket"] = (d.m_lo, sf.dispatch.m_bucket(m)) if d else None  # the M range the decision covers
+    row["dispatch_lo_ms"] = d.lo_ms if d else None  # what it measured at the bottom of that range
     # The decode kernel reading the portable form in place (no packed copy) against the packed
     # layout, each at its best pipeline (registers or ring), at the dispatcher's split and the
     # default: does the second copy pay?
