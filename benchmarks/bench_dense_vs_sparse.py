@@ -33,6 +33,7 @@ import sparseflow as sf
 from sparseflow import cutlass_gemm, timing
 from sparseflow.cslt_tuner import TUNER
 from sparseflow.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
+from sparseflow.dispatch import m_bucket
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -108,7 +109,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
     row["dispatch_ms"] = (
         {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "cutlass": d.cutlass_ms, "decode": d.decode_ms} if d else None
     )
-    row["dispatch_bucket"] = (d.m_lo, sf.dispatch.m_bucket(m)) if d else None  # the M range the decision covers
+    row["dispatch_bucket"] = (d.m_lo, m_bucket(m)) if d else None  # the M range the decision covers
     row["dispatch_lo_ms"] = d.lo_ms if d else None  # what it measured at the bottom of that range
     # The decode kernel reading the portable form in place (no packed copy) against the packed
     # layout, each at its best pipeline (registers or ring), at the dispatcher's split and the
