@@ -33,6 +33,7 @@ import sparseflow as sf
 from sparseflow.kernels import cutlass, timing
 from sparseflow.kernels.cusparselt_tuner import TUNER
 from sparseflow.kernels.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
+from sparseflow.kernels.dispatch import m_bucket
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -63,7 +64,7 @@ def torch_semi_structured(w: torch.Tensor):
     return to_sparse_semi_structured(w)
 
 
-def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
+def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False):
     dense_bytes = n * k * 2 + m * k * 2
     sets = max(2, min(32, math.ceil(ROTATE_BYTES / dense_bytes)))
     ws = [sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype)) for _ in range(sets)]
@@ -108,11 +109,13 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0):
     row["dispatch_ms"] = (
         {"dense": d.dense_ms, "cusparselt": d.sparse_ms, "cutlass": d.cutlass_ms, "decode": d.decode_ms} if d else None
     )
+    row["dispatch_bucket"] = (d.m_lo, m_bucket(m)) if d else None  # the M range the decision covers
+    row["dispatch_lo_ms"] = d.lo_ms if d else None  # what it measured at the bottom of that range
     # The decode kernel reading the portable form in place (no packed copy) against the packed
     # layout, each at its best pipeline (registers or ring), at the dispatcher's split and the
     # default: does the second copy pay?
     row["decode_portable_ms"] = row["decode_packed_ms"] = None
-    if m <= DECODE_MAX_M and portable_ok(comp[0]):
+    if m <= DECODE_MAX_M and portable_ok(comp[0]) and not lean:
         packed = [c.layout("decode") for c in comp]
         variants = [(sp, ring) for sp in sorted({0, d.decode_split if d else 0}) for ring in (False, True)]
 
@@ -303,6 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", type=lambda v: v.split(","), default=list(MODELS), help=f"subset of {list(MODELS)}")
     ap.add_argument("--dtypes", type=lambda v: v.split(","), default=["float16", "bfloat16"])
     ap.add_argument("--no-square", action="store_true")
+    ap.add_argument("--lean", action="store_true", help="skip the decode kernel's in-place vs packed comparison")
     ap.add_argument("--bf16-ms", type=lambda v: [int(t) for t in v.split(",")], help="M values for bf16 rows")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -337,7 +341,7 @@ def main(argv=None) -> int:
     print("-" * len(hdr))
     t_start = time.time()
     for name, m, n, k, dtype in grid:
-        r = bench_row(name, m, n, k, dtype, args.samples)
+        r = bench_row(name, m, n, k, dtype, args.samples, lean=args.lean)
         rows.append(r)
         args.out.mkdir(parents=True, exist_ok=True)  # rows so far, in case the run is cut short
         (args.out / f"linear_{tag}.json").write_text(json.dumps({"device": gpu, "rows": rows, "partial": True}))

@@ -301,6 +301,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=50, help="graph replays per timed sample")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per generate call")
     args = ap.parse_args()
+    if not args.tiny and not torch.cuda.is_available():  # else Llama-3-8B is built in host memory and OOM-killed
+        raise SystemExit("bench_model: needs a CUDA GPU (use --tiny for a small CPU smoke test)")
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -29,7 +29,7 @@ def main() -> None:
     calib_text, eval_text, _ = pydoc_texts()
     text = calib_text + "\n\n" + eval_text  # all topics: this example only chats, it measures nothing
     calibration = text_windows(text, tok, n=args.samples, seq_len=512)
-    sparsify(model, args.method, calibration=calibration, fallback=args.fallback)  # prints the per-layer table
+    sparsify(model, args.method, calibration=calibration, fallback=args.fallback, verbose=True)  # per-layer table
     print(report(model).summary())
 
     print(greedy_answer(model, tok, "What is the capital of France?", max_new_tokens=40))

@@ -43,5 +43,5 @@ cd - >/dev/null
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 scripts/build_ext.sh "$OUT/build.log"
 nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -m sparseflow demo --out "$OUT/ckpt" ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.log"
+python3 -m sparseflow demo --out "$OUT/ckpt" --overwrite ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.log"
 rm -rf "$OUT/ckpt"  # too large to come back; its summary is in the log

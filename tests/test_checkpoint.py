@@ -201,7 +201,7 @@ def test_transformers_auto_model_loads_our_checkpoint(ckpt, llama):
 
 def test_transformers_auto_model_refuses_missing_tensors(ckpt, llama):
     for name in ("model.layers.0.mlp.up_proj.weight_values", "model.norm.weight"):
-        save_pretrained(llama, ckpt)
+        save_pretrained(llama, ckpt, overwrite=True)
         rewrite(ckpt / "model.safetensors", lambda t, name=name: t.pop(name))
         with pytest.raises(CheckpointError, match=name):
             T.AutoModelForCausalLM.from_pretrained(ckpt)
@@ -245,7 +245,7 @@ def test_resave_replaces_weights_keeps_foreign_files(tmp_path, llama):
     (path / "tokenizer.json").write_text("{}")
     before = (path / "tokenizer.json").stat().st_ino
     other = sparsify(tiny("llama", seed=5))
-    save_pretrained(other, path)  # unsharded now: stale shards and index must go
+    save_pretrained(other, path, overwrite=True)  # unsharded now: stale shards and index must go
     names = sorted(p.name for p in path.iterdir())
     assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert (path / "README.md").read_text() == "mine" and (path / "tokenizer.json").stat().st_ino == before
@@ -255,7 +255,7 @@ def test_resave_replaces_weights_keeps_foreign_files(tmp_path, llama):
 
 def test_save_over_the_checkpoint_it_was_loaded_from(ckpt, llama):
     loaded = from_pretrained(ckpt)  # CPU tensors memory-map the files being replaced
-    save_pretrained(loaded, ckpt, max_shard_size="40KB")
+    save_pretrained(loaded, ckpt, max_shard_size="40KB", overwrite=True)
     _same_model(llama, loaded)
     _same_model(llama, from_pretrained(ckpt))
 
@@ -272,11 +272,54 @@ def test_failure_midway_leaves_old_checkpoint(ckpt, llama, monkeypatch):
 
     monkeypatch.setattr(shards, "save_file", failing)
     with pytest.raises(OSError, match="simulated"):
-        save_pretrained(sparsify(tiny("llama", seed=9)), ckpt, max_shard_size="40KB")
+        save_pretrained(sparsify(tiny("llama", seed=9)), ckpt, max_shard_size="40KB", overwrite=True)
     assert len(calls) == 2
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     _same_model(llama, from_pretrained(ckpt))
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_save_refuses_an_existing_checkpoint_unless_overwrite(tmp_path, llama):
+    path = tmp_path / "m"
+    save_pretrained(llama, path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    other = sparsify(tiny("llama", seed=5))
+    for fmt in ("sparseflow", "compressed-tensors"):
+        with pytest.raises(FileExistsError, match=r"already holds a checkpoint \(config\.json\); pass overwrite=True"):
+            save_pretrained(other, path, format=fmt)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # nothing lost
+    save_pretrained(other, path, overwrite=True)
+    _same_model(other, from_pretrained(path))
+    # A directory without a checkpoint in it (a README, a tokenizer) is no checkpoint to lose.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "README.md").write_text("mine")
+    save_pretrained(llama, plain)
+    assert (plain / "README.md").read_text() == "mine"
+    _same_model(llama, from_pretrained(plain))
+
+
+def test_save_accepts_the_gguf_config_of_a_dequantized_model(tmp_path, llama):
+    """transformers leaves a `gguf` quantization_config on models it dequantized from a .gguf file."""
+    model = sparsify(tiny("llama"))
+    model.config.quantization_config = T.GgufConfig(dequantize=True)
+    save_pretrained(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "sparseflow"
+    _same_model(model, from_pretrained(tmp_path / "m"))
+    model.config.quantization_config = {"quant_method": "gguf"}  # as a plain dict too
+    save_pretrained(model, tmp_path / "ct", format="compressed-tensors")
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["quant_method"] == (
+        "compressed-tensors"
+    )
+    # Weights still packed in GGUF blocks, or another quantization: refused, nothing written.
+    model.model.norm.weight = torch.nn.Parameter(torch.zeros(64, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match="GGUF-packed weights.*'model.norm.weight'.*dequantize=True"):
+        save_pretrained(model, tmp_path / "packed")
+    model.config.quantization_config = {"quant_method": "bitsandbytes"}
+    with pytest.raises(ValueError, match="already carries a 'bitsandbytes' quantization_config"):
+        save_pretrained(model, tmp_path / "bnb")
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "bnb").exists()
 
 
 _KILL_SCRIPT = """
@@ -292,7 +335,7 @@ def dying(tensors, path, metadata=None):
     if len(n) == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # killed mid-save, after two shards hit the disk
 shards.save_file = dying
-save_pretrained(sparsify(tiny("llama", seed=9)), sys.argv[1], max_shard_size="40KB")
+save_pretrained(sparsify(tiny("llama", seed=9)), sys.argv[1], max_shard_size="40KB", overwrite=True)
 """
 
 
@@ -314,7 +357,7 @@ def test_killed_midway_leaves_old_or_nothing(tmp_path, llama, existing):
         with pytest.raises(FileNotFoundError, match="interrupted save"):
             from_pretrained(path)
     # The next save goes through despite the leftover temp directory.
-    save_pretrained(llama, path)
+    save_pretrained(llama, path, overwrite=True)
     _same_model(llama, from_pretrained(path))
 
 
@@ -349,7 +392,7 @@ def test_damaged_bytes_caught_by_checksum(ckpt):
 
 def test_missing_tensor_is_an_error_not_a_reinit(ckpt, llama):
     for name in (f"{UP}.weight_meta", "model.norm.weight"):
-        save_pretrained(llama, ckpt)
+        save_pretrained(llama, ckpt, overwrite=True)
         rewrite(ckpt / "model.safetensors", lambda t, name=name: t.pop(name))
         with pytest.raises(CheckpointError, match=f"missing tensor '{name}'.*Refusing to initialise it at random"):
             from_pretrained(ckpt)

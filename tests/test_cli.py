@@ -104,12 +104,12 @@ def test_sparsify_from_hf_dir(dense_dir, tmp_path):
     assert (out / "tokenizer.json").is_file()
 
 
-def test_bad_arguments(ckpt, tmp_path):
+def test_bad_arguments(ckpt, dense_dir, tmp_path):
     one_line_error(run("info", str(tmp_path / "nope"), ok=False), "info", "no checkpoint directory")
     one_line_error(
         run("sparsify", str(ckpt), "--method", "random", "--out", "x", ok=False), "sparsify", "invalid choice"
     )
-    one_line_error(run("sparsify", str(tmp_path), "--out", "x", ok=False), "sparsify", "needs --calibration")
+    one_line_error(run("sparsify", str(dense_dir), "--out", "x", ok=False), "sparsify", "needs --calibration")
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ckpt.iterdir():
@@ -117,3 +117,97 @@ def test_bad_arguments(ckpt, tmp_path):
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
     one_line_error(run("generate", str(broken), "hi", ok=False), "generate", "truncated or corrupt")
+
+
+def test_sparsify_refuses_to_overwrite_without_flag(dense_dir, tmp_path, ckpt):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ckpt.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = ["sparsify", str(dense_dir), "--method", "magnitude", "--out", str(out), "--device", "cpu"]
+    one_line_error(run(*args, ok=False), "sparsify", "already holds a checkpoint (config.json); pass --overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    proc = run(*args, "--overwrite", "--verbose")
+    assert "8 sparse" in proc.stdout and "model.layers.0.self_attn.q_proj" in proc.stdout  # --verbose: the table
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def test_sparsify_without_gpu_converts_by_default_and_refuses_when_nothing_would_be(tmp_path):
+    """fallback=auto with no GPU keeps every kernel-aligned layer sparse; a model none of whose
+    layers the kernels take is refused and nothing is written."""
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(400)))
+    good = tmp_path / "good"
+    tiny("llama").save_pretrained(good)
+    tokenizer(good)
+    proc = run(
+        "sparsify", str(good), "--method", "sparsegpt", "--calibration", str(text), "--out", str(tmp_path / "a"),
+        "--samples", "2", "--seqlen", "16", "--device", "cpu",
+    )  # fmt: skip
+    # intermediate_size 132 is no multiple of 32: the 6 MLP layers stay dense, the 8 attention ones convert.
+    assert "8 sparse, 6 dense-fallback" in proc.stdout, proc.stdout
+    odd = tmp_path / "odd"
+    (tmp_path / "odd").mkdir()
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    T.LlamaForCausalLM(cfg).save_pretrained(odd)
+    proc = run("sparsify", str(odd), "--method", "magnitude", "--out", str(tmp_path / "b"), ok=False)
+    last = proc.stderr.strip().splitlines()[-1]  # after transformers' loading bar
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert last.startswith("sparseflow sparsify: error:") and "nothing would be converted" in last, last
+    assert "model.layers.0.self_attn.q_proj: 48x48: in_features K=48 is not a multiple of 32" in last
+    assert not (tmp_path / "b").exists()
+
+
+def test_sparsify_source_errors_come_first_and_name_the_file(tmp_path):
+    missing = tmp_path / "nope"
+    one_line_error(run("sparsify", str(missing), "--out", "x", ok=False), "sparsify", f"{missing}: no such file")
+    one_line_error(run("sparsify", str(tmp_path / "m.gguf"), "--out", "x", ok=False), "sparsify", "no such .gguf")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{oops")
+    one_line_error(
+        run("sparsify", str(bad), "--out", "x", ok=False), "sparsify", f"{bad / 'config.json'}: corrupt JSON"
+    )
+
+
+def test_generate_and_info_say_when_the_tokenizer_is_missing(tmp_path, ckpt):
+    bare = tmp_path / "bare"
+    save_pretrained(sparsify(tiny("llama")), bare)
+    one_line_error(run("generate", str(bare), "hi", "--device", "cpu", ok=False), "generate", "has no tokenizer files")
+    assert "tokenizer:     none (`sparseflow generate` needs one" in run("info", str(bare)).stdout
+    assert "tokenizer:     tokenizer.json" in run("info", str(ckpt)).stdout
+    assert json.loads(run("info", str(bare), "--json").stdout)["tokenizer"] == []
+
+
+def test_help_does_not_import_torch():
+    """`sparseflow --help` stays fast: neither torch nor transformers is imported for it. A
+    library `import sparseflow` still loads everything (so transformers can read our checkpoints)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sparseflow", "--help"],
+        check=False, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: sparseflow"), proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "sparseflow" in imported and "sparseflow.cli" in imported
+    assert not imported & {"torch", "transformers"}
+    script = "import sys, sparseflow\nprint('torch' in sys.modules, 'sparseflow.convert.hf_quantizer' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env)
+    assert proc.stdout.split() == ["True", "True"], proc.stderr
+
+
+def test_bench_model_without_gpu_says_it_needs_one():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr

@@ -365,27 +365,55 @@ def test_shared_weights_stay_shared(method):
 # -- fallback ------------------------------------------------------------------------------------
 
 
-def test_fallback_auto_without_gpu_uses_the_shape_rule():
+def test_fallback_auto_without_gpu_keeps_every_layer_the_kernels_take():
+    """No GPU to measure on: every kernel-aligned layer stays sparse, however small (the serving
+    GPU decides per shape later); only shapes the kernels cannot take fall back."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 64), nn.Linear(64, 48))
-    w1 = model[1].weight.detach().clone()
+    w2 = model[2].weight.detach().clone()
     out = sparsify(model, **QUIET)  # fallback="auto"
     rows = {r.name: r for r in report(out).layers}
     assert rows["0"].action == "sparse" and isinstance(out[0], SparseLinear)
-    assert rows["1"].action == "dense-fallback" and "too small" in rows["1"].reason
+    assert rows["1"].action == "sparse" and isinstance(out[1], SparseLinear) and "no GPU" in rows["1"].reason
     assert rows["2"].action == "dense-fallback" and "multiple of 32" in rows["2"].reason
-    assert type(out[1]) is nn.Linear and torch.equal(out[1].weight, w1)  # unpruned: no quality lost
-    assert walker.shape_rule(4096, 4096)[0] and not walker.shape_rule(4096, 4100)[0]
+    assert type(out[2]) is nn.Linear and torch.equal(out[2].weight, w2)  # unpruned: no quality lost
+    assert walker.shape_rule(4096, 4096)[0] and walker.shape_rule(64, 64)[0] and not walker.shape_rule(4096, 4100)[0]
 
 
-def test_fallback_auto_tiny_model_keeps_everything_dense():
+def test_fallback_auto_without_gpu_converts_a_small_model():
     model = tiny("llama")
-    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if is_layer(m)}
     out = sparsify(model, "sparsegpt", calibration=calib(), **QUIET)
-    assert report(out).counts() == {"sparse": 0, "dense-fallback": 14, "skipped": 1}
-    for n, m in out.named_modules():
+    assert report(out).counts() == {"sparse": 14, "dense-fallback": 0, "skipped": 1}
+    assert len([m for m in out.modules() if isinstance(m, SparseLinear)]) == 14
+
+
+def test_fallback_that_would_convert_nothing_refuses_and_changes_nothing():
+    model = tiny("llama", hidden_size=48, intermediate_size=96, num_attention_heads=4)  # 48: no kernel takes it
+    before = {n: (type(m), m.weight.detach().clone()) for n, m in model.named_modules() if is_layer(m)}
+    with pytest.raises(SparsifyError, match="nothing would be converted.*fallback='never'") as err:
+        sparsify(model, "sparsegpt", calibration=calib(), **QUIET)
+    assert err.value.converted == []
+    for n, m in model.named_modules():
         if n in before:
-            assert type(m) is nn.Linear and torch.equal(m.weight, before[n])
+            assert type(m) is before[n][0] and torch.equal(m.weight, before[n][1])
+    out = sparsify(model, fallback="never", **QUIET)  # the way out the message names
+    assert report(out).counts()["sparse"] == 14
+
+
+def test_model_without_convertible_layers_warns():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(6, 5))  # in_features 6: not a multiple of 4
+    with pytest.warns(RuntimeWarning, match="no layer that can be converted"):
+        out = sparsify(model, **QUIET)
+    assert out is model and report(out).counts() == {"sparse": 0, "dense-fallback": 0, "skipped": 1}
+    with pytest.warns(RuntimeWarning, match="no layer that can be converted"):
+        sparsify(nn.Sequential(nn.ReLU()), **QUIET)
+
+
+def test_non_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"expected an nn.Module, got str \(load it first"):
+        sparsify("gpt2")
+    with pytest.raises(TypeError, match="expected an nn.Module, got dict"):
+        sf.sparsify({"weight": torch.zeros(4, 4)})
 
 
 def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch):
@@ -540,9 +568,16 @@ def test_failure_without_rollback_reports_exactly_what_changed(monkeypatch):
 # -- report and options --------------------------------------------------------------------------
 
 
+def test_quiet_by_default_verbose_prints_the_table(capsys):
+    sparsify(tiny("llama"), progress=False)
+    assert capsys.readouterr().out == ""
+    out = sparsify(tiny("llama"), progress=False, verbose=True)
+    assert report(out).table() in capsys.readouterr().out
+
+
 def test_report_contents(capsys):
     model = tiny("gpt2")
-    out = sparsify(model, "sparsegpt", calibration=calib(), fallback="never", progress=False)
+    out = sparsify(model, "sparsegpt", calibration=calib(), fallback="never", progress=False, verbose=True)
     printed = capsys.readouterr().out
     rep = report(out)
     assert rep.method == "sparsegpt" and rep.fallback == "never" and rep.seconds > 0

@@ -26,31 +26,55 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name] if name else (torch.float32 if device.type == "cpu" else torch.bfloat16)
 
 
+def check_source(src: str) -> Path:
+    """The SRC of ``sparsify``: a .gguf file or a model directory whose config.json parses;
+    checked before anything else, so a typo is reported first and nothing is loaded."""
+    path = Path(src)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{src}: no such .gguf file")
+        return path
+    from sparseflow.convert.validation import CheckpointError
+
+    config = path / "config.json"
+    if not config.is_file():
+        what = "no config.json in the directory" if path.is_dir() else "no such file or directory"
+        raise FileNotFoundError(f"{src}: {what}; SRC must be a model directory (with config.json) or a .gguf file")
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config}: corrupt JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config}: expected a JSON object")
+    if "sparseflow" in raw:
+        raise ValueError(f"{src} is already a sparseflow 2:4 checkpoint")
+    return path
+
+
 def load_source(src: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a Hugging Face model directory or a .gguf file."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from sparseflow.data import load_gguf
 
-    path = Path(src)
+    path = check_source(src)
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, dtype, device)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: neither a model directory (with config.json) nor a .gguf file")
-    if "sparseflow" in json.loads((path / "config.json").read_text()):
-        raise ValueError(f"{src} is already a sparseflow 2:4 checkpoint")
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForCausalLM if type(config) in AutoModelForCausalLM._model_mapping else AutoModel
     model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    return model, AutoTokenizer.from_pretrained(path) if tokenizer_files(path) else None
 
 
 def cmd_sparsify(args: argparse.Namespace) -> None:
     from sparseflow.convert import report, sparsify, text_windows
+    from sparseflow.convert.atomic import refuse_existing
     from sparseflow.convert.checkpoint import save_pretrained
     from sparseflow.convert.info import checkpoint_info
 
+    check_source(args.src)
+    if not args.overwrite:  # before the minutes of pruning, not after
+        refuse_existing(args.out, "--out", "--overwrite")
     if args.method != "magnitude" and args.calibration is None:
         raise ValueError(f"--method {args.method} needs --calibration FILE (a text file), or use --method magnitude")
     if args.samples < 1 or args.seqlen < 2:
@@ -64,10 +88,19 @@ def cmd_sparsify(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.src} has no tokenizer to turn --calibration text into tokens")
         calibration = text_windows(text, tok, n=args.samples, seq_len=args.seqlen, seed=0)
     sparsify(model, args.method, calibration=calibration, fallback=args.fallback, verbose=args.verbose)
-    print(report(model).summary())
-    save_pretrained(model, args.out, tokenizer=tok)
+    rep = report(model)
+    print(rep.summary())
+    if not rep.counts()["sparse"]:
+        raise ValueError(f"{args.src}: no layer could be converted to 2:4; nothing was written to {args.out}")
+    save_pretrained(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     info = checkpoint_info(args.out)
     print(f"saved {args.out}: " + "; ".join(line.strip() for line in info.lines()[3:]))
+
+
+def tokenizer_files(directory: str | Path) -> list[str]:
+    from sparseflow.convert.info import TOKENIZER_FILES
+
+    return [f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
 
 
 def load_checkpoint(directory: str, device: torch.device):
@@ -76,6 +109,12 @@ def load_checkpoint(directory: str, device: torch.device):
 
     from sparseflow.convert.checkpoint import from_pretrained
 
+    if Path(directory, "config.json").is_file() and not tokenizer_files(directory):
+        # Checked first: transformers' own message for a missing tokenizer talks about sentencepiece.
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the checkpoint with "
+            "save_pretrained(..., tokenizer=tok) or copy the tokenizer files of the original model into it"
+        )
     model = from_pretrained(directory, device_map=None if device.type == "cpu" else device).eval()
     return model, AutoTokenizer.from_pretrained(directory)
 

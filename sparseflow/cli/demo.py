@@ -33,6 +33,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.samples < 1 or args.seqlen < 2 or args.eval_windows < 1:
         raise ValueError("--samples and --eval-windows must be >= 1, --seqlen >= 2")
+    if args.out and not args.overwrite:
+        from sparseflow.convert.atomic import refuse_existing
+
+        refuse_existing(args.out, "--out", "--overwrite")
     path = smollm2_path()
     device = pick_device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -61,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(report(model).summary())
     out = args.out or tempfile.mkdtemp(prefix="sparseflow-demo-")
     try:
-        save_pretrained(model, out, tokenizer=tok)
+        save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
         del model
         step(f"saved to {out}; reloading with sparseflow.from_pretrained")
         sparse = from_pretrained(out, dtype=run_dtype, device_map=None if device.type == "cpu" else device).eval()

@@ -54,7 +54,7 @@ class SparsifyConfig:
     rollback: bool = True
     fuse_mlp: bool = True
     progress: bool = True
-    verbose: bool = True
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -367,8 +367,12 @@ def sparsify(
     fallback: ``"auto"`` keeps a layer as its original, unpruned module where 2:4 would not be
     faster: measured with the core dispatcher on the layer's GPU at every M in
     ``expected_tokens`` (default (16, 2048)), sparse only if it is at least ``min_speedup`` times
-    dense at all of them; without a GPU, :func:`sparseflow.convert.walker.shape_rule` (both dims
-    multiples of 32 and N*K >= 4M). ``"never"`` converts every selected layer.
+    dense at all of them. Without a GPU there is nothing to measure: every layer the 2:4
+    kernels accept (both dims multiples of 32, :func:`sparseflow.convert.walker.shape_rule`)
+    stays sparse, and the GPU the model is served on picks 2:4 or dense per shape at run time.
+    ``"never"`` converts every selected layer. If layers were selected but fallback would
+    convert none of them, :class:`SparsifyError` is raised (the model is left unchanged) rather
+    than returning a dense model; a model with no convertible layer at all only warns.
 
     Other options (:class:`SparsifyConfig`): ``blocksize``/``percdamp`` (SparseGPT),
     ``sequential`` (False: calibrate all layers at once), ``device`` (calibrate a CPU-resident
@@ -377,10 +381,14 @@ def sparsify(
     model exactly; False frees them as it goes and a failure lists the converted layers),
     ``fuse_mlp`` (default True: SwiGLU MLPs whose gate and up became 2:4 run both as one fused
     decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`),
-    ``progress``, ``verbose`` (print the report table).
+    ``progress``, ``verbose`` (default False: print the report table; :func:`report` gives it
+    either way).
 
     Returns ``model`` (in eval mode); :func:`report` gives what was done per layer.
     """
+    if not isinstance(model, nn.Module):
+        hint = " (load it first, e.g. AutoModelForCausalLM.from_pretrained(name))" if isinstance(model, str) else ""
+        raise TypeError(f"sparsify: expected an nn.Module, got {type(model).__name__}{hint}")
     cfg = SparsifyConfig(method=method, fallback=fallback, filter_fn=filter_fn, **_known(options))
     if cfg.method != "magnitude" and calibration is None:
         raise ValueError(
@@ -393,6 +401,7 @@ def sparsify(
     start = time.perf_counter()
     targets = collect_targets(model, cfg.include, cfg.exclude, cfg.filter_fn)
     decide_fallback(targets, cfg.fallback, cfg.expected_tokens, cfg.min_speedup, device)
+    _check_something_converts(targets)
     batches = prepare_batches(calibration, tokenizer, _input_device(model)) if cfg.method != "magnitude" else None
     was_training = model.training
     model.eval()
@@ -444,6 +453,29 @@ def sparsify(
     if cfg.verbose:
         print(rep.table())
     return model
+
+
+def _check_something_converts(targets: list[Target]) -> None:
+    """Refuse (before anything is pruned) when fallback would turn every selected layer dense:
+    the result would be the dense model under a 2:4 name. No convertible layer at all only warns."""
+    if any(t.action == "sparse" for t in targets):
+        return
+    kept = [t for t in targets if t.action == "dense-fallback"]
+    if kept:
+        raise SparsifyError(
+            f"sparsify: fallback='auto' keeps all {len(kept)} selected layers dense, so nothing would be converted "
+            f"(e.g. {kept[0].name}: {kept[0].reason}); pass fallback='never' (CLI: --fallback never) to convert "
+            "them anyway. The model was not changed",
+            [],
+        )
+    why = sorted({t.reason for t in targets})
+    warnings.warn(
+        f"sparsify: the model has no layer that can be converted to 2:4 ({len(targets)} Linear/Conv1D layers"
+        + (f"; {'; '.join(why[:3])}" if why else "")
+        + "); it is returned unchanged",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _known(options: dict[str, Any]) -> dict[str, Any]:

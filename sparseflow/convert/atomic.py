@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OWNED_PATTERNS", "atomic_directory", "interrupted_saves"]
+__all__ = ["OWNED_PATTERNS", "atomic_directory", "existing_checkpoint", "interrupted_saves", "refuse_existing"]
 
 # Files a checkpoint save owns: the previous ones are dropped, never carried over (stale shards
 # of an older, differently sharded save must not survive next to the new index).
@@ -82,6 +82,26 @@ def interrupted_saves(target: str | os.PathLike) -> list[Path]:
         return []
     prefix = f".{target.name}"
     return sorted(p for p in target.parent.iterdir() if p.name.startswith((prefix + _OLD_TAG, prefix + _TMP_TAG)))
+
+
+def existing_checkpoint(target: str | os.PathLike) -> Path | None:
+    """A file of a checkpoint that ``target`` already holds (config or weights), or None. A
+    directory holding only other files (a tokenizer, a README) is not a checkpoint."""
+    target = Path(target)
+    if not target.is_dir():
+        return None
+    return next((entry for entry in sorted(target.iterdir()) if _owned(entry.name)), None)
+
+
+def refuse_existing(target: str | os.PathLike, what: str, how: str = "overwrite=True") -> None:
+    """Raise ``FileExistsError`` when ``target`` already holds a checkpoint: a save replaces
+    the whole checkpoint, so doing that silently would lose whatever was there."""
+    found = existing_checkpoint(target)
+    if found is not None:
+        raise FileExistsError(
+            f"{what}: {target} already holds a checkpoint ({found.name}); pass {how} to replace it, "
+            "or choose another directory"
+        )
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sparseflow.convert import hf_quantizer as _hf_quantizer  # noqa: F401 - registers quant_method "sparseflow"
-from sparseflow.convert.atomic import atomic_directory, interrupted_saves
+from sparseflow.convert.atomic import atomic_directory, interrupted_saves, refuse_existing
 from sparseflow.convert.shards import ShardReader, TensorInfo, read_headers, write_shards
 from sparseflow.convert.validation import CheckpointError, check_meta, dtype_from_name, dtype_name
 from sparseflow.nn import SparseLinear, fuse_gated_mlps
@@ -48,6 +48,7 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     tokenizer: Any = None,
     format: str = "sparseflow",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (a transformers ``PreTrainedModel``, some layers ``SparseLinear``) to a directory.
 
@@ -56,25 +57,31 @@ def save_pretrained(
     ``format="compressed-tensors"`` writes a ``sparse-24-bitmask`` checkpoint instead (what
     llm-compressor produces and vLLM serves). The write is atomic: the directory is built
     next to the target and renamed into place, so a crash leaves the old checkpoint or none.
-    Files in an existing directory that a checkpoint does not own (a tokenizer, a README)
-    are kept; ``tokenizer`` (optional) is saved with the model.
+    A directory that already holds a checkpoint is refused (``FileExistsError``) unless
+    ``overwrite=True``; files in it that a checkpoint does not own (a tokenizer, a README) are
+    kept either way. ``tokenizer`` (optional) is saved with the model.
+
+    A model that transformers loaded from a ``.gguf`` file carries a ``gguf``
+    quantization_config although its weights are dequantized in memory: that config is
+    dropped, the others (real quantization) are refused.
     """
+    if format not in ("sparseflow", "compressed-tensors"):
+        raise ValueError(f"save_pretrained: format must be 'sparseflow' or 'compressed-tensors', got {format!r}")
     if format == "compressed-tensors":
         from sparseflow.convert.compressed_tensors import save_compressed_tensors
 
-        return save_compressed_tensors(model, save_directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
-    if format != "sparseflow":
-        raise ValueError(f"save_pretrained: format must be 'sparseflow' or 'compressed-tensors', got {format!r}")
+        return save_compressed_tensors(
+            model, save_directory, max_shard_size=max_shard_size, tokenizer=tokenizer, overwrite=overwrite
+        )
+    if not overwrite:
+        refuse_existing(save_directory, "save_pretrained")
     config = _model_config(model, "save_pretrained")
     tensors, tied = split_tied(model.state_dict())
     sparse = [name for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
     section = _section(model, tensors, sparse, tied)
     config = copy.deepcopy(config)
     config.architectures = [type(model).__name__]
-    old_qc = getattr(config, "quantization_config", None)
-    old_method = old_qc.get("quant_method") if isinstance(old_qc, dict) else getattr(old_qc, "quant_method", None)
-    if old_method not in (None, QUANT_METHOD):
-        raise ValueError(f"save_pretrained: the model already carries a {old_method!r} quantization_config")
+    check_quantization_config(model, config, "save_pretrained")
     config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
     setattr(config, SECTION, section)
     if section["dtype"] is not None:
@@ -88,6 +95,28 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(save_directory)
+
+
+def check_quantization_config(model: nn.Module, config, what: str) -> None:
+    """Refuse a model whose weights are really quantized (saving them as 2:4 would lose or
+    misstate that). Accepted: no quantization_config, ours, and ``gguf`` when the weights are
+    plain floating tensors: transformers loading a ``.gguf`` file leaves that config on a model
+    it dequantized in memory, and such a model is an ordinary one. The caller's config copy
+    gets a new quantization_config either way."""
+    old_qc = getattr(config, "quantization_config", None)
+    old_method = old_qc.get("quant_method") if isinstance(old_qc, dict) else getattr(old_qc, "quant_method", None)
+    old_method = getattr(old_method, "value", old_method)  # transformers' QuantizationMethod enum
+    if old_method in (None, QUANT_METHOD):
+        return
+    if old_method == "gguf":
+        packed = next((n for n, p in model.named_parameters() if not p.is_floating_point()), None)
+        if packed is None:
+            return
+        raise ValueError(
+            f"{what}: the model holds GGUF-packed weights ({packed!r} is {model.get_parameter(packed).dtype}); "
+            "load it dequantized (quantization_config=GgufConfig(dequantize=True)) to sparsify and save it"
+        )
+    raise ValueError(f"{what}: the model already carries a {old_method!r} quantization_config")
 
 
 def _model_config(model: nn.Module, what: str):
@@ -168,7 +197,9 @@ def from_pretrained(
     verify_checksums: bool = True,
     **config_kwargs: Any,
 ) -> nn.Module:
-    """Load a checkpoint written by :func:`save_pretrained` (or a compressed-tensors 2:4 one).
+    """Load a checkpoint written by :func:`save_pretrained`, or a compressed-tensors 2:4 one
+    (``sparse-24-bitmask``, or stored ``dense`` with a 2:4 ``sparsity_config``: every targeted
+    layer is checked to be 2:4 and compressed as it is read).
 
     ``dtype``: cast floating tensors to it (default: as stored). ``device_map``: ``None``
     (CPU), a device (``"cuda:0"``), ``"auto"``/``"balanced"``/``"sequential"`` (accelerate
@@ -183,7 +214,7 @@ def from_pretrained(
     if section is None:
         from sparseflow.convert import compressed_tensors as ct
 
-        if ct.is_sparse24_config(raw):
+        if ct.sparsity_format(raw, path / "config.json") is not None:
             return ct.load_compressed_tensors(
                 path, dtype=dtype, device_map=device_map, max_memory=max_memory, model_class=model_class
             )

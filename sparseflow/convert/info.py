@@ -16,15 +16,25 @@ from torch import nn
 from sparseflow.convert import checkpoint as ck
 from sparseflow.convert.shards import read_headers
 
-__all__ = ["CheckpointInfo", "checkpoint_info"]
+__all__ = ["TOKENIZER_FILES", "CheckpointInfo", "checkpoint_info"]
 
 KINDS = ("2:4 linears", "dense linears", "other")
+# Any of these makes AutoTokenizer.from_pretrained(directory) find a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 @dataclass
 class CheckpointInfo:
     path: Path
-    format: str  # "sparseflow v1" or "compressed-tensors sparse-24-bitmask"
+    format: str  # "sparseflow checkpoint v1", "compressed-tensors sparse-24-bitmask" or "... dense ..."
     architecture: str
     dtype: str | None
     sparse_layers: int = 0
@@ -32,6 +42,7 @@ class CheckpointInfo:
     stored: dict[str, int] = field(default_factory=dict)  # tensor bytes per kind (KINDS)
     dense_equivalent: dict[str, int] = field(default_factory=dict)  # the same tensors stored dense
     disk_bytes: int = 0  # every file in the directory (tokenizer included)
+    tokenizer: list[str] = field(default_factory=list)  # its tokenizer files (none: generate cannot run)
 
     def lines(self) -> list[str]:
         """Human-readable report (``sparseflow info``)."""
@@ -56,6 +67,11 @@ class CheckpointInfo:
         if total:
             out.append(f"  {'weights':<14} {mb(total):>11}   dense {mb(dense):>11}   {total / dense:.4f}x")
         out.append(f"on disk:       {mb(self.disk_bytes)} (all files)")
+        out.append(
+            f"tokenizer:     {', '.join(self.tokenizer)}"
+            if self.tokenizer
+            else "tokenizer:     none (`sparseflow generate` needs one: save with tokenizer=, or copy its files here)"
+        )
         return out
 
 
@@ -73,14 +89,17 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     raw = ck._read_config_json(path)
     disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    tokenizer = [f for f in TOKENIZER_FILES if (path / f).is_file()]
     arch = ", ".join(raw.get("architectures") or [raw.get("model_type", "?")])
     section = raw.get(ck.SECTION)
     if section is None:
         from sparseflow.convert import compressed_tensors as ct
 
-        if not ct.is_sparse24_config(raw):
+        fmt = ct.sparsity_format(raw, path / "config.json")
+        if fmt is None:
             raise ck.CheckpointError(f"{path / 'config.json'}: no {ck.SECTION!r} section: not a sparseflow checkpoint")
-        return CheckpointInfo(path, f"compressed-tensors {ct.FORMAT}", arch, raw.get("dtype"), disk_bytes=disk)
+        what = f"compressed-tensors {fmt}" + (" (2:4 weights stored dense)" if fmt == ct.DENSE else "")
+        return CheckpointInfo(path, what, arch, raw.get("dtype"), disk_bytes=disk, tokenizer=tokenizer)
     version = section.get("format_version") if isinstance(section, dict) else None
     section = ck._check_section(section, path / "config.json")
     infos = read_headers(path)
@@ -108,6 +127,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         stored,
         equivalent,
         disk,
+        tokenizer,
     )
 
 

@@ -33,10 +33,6 @@ from sparseflow.nn import SparseLinear
 __all__ = ["Journal", "Target", "build_sparse", "collect_targets", "decide_fallback", "shape_rule"]
 
 DEFAULT_EXCLUDE = ("lm_head",)
-# Without a GPU to measure on, a layer is kept sparse when both dims are multiples of 32
-# (cuSPARSELt's alignment) and N*K >= 4M elements (e.g. 2048x2048, 1024x4096): smaller GEMMs are
-# bound by launch and activation traffic, where halving the weight rarely pays.
-CPU_MIN_ELEMENTS = 1 << 22
 
 
 def conv1d_type() -> type | None:
@@ -172,13 +168,18 @@ def collect_targets(
 
 
 def shape_rule(n: int, k: int) -> tuple[bool, str]:
-    """The no-GPU fallback rule (see CPU_MIN_ELEMENTS): (keep sparse?, why)."""
+    """The no-GPU fallback rule: (keep sparse?, why).
+
+    A checkpoint is often made on one machine and served on another. Without a GPU here there is
+    nothing to measure, and a guess by size would throw away layers that the serving GPU may
+    well run faster as 2:4; so every layer the 2:4 kernels accept stays sparse, and the GPU it
+    is served on decides per shape at run time (the dispatcher, ``sparseflow.autotune``), never
+    running slower than dense there.
+    """
     why = cslt_unsupported(n, k)
     if why:
         return False, f"{n}x{k}: {why} (shape rule)"
-    if n * k < CPU_MIN_ELEMENTS:
-        return False, f"N*K={n * k} < {CPU_MIN_ELEMENTS}: too small for 2:4 to pay (shape rule, no GPU to measure)"
-    return True, "aligned and large enough (shape rule, no GPU to measure)"
+    return True, "no GPU here to measure: kept sparse, the GPU it runs on picks 2:4 or dense per shape"
 
 
 def _probe_weight(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Sparse24Weight:

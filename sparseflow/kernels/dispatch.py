@@ -497,6 +497,8 @@ class Dispatcher:
                 rows.append(
                     {
                         "m_bucket": key[4],
+                        "m_lo": d.m_lo,  # the bucket's smallest M; the *_ms below are at its largest
+                        "lo_ms": d.lo_ms,  # each kernel's time at m_lo
                         "choice": d.choice,
                         "speedup_vs_dense": d.speedup,
                         "dense_ms": d.dense_ms,

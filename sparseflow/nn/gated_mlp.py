@@ -58,6 +58,9 @@ class SparseGatedMLP(nn.Module):
         if names is None:
             raise TypeError(f"SparseGatedMLP: {type(mlp).__name__} is not a SwiGLU MLP with SparseLinear gate/up")
         self._names = names
+        # a bool, not `names is _SPLIT` at call time: torch.compile traces tuples as values, and an
+        # identity test on them is False there (the wrong branch, a graph break on a missing name)
+        self._split = names is _SPLIT
         for n in names:
             setattr(self, n, getattr(mlp, n))
         self._fused: tuple | None = None  # (key, DecodeWeight, bias)
@@ -65,11 +68,11 @@ class SparseGatedMLP(nn.Module):
     # -- the fused layout --------------------------------------------------------------------
     def _projections(self) -> tuple[SparseLinear, ...]:
         """The 2:4 layers the fused layout is built from (the first is the one the dispatcher measures)."""
-        return (self.gate_proj, self.up_proj) if self._names is _SPLIT else (self.gate_up_proj,)
+        return (self.gate_proj, self.up_proj) if self._split else (self.gate_up_proj,)
 
     def _halves(self) -> tuple[Sparse24Weight, Sparse24Weight, torch.Tensor | None]:
         """(gate, up, bias cat([gate, up]) or None); only needed when (re)packing."""
-        if self._names is _SPLIT:
+        if self._split:
             g, u = self.gate_proj, self.up_proj
             bias = None if g.bias is None and u.bias is None else torch.cat([_bias(g), _bias(u)])
             return g.weight_2_4, u.weight_2_4, bias
@@ -117,7 +120,7 @@ class SparseGatedMLP(nn.Module):
         if fused is None:
             return None
         # gate and up together have twice the rows the decision was measured on: half the split
-        split = max(1, d.decode_split // 2) if self._names is _SPLIT else d.decode_split
+        split = max(1, d.decode_split // 2) if self._split else d.decode_split
         x2 = x.reshape(m, k).contiguous()
         if isinstance(fused[0], tuple):
             gate, up = fused[0]
@@ -129,7 +132,7 @@ class SparseGatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._try_fused(x)
         if h is None:
-            if self._names is _SPLIT:
+            if self._split:
                 h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
             else:
                 gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -1,0 +1,100 @@
+"""torch.compile on a whole (tiny) Hugging Face model with 2:4 layers: no graph breaks, the same
+logits, and on the GPU the same greedy tokens eager, CUDA-graph-replayed and compiled with
+``mode="reduce-overhead"`` (the static-cache recipe transformers documents for fast generation)."""
+
+import inspect
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+import sparseflow as sf
+from sparseflow.nn import SparseGatedMLP, SparseLinear
+from tests.conftest import needs_cuda
+
+
+def _tiny_sparse_llama(device, dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    sf.sparsify(model, method="magnitude", fallback="never", progress=False, verbose=False)
+    assert any(isinstance(m, SparseGatedMLP) for m in model.modules())  # the fused MLP is traced too
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 14
+    return model
+
+
+def test_compiled_model_has_no_graph_break_and_the_same_logits():
+    """fullgraph=True fails on any graph break; aot_eager traces what inductor would get."""
+    model = _tiny_sparse_llama("cpu", torch.float32)
+    ids = torch.randint(0, 512, (2, 11))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model.forward, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+    torch.testing.assert_close(out, ref)
+
+
+def _static_cache(model, batch: int, length: int):
+    params = inspect.signature(StaticCache.__init__).parameters
+    full = {"config": model.config, "max_batch_size": batch, "max_cache_len": length}
+    full |= {"device": model.device, "dtype": model.dtype}
+    return StaticCache(**{k: v for k, v in full.items() if k in params})
+
+
+def _greedy(model, step, prompt: torch.Tensor, new: int) -> list[list[int]]:
+    """Greedy decoding on a static cache; ``step(ids, cache, position)`` runs one forward."""
+    cache = _static_cache(model, prompt.shape[0], prompt.shape[1] + new + 1)
+    pos = torch.arange(prompt.shape[1], device=prompt.device)
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    tok = logits[:, -1:].argmax(-1)
+    out = [tok]
+    for i in range(new - 1):
+        pos = torch.tensor([prompt.shape[1] + i], device=prompt.device)
+        tok = step(tok, cache, pos)[:, -1:].argmax(-1).clone()
+        out.append(tok)
+    return torch.cat(out, 1).tolist()
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(not sf.extension_available(), reason="CUDA extension not built")
+def test_greedy_tokens_equal_eager_graph_and_compiled():
+    model = _tiny_sparse_llama("cuda", torch.float16)
+    prompt = torch.randint(0, 512, (2, 9), device="cuda")
+
+    def eager(tok, cache, pos):
+        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    compiled_fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def compiled(tok, cache, pos):
+        return compiled_fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    graphs: dict = {}
+
+    def graphed(tok, cache, pos):  # one step captured in a CUDA graph per cache, then replayed
+        g = graphs.get(id(cache))
+        if g is None:
+            static = {"tok": tok.clone(), "pos": pos.clone()}
+            eager(static["tok"], cache, static["pos"])  # eager warm-up: the dispatcher measures here
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static["out"] = eager(static["tok"], cache, static["pos"])
+            g = graphs[id(cache)] = (graph, static)
+        graph, static = g
+        static["tok"].copy_(tok)
+        static["pos"].copy_(pos)
+        graph.replay()
+        return static["out"]
+
+    with torch.no_grad():
+        ref = _greedy(model, eager, prompt, 12)
+        assert _greedy(model, compiled, prompt, 12) == ref
+        assert _greedy(model, graphed, prompt, 12) == ref
