@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from sparseflow._ext import extension_available
     from sparseflow.convert import SparsifyConfig, SparsifyError, report, sparsify
     from sparseflow.convert.checkpoint import CheckpointError, from_pretrained, save_pretrained
-    from sparseflow.kernels.dispatch import DISPATCHER, autotune
     from sparseflow.format import Sparse24Weight, compress_2_4, decompress_2_4, is_2_4, prune_2_4
+    from sparseflow.kernels.dispatch import DISPATCHER, autotune
     from sparseflow.nn import SparseLinear
     from sparseflow.ops import sparse_mm
 
