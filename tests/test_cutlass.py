@@ -82,8 +82,8 @@ def test_dispatcher_times_cutlass_and_records_it(tmp_path, monkeypatch):
     sf.sparse_mm(x, w)
     d = DISPATCHER.lookup(w.device, w.dtype, 4096, 4096, 512)
     assert d.cutlass_ms is not None and 0 <= d.cutlass_cfg < len(cutlass.configs(torch.float16))
-    # the standing is the worse end of the bucket (M = 449..512): never better than the top alone
-    assert d.m_lo == 449 and d.lo_ms["cutlass"] > 0 and d.lo_ms["dense"] > 0
+    # the standing is the worse end of the bucket (M = 481..512): never better than the top alone
+    assert d.m_lo == 481 and d.lo_ms["cutlass"] > 0 and d.lo_ms["dense"] > 0
     assert 0 < d.speedup <= d.dense_ms / min(t for t in (d.sparse_ms, d.cutlass_ms) if t) * (1 + 1e-9)
     row = next(r for r in DISPATCHER.table(w.device, w.dtype, 4096, 4096) if r["m_bucket"] == 512)
     assert row["cutlass_ms"] == d.cutlass_ms
