@@ -36,8 +36,12 @@ def test_sparselinear_is_not_slower_than_dense_at_any_m(shape):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         y = layer(x)  # measures this bucket once (untimed), as a first request would
         torch.testing.assert_close(y, F.linear(x, w), rtol=2e-2, atol=2e-2)
-        dense = _median_ms(lambda x=x: F.linear(x, w), iters=7)
-        ours = _median_ms(lambda x=x: layer(x), iters=7)
+        # alternated, best of three each: two timings of the very same cuBLAS call differ by up
+        # to ~6% on a shared GPU, the size of the margin being tested
+        dense = ours = float("inf")
+        for _ in range(3):
+            dense = min(dense, _median_ms(lambda x=x: F.linear(x, w), iters=7))
+            ours = min(ours, _median_ms(lambda x=x: layer(x), iters=7))
         if dense / ours < FLOOR:
             slow.append(f"M={m}: {dense / ours:.2f}x ({ours * 1e3:.1f} us vs dense {dense * 1e3:.1f} us)")
     assert not slow, f"{shape}: SparseLinear below {FLOOR}x F.linear at " + "; ".join(slow)

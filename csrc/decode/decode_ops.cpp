@@ -6,6 +6,7 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "decode_gemm.h"
@@ -18,11 +19,21 @@ struct Workspace {
   std::vector<at::Tensor> retired;  // kept alive: captured CUDA graphs may still point at them
 };
 
+// One workspace per (device, stream, graph capture): streams do not race on it, and one allocated
+// while a CUDA graph is being captured is used by that graph alone. Its counters' zero fill is only
+// recorded into that graph (it runs at replay, not now), and its memory is the graph's pool: eager
+// calls later on the same stream handle (PyTorch reuses pooled streams), or another capture on it,
+// must not read it. Eager calls use capture id 0.
 Workspace& workspace_for(const at::Tensor& like, int64_t partial_floats, int64_t row_blocks) {
   static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, Workspace> spaces;  // one per stream: no cross-stream races
+  static std::map<std::tuple<int, cudaStream_t, unsigned long long>, Workspace> spaces;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture));
+  if (status != cudaStreamCaptureStatusActive) capture = 0;
   std::lock_guard<std::mutex> lock(mu);
-  auto& w = spaces[{like.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
+  auto& w = spaces[{like.get_device(), stream, capture}];
   if (!w.partials.defined() || w.partials.numel() < partial_floats) {
     if (w.partials.defined()) w.retired.push_back(w.partials);
     w.partials = at::empty({std::max<int64_t>(partial_floats, 1 << 20)}, like.options().dtype(at::kFloat));
