@@ -486,6 +486,13 @@ class Dispatcher:
             d = self.decide(weight, a) if a == top else self.lookup(weight.device, weight.dtype, *weight.shape, a)
             if d is not None and d.sparse_ms is not None and (d.cfg, d.layout, d.search) not in plans:
                 plans.append((d.cfg, d.layout, d.search))
+        # Layout 4's default algorithm too (what PyTorch's _cslt_sparse_mm runs): between anchors
+        # it can beat the plan tuned at an anchor (H100, qkv at M = 3000: 1.33x cuBLAS against
+        # 1.18x). Checked in the tuner's child first, like any id not verified at this M.
+        d = self.lookup(weight.device, weight.dtype, *weight.shape, top)
+        default = ([0, 1, 0, 0], 4, "tuner")
+        if 4 in cslt_candidates() and d is not None and _worth_measuring(4, d.dense_ms or 0) and default not in plans:
+            plans.append(default)
         return plans
 
     def table(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> list[dict]:
