@@ -309,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", action="store_true", help="skip the decode kernel's in-place vs packed comparison")
     ap.add_argument("--bf16-ms", type=lambda v: [int(t) for t in v.split(",")], help="M values for bf16 rows")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument(
+        "--resume", type=Path, help="a linear_<gpu>.json from a run cut short: keep its rows, measure the rest"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_dense_vs_sparse: needs a CUDA GPU", file=sys.stderr)
@@ -331,6 +334,17 @@ def main(argv=None) -> int:
             for m in args.bf16_ms if (args.bf16_ms and dtype == torch.bfloat16) else ms:
                 grid.append((name, m, n, k, dtype))
     rows = []
+    if args.resume:  # rows a run cut short by its time limit already measured (same GPU model)
+        done = json.loads(args.resume.read_text())
+        if done.get("device") != gpu:
+            print(
+                f"bench_dense_vs_sparse: {args.resume} was measured on {done.get('device')}, not {gpu}", file=sys.stderr
+            )
+            return 2
+        rows = done["rows"]
+        have = {(r["name"], r["M"], r["dtype"]) for r in rows}
+        grid = [g for g in grid if (g[0], g[1], str(g[4]).replace("torch.", "")) not in have]
+        print(f"resuming {args.resume}: {len(rows)} rows kept, {len(grid)} to measure")
     hdr = (
         f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>8} {'torch':>8} {'cuSPLt':>8} "
         f"{'CUTLASS':>8} {'decode':>8} {'SparseLin':>9} | {'cslt x':>6} {'cutl x':>6} {'dec x':>6} {'kern x':>6} "

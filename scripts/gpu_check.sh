@@ -12,10 +12,16 @@
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
 #   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
+#   A benchmark cut short by the call's time limit goes on in the next call: copy the returned
+#   dispatch-*.json into .sfcache/ and linear_<gpu>.json anywhere in the tree, carry .sfcache, and
+#   pass BENCH_ARGS="... --resume <that file>"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
+# Dispatcher decisions: .sfcache/ when the call carries one (decisions measured by an earlier call,
+# so a benchmark resumed in a new call does not measure them again), else a fresh directory.
+[ -d .sfcache ] && SPARSEFLOW_CACHE_DIR=${SPARSEFLOW_CACHE_DIR:-$PWD/.sfcache}
 export PYTHONUNBUFFERED=1 SPARSEFLOW_CACHE_DIR="${SPARSEFLOW_CACHE_DIR:-/tmp/sparseflow_cache}"
 export SPARSEFLOW_TUNER_LOG="${SPARSEFLOW_TUNER_LOG:-$OUT/tuner.log}"  # the cuSPARSELt tuner child's stderr
 PY=${PYTHON:-python3}
@@ -69,6 +75,7 @@ fi
 if [ "${PROBE:-0}" != 0 ]; then  # per-algorithm cuSPARSELt sweep, crash-isolated (informational)
   timeout $((PROBE + 30)) $PY benchmarks/probe_cusparselt_layouts.py --budget-s "$PROBE" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
 fi
+cp "$SPARSEFLOW_CACHE_DIR"/dispatch-*.json "$OUT"/ 2>/dev/null  # to carry into the next call's .sfcache/
 # At most 8 files come back from a device call: the logs travel as one archive.
 (cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
 echo "================ gpu_check summary ================"
