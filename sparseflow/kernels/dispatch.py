@@ -92,6 +92,7 @@ _BUCKET_STEPS = ((8, 8), (128, 8), (256, 16), (512, 32), (1024, 64), (2048, 128)
 _BUCKET_STEP_MAX = 1024
 
 
+@functools.lru_cache(maxsize=1 << 16)  # on every forward's hot path: a dict hit, not the loop
 def m_bucket(m: int) -> int:
     """The bucket (its largest M) that M rows belong to."""
     m = max(1, int(m))
