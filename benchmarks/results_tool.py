@@ -6,8 +6,8 @@ recomputed over the merged rows and the plot redrawn. The base's per-run fields 
 run's (host overhead, conversion time, tuner records) are added under the label. For a kernel
 change that only touches some rows (e.g. the decode kernel: M <= 64):
     python benchmarks/results_tool.py merge benchmarks/results/linear_h200.json run/linear_h200.json \
-        --label "session 12 call 4"
-table: the README's Markdown table of a result file (run labels shortened: "session 12 ..." -> s12):
+        --label "H200 2026-12-04 call 4"
+table: the README's Markdown table of a result file (older labels "session 12 ..." shortened to s12):
     python benchmarks/results_tool.py table benchmarks/results/linear_h200.json
 """
 

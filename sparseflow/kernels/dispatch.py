@@ -38,8 +38,8 @@ from sparseflow.kernels.decode import DECODE_MAX_M
 from sparseflow.kernels.timing import median_ms
 
 # Where nothing can be measured (inside CUDA-graph capture before any eager call at that size):
-# our decode kernel up to this M, dense above. It replaces the seed's "sparse from M >= 2048":
-# on the H200 the decode kernel beat cuBLAS on every Llama-3-8B layer at M <= 16 (1.13-1.74x) and
+# our decode kernel up to this M, dense above: on the H200 the decode kernel beat cuBLAS on every
+# Llama-3-8B layer at M <= 16 (1.13-1.74x) and
 # lost at M = 64, and cuSPARSELt lost to cuBLAS on most shapes even at M >= 2048.
 STATIC_DECODE_MAX_M = 16
 
@@ -409,15 +409,18 @@ class Dispatcher:
             d.lo_ms["dense"] = _median_ms(functools.partial(F.linear, x_lo, dense)) if lo < hi else d.dense_ms
             del dense
             if bucket >= CSLT_MIN_BUCKET and cslt_unsupported(n, k) is None:
-                if plans is None:  # this bucket is an anchor: search here
-                    plans = []
-                    for layout in cslt_candidates():
-                        if not _worth_measuring(layout, d.dense_ms):
-                            continue
-                        found = _search(x, weight.layout("cusparselt", layout).packed, n, layout)
-                        self.searches += 1
-                        if found:
-                            plans.append((found[0], layout, found[2]))
+                # At an anchor every candidate layout is searched; between anchors only those
+                # with an in-process library search (fractions of a second: a plan with split-K
+                # for this M's tile count), beside the anchors' plans.
+                anchor_here = plans is None
+                plans = plans or []
+                for layout in cslt_candidates():
+                    if not (anchor_here or search_works(layout)) or not _worth_measuring(layout, d.dense_ms):
+                        continue
+                    found = _search(x, weight.layout("cusparselt", layout).packed, n, layout)
+                    self.searches += 1
+                    if found and (found[0], layout, found[2]) not in plans:
+                        plans.append((found[0], layout, found[2]))
                 best = None
                 for cfg, layout, how in plans:
                     if how == "tuner" and not _tuner_checked(weight, cfg, layout, {lo, hi} - {anchor(bucket)}):
