@@ -11,9 +11,9 @@ default ``~/.cache/sparseflow``), so a new process neither searches nor measures
 Buckets are narrow (``m_bucket``: steps of 8 tokens up to 64, then at most 1/8 of M) and every
 candidate is timed at both ends of its bucket: a kernel is chosen only if it beats dense at both.
 Dense cuBLAS's time falls with M while a tiled 2:4 kernel's falls in steps, so a choice measured at
-the top of a wide (power-of-two) bucket could lose 2x at its bottom. The expensive searches
-(cuSPARSELt's algorithm search and tuner) run at power-of-two anchors only; the buckets between
-re-time the anchors' plans.
+the top of a wide (power-of-two) bucket could lose 2x at its bottom. The cuSPARSELt tuner's sweep
+(seconds) runs at power-of-two anchors only; the buckets between re-time the anchors' plans beside
+the library's own in-process search.
 """
 
 from __future__ import annotations
