@@ -8,7 +8,7 @@ kernel (``sparseflow.kernels.decode``) at a few split-K factors. The decision (w
 persists in a JSON file keyed by GPU name and cuSPARSELt version (``$SPARSEFLOW_CACHE_DIR``,
 default ``~/.cache/sparseflow``), so a new process neither searches nor measures again.
 
-Buckets are narrow (``m_bucket``: steps of 8 tokens up to 64, then at most 1/8 of M) and every
+Buckets are narrow (``m_bucket``: steps of 8 tokens up to 128, then 8 per octave) and every
 candidate is timed at both ends of its bucket: a kernel is chosen only if it beats dense at both.
 Dense cuBLAS's time falls with M while a tiled 2:4 kernel's falls in steps, so a choice measured at
 the top of a wide (power-of-two) bucket could lose 2x at its bottom. The cuSPARSELt tuner's sweep
