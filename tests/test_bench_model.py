@@ -1,0 +1,55 @@
+"""benchmarks/bench_model.py end to end on a tiny model on the CPU: both architectures, eager and compiled
+(aot_eager traces what inductor would get, without inductor's C++ compile time), and the JSON keys the
+GPU run's consumers read."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_model():
+    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# One compile per prefill shape and model, ~2 s each here: a shape that is not a power of two for one arch only.
+@pytest.mark.parametrize(("arch", "prefill"), [("llama3-8b", ["b1x2048", "b1x300"]), ("qwen2.5-7b", ["b1x2048"])])
+def test_tiny_cpu_smoke_writes_eager_and_compiled_figures(arch, prefill, tmp_path):
+    bm = _bench_model()
+    argv = ["--tiny", "--device", "cpu", "--arch", arch, "--out", str(tmp_path), "--layers", "1"]
+    argv += ["--modes", "eager,compiled", "--compile-mode", "default", "--compile-backend", "aot_eager"]
+    argv += ["--prefill", ",".join(prefill), "--context", "16", "--decode-steps", "1", "--new-tokens", "2"]
+    argv += ["--reps", "1"]
+    bm.main(argv)
+    name = "model_cpu.json" if arch == "llama3-8b" else f"model_cpu_{arch}.json"
+    result = json.loads((tmp_path / name).read_text())
+
+    assert result["arch"] == arch and result["config"]["tiny"]
+    assert result["compile"]["mode"] == "default" and result["compile"]["backend"] == "aot_eager"
+    assert result["settings"]["decode_batches"] == [1, 16, 64] and result["settings"]["context"] == 16
+    assert result["dense"]["errors"] is None and result["sparse"]["errors"] is None
+    suffixes = ["" if name == "b1x2048" else f"_{name}" for name in prefill]
+    measured = [f"{mode}prefill_speedup{s}" for mode in ("", "compiled_") for s in suffixes]
+    measured += [f"compiled_decode_speedup_b{b}" for b in (1, 16, 64)]
+    for key in [*measured, "eager_generate_speedup_b1", "linear_weight_memory_ratio"]:
+        assert result[key] > 0, key
+    for side in ("dense", "sparse"):
+        for key in [f"prefill_{name}" for name in prefill] + [f"decode_b{b}" for b in (1, 16, 64)]:
+            assert result[side]["compile_seconds"][key] > 0, (side, key)
+            assert result[side]["compile_graphs"][key] == 1, (side, key)  # decode steps must not recompile
+    assert set(result["headline"]) == {"decode_speedup_b1", "decode_speedup_b16", "prefill_speedup"} | {
+        "gpu_memory_vs_dense"
+    }
+    for key in ("decode_speedup_b1", "decode_speedup_b16", "prefill_speedup"):
+        assert result["headline"][key] == result[f"compiled_{key}"] > 0
+    # not measured here: the graph mode (no CUDA), shapes left out, GPU memory
+    assert result["decode_speedup_b1"] is None and result["settings"]["skipped"] is None
+    assert result["compiled_prefill_speedup_b4x700"] is None
+    assert result["headline"]["gpu_memory_vs_dense"] is None and "gpu_memory_vs_dense" in result
+    assert result["linear_weight_bytes"]["converted"] == 7  # q, k, v, o, gate, up, down of the one layer
