@@ -15,6 +15,7 @@ M-bucket).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -122,26 +123,19 @@ class Tuner:
         off or the child could not run at all."""
         base = {"device": device, "dtype": dtype, "n": n, "k": k, "m": m, "layout": layout, "start": 0}
         found: dict[tuple[int, int], float] = {}
-        with self._lock:
-            if self._idle is not None:
-                self._idle.cancel()
-            try:
-                if not self.disabled:
-                    family = (layout, dtype)
-                    times: dict[int, float] = {}
-                    self._sweep({**base, "stop": self.stop_at.get(family, 1 << 30)}, family, times)
-                    found = {(alg, 1): ms for alg, ms in times.items()}
-                    top = sorted(times, key=times.get)[:_SEGMENT_K_TOP]
-                    family = (layout, dtype, "segment-k")
-                    if top and not self.disabled and self.stop_at.get(family, 1) > 0:
-                        variants = [[alg, -1] for alg in top]
-                        times = {}
-                        self._sweep({**base, "variants": variants, "stop": len(variants)}, family, times)
-                        found.update({(variants[i][0], -1): ms for i, ms in times.items()})
-            finally:
-                self._idle = threading.Timer(self.idle_s, self._close_if_idle)
-                self._idle.daemon = True
-                self._idle.start()
+        with self._busy():
+            if not self.disabled:
+                family = (layout, dtype)
+                times: dict[int, float] = {}
+                self._sweep({**base, "stop": self.stop_at.get(family, 1 << 30)}, family, times)
+                found = {(alg, 1): ms for alg, ms in times.items()}
+                top = sorted(times, key=times.get)[:_SEGMENT_K_TOP]
+                family = (layout, dtype, "segment-k")
+                if top and not self.disabled and self.stop_at.get(family, 1) > 0:
+                    variants = [[alg, -1] for alg in top]
+                    times = {}
+                    self._sweep({**base, "variants": variants, "stop": len(variants)}, family, times)
+                    found.update({(variants[i][0], -1): ms for i, ms in times.items()})
         return found
 
     def check(self, device: int, dtype: str, n: int, k: int, m: int, layout: int, variant: list[int]) -> float | None:
@@ -150,15 +144,22 @@ class Tuner:
         dispatcher's buckets between anchors) only after this, since some ids crash at some M."""
         req = {"device": device, "dtype": dtype, "n": n, "k": k, "m": m, "layout": layout, "start": 0}
         req.update(variants=[list(variant)], stop=1)
+        with self._busy():
+            if self.disabled:
+                return None
+            times: dict[int, float] = {}
+            self._sweep(req, (layout, dtype, "check"), times)
+            return times.get(0)
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """One request at a time; the idle timer is stopped while it runs and restarted after, so
+        an idle child is ended (giving back its GPU memory) only between requests."""
         with self._lock:
             if self._idle is not None:
                 self._idle.cancel()
             try:
-                if self.disabled:
-                    return None
-                times: dict[int, float] = {}
-                self._sweep(req, (layout, dtype, "check"), times)
-                return times.get(0)
+                yield
             finally:
                 self._idle = threading.Timer(self.idle_s, self._close_if_idle)
                 self._idle.daemon = True
