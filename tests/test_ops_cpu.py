@@ -278,6 +278,7 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(cutlass, "available", lambda device: True)
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["a", "b", "c"])
     monkeypatch.delenv("SPARSEFLOW_CUTLASS", raising=False)
     monkeypatch.setattr(dispatch, "_C", None)
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
@@ -288,12 +289,15 @@ def test_decisions_over_other_layouts_go_to_their_own_cache_file(monkeypatch, tm
         names[layouts] = dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name
     v = dispatch._CACHE_VERSION
     assert names == {
-        "1,4": f"dispatch-v{v}-NVIDIA_H200-cusparselt0.json",
-        "1,4,0": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-layouts140.json",
-        "1": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-notuner.json",
+        "1,4": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-cutlass3.json",
+        "1,4,0": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-layouts140-cutlass3.json",
+        "1": f"dispatch-v{v}-NVIDIA_H200-cusparselt0-notuner-cutlass3.json",
     }
     # decisions measured without CUTLASS's kernels (not built, not Hopper, or turned off) apart too
     monkeypatch.setenv("SPARSEFLOW_CSLT_LAYOUTS", "1,4")
+    # a build with more CUTLASS configurations measures again
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["a", "b", "c", "d"])
+    assert dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name.endswith("cusparselt0-cutlass4.json")
     monkeypatch.setenv("SPARSEFLOW_CUTLASS", "0")
     assert dispatch.Dispatcher().cache_file(torch.device("cuda", 0)).name.endswith("cusparselt0-nocutlass.json")
 

@@ -320,6 +320,8 @@ class Dispatcher:
             suffix = "-layouts" + "".join(map(str, layouts))
         if not _cutlass_on(device):
             suffix += "-nocutlass"
+        else:  # decisions measured over fewer CUTLASS configurations are stale once more are built
+            suffix += f"-cutlass{len(cutlass.configs(torch.float16))}"
         return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{suffix}.json"
 
     @staticmethod
