@@ -72,18 +72,29 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
     row = {"name": name, "M": m, "N": n, "K": k, "dtype": str(dtype).replace("torch.", ""), "sets": sets}
 
     comp = [sf.compress_2_4(w) for w in ws]
-    layers = [SparseLinear.from_compressed(c, None) for c in comp]
-    layers[0](xs[0])  # the dispatcher measures this shape once (not timed)
+    # The default (memory="compact": one layout, that of the kernel the layer keeps) and
+    # memory="fast" (each M-bucket's fastest kernel, dense included, at the memory of its layouts)
+    layers = [SparseLinear.from_compressed(sf.compress_2_4(w), None) for w in ws]
+    fast = [SparseLinear.from_compressed(c, None, memory="fast") for c in comp]
+    fast[0](xs[0])  # the dispatcher measures this shape once (not timed)
+    for sl, x in zip(layers, xs):
+        sl(x)  # builds each layer's one layout
     # Interleaved: SparseLinear may run the very same cuBLAS call, and must not look slower (or
     # faster) only because the GPU clocks down over the row.
     both = timing.interleaved_ms(
         {
             "cublas_ms": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)],
             "sparseflow_ms": [lambda sl=sl, x=x: sl(x) for sl, x in zip(layers, xs)],
+            "sparseflow_fast_ms": [lambda sl=sl, x=x: sl(x) for sl, x in zip(fast, xs)],
         },
         samples,
     )
     row.update(both)
+    row["resident"] = layers[0].resident
+    row["bytes_vs_dense"] = {  # the weight's device bytes over the dense weight's, per mode
+        "compact": layers[0].memory_bytes()["total"] / (n * k * ws[0].element_size()),
+        "fast": fast[0].memory_bytes()["total"] / (n * k * ws[0].element_size()),
+    }
     d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
     for key, backend in (("cusparselt_ms", "cusparselt"), ("cutlass_ms", "cutlass"), ("decode_ms", "decode")):
         row[key] = None
@@ -128,7 +139,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
         row["decode_portable_ms"] = best_ms(decode_mm_portable, list(zip(comp, xs)))
         row["decode_packed_ms"] = best_ms(decode_mm, list(zip(packed, xs)))
         del packed
-    del layers, comp
+    del layers, fast, comp
 
     row["torch_ms"], row["torch_error"] = None, None
     try:
@@ -225,6 +236,7 @@ def plot(rows, path: Path, gpu: str) -> None:
                 ("cutlass_ms", "C4", "CUTLASS sm90"),
                 ("decode_ms", "C1", "decode kernel"),
                 ("sparseflow_ms", "C2", "SparseLinear"),
+                ("sparseflow_fast_ms", "C5", "SparseLinear fast"),
                 ("torch_ms", "C3", "torch semi-structured"),
             ):
                 ys = [r["cublas_ms"] / r[key] if r.get(key) else float("nan") for r in sel]
@@ -250,6 +262,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
     """The summary fields computed from the rows (also used to re-summarize merged result files).
     A row may carry its own ``copy_bandwidth_gbps`` (merged from another run)."""
     llama = [r for r in rows if r["name"] in LLAMA3_8B]
+    fast = [r for r in rows if r.get("sparseflow_fast_ms")]  # rows from before memory modes have none
     return {
         "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
         "below_floor": [
@@ -258,6 +271,18 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
             if r["cublas_ms"] / r["sparseflow_ms"] < FLOOR
         ],
         "sparselinear_geomean_m_ge_256": geomean([r["cublas_ms"] / r["sparseflow_ms"] for r in rows if r["M"] >= 256]),
+        # memory="fast": the fastest kernel per M-bucket (dense included), every layout it wants
+        "fast_min_ratio": min((r["cublas_ms"] / r["sparseflow_fast_ms"] for r in fast), default=float("nan")),
+        "fast_below_floor": [
+            f"{r['name']} {r['dtype']} M={r['M']} {r['cublas_ms'] / r['sparseflow_fast_ms']:.2f}x"
+            for r in fast
+            if r["cublas_ms"] / r["sparseflow_fast_ms"] < FLOOR
+        ],
+        "fast_geomean_m_ge_256": geomean([r["cublas_ms"] / r["sparseflow_fast_ms"] for r in fast if r["M"] >= 256]),
+        "bytes_vs_dense_max": {
+            mode: max((r["bytes_vs_dense"][mode] for r in rows if r.get("bytes_vs_dense")), default=float("nan"))
+            for mode in ("compact", "fast")
+        },
         "kernel_geomean_llama_m_ge_256": geomean(
             [r["cublas_ms"] / r["sparse_kernel_ms"] for r in llama if r["M"] >= 256]
         ),
@@ -348,7 +373,7 @@ def main(argv=None) -> int:
     hdr = (
         f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>8} {'torch':>8} {'cuSPLt':>8} "
         f"{'CUTLASS':>8} {'decode':>8} {'SparseLin':>9} | {'cslt x':>6} {'cutl x':>6} {'dec x':>6} {'kern x':>6} "
-        f"{'SL x':>6} {'torch x':>7} "
+        f"{'SL x':>6} {'fast x':>6} {'torch x':>7} "
         f"{'dec GB/s':>8} choice"
     )
     print(hdr)
@@ -371,8 +396,8 @@ def main(argv=None) -> int:
             f"{name:>11} {r['dtype']:>8} {m:6d} {n:6d} {k:6d} | {r['cublas_ms']:8.4f} {ms(r['torch_ms'])} "
             f"{ms(r['cusparselt_ms'])} {ms(r['cutlass_ms'])} {ms(r['decode_ms'])} {ms(r['sparseflow_ms'], 9)} | "
             f"{x(r['cusparselt_ms'])} {x(r['cutlass_ms'])} {x(r['decode_ms'])} {x(r['sparse_kernel_ms'])} "
-            f"{x(r['sparseflow_ms'])} {x(r['torch_ms'], 7)} {gbps} "
-            f"{r['choice']}",
+            f"{x(r['sparseflow_ms'])} {x(r['sparseflow_fast_ms'])} {x(r['torch_ms'], 7)} {gbps} "
+            f"{r['resident']}/{r['choice']}",
             flush=True,
         )
     copy_gbps = copy_bandwidth_gbps()
@@ -425,12 +450,17 @@ def main(argv=None) -> int:
     def ratio(v: float) -> str:  # "nan" where the run had no such rows
         return "- (no rows)" if math.isnan(v) else f"{v:.2f}x"
 
-    fails = summary["below_floor"]
-    verdict = f"FAIL {len(fails)} rows below {FLOOR}x: {'; '.join(fails)}" if fails else f"all rows >= {FLOOR}x"
+    def verdict(fails: list[str]) -> str:
+        return f"FAIL {len(fails)} rows below {FLOOR}x: {'; '.join(fails)}" if fails else f"all rows >= {FLOOR}x"
+
+    mem = summary["bytes_vs_dense_max"]
     print(
-        f"SUMMARY device={gpu} rows={len(rows)} {verdict} | "
+        f"SUMMARY device={gpu} rows={len(rows)} | default (compact, weight bytes <= {mem['compact']:.3f}x dense): "
+        f"{verdict(summary['below_floor'])} | "
         f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x "
         f"geomean M>=256={ratio(summary['sparselinear_geomean_m_ge_256'])} | "
+        f"memory='fast' (<= {mem['fast']:.2f}x): {verdict(summary['fast_below_floor'])} min={ratio(summary['fast_min_ratio'])} "
+        f"geomean M>=256={ratio(summary['fast_geomean_m_ge_256'])} | "
         f"2:4 kernel geomean (Llama, M>=256)={ratio(summary['kernel_geomean_llama_m_ge_256'])} | "
         f"gate_up/down M<=16 min={ratio(summary['kernel_min_gate_up_down_m_le_16'])} | "
         f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f} | "

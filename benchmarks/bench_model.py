@@ -406,19 +406,22 @@ def measure(
 
 
 def linear_bytes(model: nn.Module) -> dict[str, int]:
-    """Decoder-layer linear weight bytes: nn.Linear weights, SparseLinear compressed buffers, and the device-side
-    copies sparseflow built for speed (cuSPARSELt layout, decode-kernel layout incl. fused gate/up, dense
-    fallback)."""
+    """Decoder-layer linear weight bytes: nn.Linear weights, and what each SparseLinear holds on the
+    device (``memory_bytes``: the portable form unless a compact layer freed it, each kernel layout,
+    dense copies, the fused gate/up layout); ``sparse`` is their sum, ``portable`` the compressed size."""
     layers = getattr(getattr(model, "model", model), "layers", model)
-    out = dict.fromkeys(("dense", "sparse", "n_dense", "n_sparse", "cusparselt", "decode", "dense_fallback"), 0)
+    kinds = ("portable", "cusparselt", "cutlass", "decode", "dense_fallback")
+    out = dict.fromkeys(("dense", "sparse", "n_dense", "n_sparse", "compressed", *kinds), 0)
     for m in layers.modules():
         if isinstance(m, SparseGatedMLP) and m._fused is not None:
             out["decode"] += m._fused[1].nbytes
+            out["sparse"] += m._fused[1].nbytes
         if isinstance(m, SparseLinear):
-            out["sparse"], out["n_sparse"] = out["sparse"] + m.weight_nbytes, out["n_sparse"] + 1
-            extra = m.memory_bytes()
-            for k in ("cusparselt", "decode", "dense_fallback"):
-                out[k] += extra.get(k, 0)
+            out["compressed"], out["n_sparse"] = out["compressed"] + m.weight_nbytes, out["n_sparse"] + 1
+            held = m.memory_bytes()
+            out["sparse"] += held["total"]
+            for k in kinds:
+                out[k] += held[k]
         elif isinstance(m, nn.Linear):
             out["dense"], out["n_dense"] = out["dense"] + m.weight.numel() * m.weight.element_size(), out["n_dense"] + 1
     return out
@@ -521,6 +524,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-steps", type=int, default=50, help="decode steps per timed sample")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per generate call")
     ap.add_argument("--reps", type=int, default=REPS, help="timed samples per metric (median)")
+    ap.add_argument(
+        "--memory", choices=["compact", "fast"], default="compact", help="the 2:4 layers' memory mode (SparseLinear)"
+    )
     return ap.parse_args(argv)
 
 
@@ -559,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     sf.sparsify(model, method="magnitude", fallback="never", progress=False, verbose=False)
+    sf.set_memory(model, args.memory)
     sync(device)
     convert_s = time.perf_counter() - t0
     peaks["convert"] = peak(device, reset=True)
@@ -615,10 +622,16 @@ def main(argv: list[str] | None = None) -> dict:
         **speedups,
         "linear_weight_bytes": {"dense": dense_w["dense"], "sparse": sparse_w["sparse"] + sparse_w["dense"]}
         | {"converted": sparse_w["n_sparse"], "left_dense": sparse_w["n_dense"]}
+        | {"compressed": sparse_w["compressed"], "portable_held": sparse_w["portable"]}
         | {
             "cusparselt_copies": sparse_w["cusparselt"],
+            "cutlass_copies": sparse_w["cutlass"],
             "decode_copies": sparse_w["decode"],
             "dense_fallback_copies": sparse_w["dense_fallback"],
+        },
+        "memory_mode": args.memory,
+        "resident_layouts": {
+            k: sum(1 for r in tuned if r.get("resident") == k) for k in ("cutlass", "cusparselt", "dense")
         },
         "linear_weight_memory_ratio": ratio(sparse_w["sparse"] + sparse_w["dense"], dense_w["dense"]),
         # torch.cuda.memory_allocated after each model's measurements, compiled graphs freed
@@ -633,7 +646,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"model_{tag}" + ("" if args.arch == "llama3-8b" else f"_{args.arch}")
+    stem = (
+        f"model_{tag}"
+        + ("" if args.arch == "llama3-8b" else f"_{args.arch}")
+        + ("_fast" if args.memory == "fast" else "")
+    )
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     report(result)
     plot(result, out / f"{stem}.png")

@@ -28,6 +28,7 @@ _EXPORTS = {
     "is_2_4": "sparseflow.format",
     "prune_2_4": "sparseflow.format",
     "SparseLinear": "sparseflow.nn",
+    "set_memory": "sparseflow.nn",
     "sparse_mm": "sparseflow.ops",
 }
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "prune_2_4",
     "report",
     "save_pretrained",
+    "set_memory",
     "sparse_mm",
     "sparsify",
 ]
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     from sparseflow.convert.checkpoint import CheckpointError, from_pretrained, save_pretrained
     from sparseflow.format import Sparse24Weight, compress_2_4, decompress_2_4, is_2_4, prune_2_4
     from sparseflow.kernels.dispatch import DISPATCHER, autotune
-    from sparseflow.nn import SparseLinear
+    from sparseflow.nn import SparseLinear, set_memory
     from sparseflow.ops import sparse_mm
 
 

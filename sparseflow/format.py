@@ -11,6 +11,10 @@ This form is the same bytes on every device, so it is what checkpoints hold. Eac
 layout (``sparseflow.kernels``: cuSPARSELt's compressed buffer, our decode kernel's fragment
 order, ...) is derived from it on the device and cached on the object (``Sparse24Weight.layout``).
 Bytes: K/2 values + K/8 metadata per row = 0.5625x the dense fp16 bytes.
+
+``keep_only(kernel)`` makes one kernel's layout the weight's only device copy: the portable form
+is then freed and read back from that layout when asked for (``portable``,
+``sparseflow.kernels.readback``), so a GPU holds one 2:4 copy of each weight, not two.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Sparse24Weight:
     ``to()`` returns a new object so caches never outlive their device.
     """
 
-    __slots__ = ("__weakref__", "_handle", "_layouts", "_layouts_version", "meta", "shape", "values")
+    __slots__ = ("__weakref__", "_handle", "_layouts", "_layouts_version", "_resident", "meta", "shape", "values")
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int]):
         n, k = int(shape[0]), int(shape[1])
@@ -90,6 +94,7 @@ class Sparse24Weight:
         self._layouts: dict[tuple[str, Hashable], object] = {}
         self._layouts_version = values._version
         self._handle: int | None = None  # sparseflow.ops's integer name for it (torch.library ops take no objects)
+        self._resident: str | None = None  # keep_only's kernel: its layout is the only copy on the device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,9 +106,59 @@ class Sparse24Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel()
+        """Bytes of the portable form (what checkpoints hold), whether or not it is held now."""
+        n, k = self.shape
+        return n * (k // 2) * self.values.element_size() + n * ((k + 7) // 8)
+
+    @property
+    def resident(self) -> str | None:
+        """The kernel whose layout is this weight's only device copy (``keep_only``), or None
+        while the portable form is held."""
+        return self._resident
+
+    def keep_only(self, kernel: str) -> None:
+        """Make ``kernel``'s layout (a name in ``sparseflow.kernels.KERNELS``) the one copy of this
+        weight on its device: build it, free every other cached layout and the portable form.
+        ``values``/``meta`` become empty (N x 0) placeholders; ``portable`` reads the form back."""
+        if self._resident == kernel:
+            return
+        from sparseflow.kernels import KERNELS
+
+        built = self.layout(kernel)
+        n = self.shape[0]
+        self._layouts = {(kernel, KERNELS[kernel].cache_key(None)): built}
+        self.values, self.meta = self.values.new_empty((n, 0)), self.meta.new_empty((n, 0))
+        self._layouts_version = self.values._version
+        self._resident = kernel
+
+    def portable(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, meta) on ``device`` (default: the weight's): the held tensors, or, after
+        ``keep_only``, new ones read back from the resident layout (one identity GEMM per
+        1024 columns; see ``sparseflow.kernels.readback``)."""
+        if self._resident is None:
+            return self.values.to(device or self.device), self.meta.to(device or self.device)
+        from sparseflow.kernels import KERNELS
+        from sparseflow.kernels.readback import portable_from_layout
+
+        kernel = KERNELS[self._resident]
+        layout = self._layouts[(self._resident, kernel.cache_key(None))]
+        with torch.no_grad():
+            return portable_from_layout(kernel, layout, self.shape, self.dtype, self.device, device)
+
+    def materialized(self) -> Sparse24Weight:
+        """This weight with its portable form held (``self`` unless ``keep_only`` freed it; then
+        a new object, on the same device, read back from the resident layout)."""
+        if self._resident is None:
+            return self
+        return Sparse24Weight(*self.portable(), self.shape)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Sparse24Weight:
+        if self._resident is not None:
+            dev = self.device if device is None else torch.device(device)
+            same_device = dev.type == self.device.type and dev.index in (None, self.device.index)
+            if same_device and (dtype is None or dtype == self.dtype):
+                return self
+            return self.materialized().to(device, dtype)
         values = self.values.to(device=device, dtype=dtype)
         meta = self.meta.to(device=device)
         if values is self.values and meta is self.meta:
@@ -132,7 +187,7 @@ class Sparse24Weight:
         layouts = self._fresh_layouts()
         built = layouts.get(slot)
         if built is None:
-            built = k.pack(self, key)
+            built = k.pack(self.materialized(), key)
             if keep:
                 layouts[slot] = built
         return built
@@ -176,10 +231,12 @@ class Sparse24Weight:
 
     def indices(self) -> torch.Tensor:
         """Column of each kept value within its group (N x K/2, int64, values 0..3)."""
-        return _unpack_indices(self.meta, self.shape[1])
+        meta = self.meta if self._resident is None else self.portable()[1]
+        return _unpack_indices(meta, self.shape[1])
 
     def __repr__(self) -> str:
-        return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        only = f", only {self._resident}'s layout" if self._resident else ""
+        return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}{only})"
 
 
 def _pack_indices(idx: torch.Tensor) -> torch.Tensor:
@@ -224,6 +281,7 @@ def decompress_2_4(compressed: Sparse24Weight) -> torch.Tensor:
     """Exact inverse of :func:`compress_2_4`."""
     if not isinstance(compressed, Sparse24Weight):
         raise TypeError(f"decompress_2_4: expected a Sparse24Weight, got {type(compressed).__name__}")
+    compressed = compressed.materialized()
     n, k = compressed.shape
     if compressed.device.type == "cuda":
         from sparseflow._ext import _C

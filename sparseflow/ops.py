@@ -20,6 +20,7 @@ from sparseflow._ext import sparse_unavailable_reason, warn_once
 from sparseflow.format import Sparse24Weight
 from sparseflow.kernels import KERNELS
 from sparseflow.kernels.cusparselt import CSLT_ALIGN, cslt_layout, cslt_unsupported
+from sparseflow.kernels.cusparselt import cache_key as cslt_cache_key
 from sparseflow.kernels.decode import DECODE_MAX_M, portable_ok, portable_view
 from sparseflow.kernels.dispatch import DISPATCHER, default_sparse, m_bucket
 
@@ -78,7 +79,31 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
     return _reference(x, _lookup(values, meta, handle), bias)
 
 
+def _resident_route(w: Sparse24Weight, m: int) -> tuple:
+    """The route of a weight that keeps one kernel's layout only (``keep_only``): that kernel at
+    every M, with the configuration measured fastest for it at this M-bucket."""
+    kernel, run = w.resident, KERNELS[w.resident].run
+    layout = w.layout(kernel)
+    if kernel == "dense":
+        return (w.values._version, run, layout, None)
+    capturing = torch.cuda.is_current_stream_capturing()
+    d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m) if capturing else DISPATCHER.decide(w, m)
+    if kernel == "cutlass":
+        cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else KERNELS[kernel].readback_cfg
+    elif kernel == "cusparselt":
+        same_buffer = d is not None and d.sparse_ms is not None and cslt_cache_key(d.layout) == cslt_cache_key(1)
+        cfg = (d.cfg, d.layout) if same_buffer else KERNELS[kernel].readback_cfg
+    else:  # decode: the layer's backend is "decode", which refuses M > 64 before this
+        cfg = (d.decode_split, d.decode_ring) if d is not None and d.decode_ms is not None else (0, False)
+    return (w.values._version, run, layout, cfg)
+
+
+_FORCED = {BACKENDS[name]: name for name in ("dense", "cusparselt", "decode", "cutlass")}
+
+
 def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
+    if w.resident is not None and _FORCED.get(backend, w.resident) == w.resident:
+        return _resident_route(w, m)
     if backend == BACKENDS["dense"]:
         kernel = "dense"
     elif backend == BACKENDS["cusparselt"]:

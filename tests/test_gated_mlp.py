@@ -73,9 +73,10 @@ def test_fused_checkpoint_round_trip(tmp_path):
 
 
 @needs_ext
+@pytest.mark.parametrize("memory", ["fast", "compact"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("build", ["llama", "llama-bias", "phi3"])
-def test_fused_path_on_gpu_matches_unfused(dtype, build):
+def test_fused_path_on_gpu_matches_unfused(dtype, build, memory):
     if build == "phi3":
         model = _phi3(dtype)
     else:
@@ -84,6 +85,7 @@ def test_fused_path_on_gpu_matches_unfused(dtype, build):
     ref = copy.deepcopy(model)
     sf.sparsify(ref, fallback="never", progress=False, verbose=False, fuse_mlp=False)
     sf.sparsify(model, fallback="never", progress=False, verbose=False)
+    sf.set_memory(model, memory)
     # same pruned weights in both
     ref.load_state_dict(model.state_dict())
     mlp = next(m for m in model.modules() if isinstance(m, SparseGatedMLP))
@@ -96,13 +98,16 @@ def test_fused_path_on_gpu_matches_unfused(dtype, build):
             got = mlp(x)
         assert rel_err(got, want) < 2 * TOL[dtype], f"M={m}"
     choice = sf.DISPATCHER.decide(mlp._projections()[0].weight_2_4, 1).choice
-    assert (mlp._fused is not None) == (choice == "decode")
+    # the fused layout is a second copy of gate/up: fast mode only
+    assert (mlp._fused is not None) == (memory == "fast" and choice == "decode")
 
 
 @needs_ext
-def test_decode_step_of_fused_model_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("memory", ["fast", "compact"])
+def test_decode_step_of_fused_model_captures_in_a_cuda_graph(memory):
     model = _llama(torch.float16, hidden=512, inter=1376).cuda()
     sf.sparsify(model, fallback="never", progress=False, verbose=False)
+    sf.set_memory(model, memory)
     mlp = next(m for m in model.modules() if isinstance(m, SparseGatedMLP))
     x = torch.randn(4, 1, 512, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()

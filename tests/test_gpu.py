@@ -85,7 +85,7 @@ def test_gpu_decompress_kernel_matches_cpu():
 @needs_ext
 def test_sparse_linear_matches_and_dispatch_is_inspectable():
     lin = nn.Linear(2048, 1024, bias=True).cuda().half()
-    sl = SparseLinear.from_dense(lin, prune=True)
+    sl = SparseLinear.from_dense(lin, prune=True, memory="fast")  # each M-bucket's own choice
     w = sl.dense_weight()
     for m in (1, 100, 2048):
         x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
@@ -330,7 +330,7 @@ def test_decode_reads_the_portable_form_without_a_packed_copy(tmp_path, monkeypa
     monkeypatch.setattr(dispatch, "PORTABLE_SLACK", 1e9)  # take the in-place reading whenever it may run
     monkeypatch.setattr(dispatch, "SPARSE_MIN_GAIN", 1.0)
     sf.DISPATCHER.clear()
-    layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), prune=True).half().cuda()
+    layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), prune=True, memory="fast").half().cuda()
     x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
     _poison()
     y = layer(x)

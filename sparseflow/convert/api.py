@@ -28,7 +28,7 @@ from sparseflow.convert.methods import METHODS, InputStats, magnitude, sparsegpt
 from sparseflow.convert.report import LayerReport, SparsifyReport
 from sparseflow.convert.walker import Journal, Target, build_sparse, collect_targets, decide_fallback
 from sparseflow.format import compress_2_4
-from sparseflow.nn import fuse_gated_mlps
+from sparseflow.nn import SparseLinear, fuse_gated_mlps
 
 __all__ = ["SparsifyConfig", "SparsifyError", "report", "sparsify"]
 
@@ -430,6 +430,11 @@ def sparsify(
     journal.forget()
     if cfg.fuse_mlp:
         fuse_gated_mlps(model)
+    # On a GPU each compact layer keeps one layout from now on (built here, not at the first call)
+    kept = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLinear) and mod.make_resident() is not None:
+            kept[name] = (mod.resident, mod.memory_bytes()["total"])
     rep = SparsifyReport(
         cfg.method,
         cfg.fallback,
@@ -443,6 +448,7 @@ def sparsify(
                 t.speedup,
                 t.rel_error,
                 [s[2] for s in t.sites[1:]],
+                *kept.get(t.name, (None, None)),
             )
             for t in targets
         ],

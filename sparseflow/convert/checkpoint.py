@@ -493,6 +493,10 @@ def finish(model: nn.Module, tied: dict[str, str], devices: dict[str, torch.devi
                 raise CheckpointError(f"{kind} {name!r} was not loaded from the checkpoint (still on the meta device)")
     fuse_gated_mlps(model)  # before dispatch: accelerate's hooks then see the final modules
     used = set(devices.values())
+    if all(d.type == "cuda" for d in used):  # compact layers settle on their one GPU layout now
+        for module in model.modules():
+            if isinstance(module, SparseLinear):
+                module.make_resident()
     if device_map is not None:
         model.hf_device_map = {k: str(v) for k, v in devices.items()}
     if len(used) > 1:

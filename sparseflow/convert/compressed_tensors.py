@@ -392,7 +392,8 @@ def save_compressed_tensors(
             out[name] = t
         elif attr == "weight_values":
             out[f"{layer}.compressed"] = t
-            out[f"{layer}.bitmask"] = meta_to_bitmask(mod.weight_meta, mod.in_features)
+            # the state_dict's meta: a compact layer's buffers are placeholders on the GPU
+            out[f"{layer}.bitmask"] = meta_to_bitmask(tensors[f"{layer}.weight_meta"], mod.in_features)
             out[f"{layer}.shape"] = torch.tensor([[mod.out_features], [mod.in_features]])
         elif attr == "bias":
             out[name] = t

@@ -19,6 +19,8 @@ class LayerReport:
     speedup: dict[int, float | None] | None = None  # measured dense_ms / sparse_ms per M (tokens), GPU only
     rel_error: float | None = None  # ||XW^T - XW'^T|| / ||XW^T|| on calibration inputs (data methods)
     aliases: list[str] = field(default_factory=list)  # other names of the same module
+    resident: str | None = None  # on a GPU, compact mode: the kernel whose layout the layer keeps
+    resident_bytes: int | None = None  # the bytes of that one layout (the weight's whole GPU footprint)
 
 
 @dataclass
@@ -59,12 +61,15 @@ class SparsifyReport:
                 return "-"
             return " ".join(f"{'?' if s is None else f'{s:.2f}x'}@{m}" for m, s in r.speedup.items())
 
-        rows = [("layer", "shape", "action", "speedup", "rel.err", "why")]
+        def kept(r: LayerReport) -> str:
+            return "-" if r.resident is None else f"{r.resident} {r.resident_bytes / 2**20:.1f} MiB"
+
+        rows = [("layer", "shape", "action", "speedup", "rel.err", "GPU layout", "why")]
         for r in self.layers:
             err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
-            rows.append((r.name, f"{r.shape[0]}x{r.shape[1]}", r.action, speed(r), err, r.reason))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+            rows.append((r.name, f"{r.shape[0]}x{r.shape[1]}", r.action, speed(r), err, kept(r), r.reason))
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row[:6], widths)) + "  " + row[6] for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join([*lines, self.summary()])
 

@@ -38,6 +38,11 @@ class Kernel(ABC):
     def nbytes(self, layout: Any) -> int:
         """Device bytes ``layout`` holds beyond the portable form."""
 
+    # What ``readback`` runs the kernel with: a configuration valid at every M up to
+    # ``readback_rows`` (the decode kernel takes at most 64 rows).
+    readback_cfg: Any = None
+    readback_rows: int = 1024
+
     @abstractmethod
     def run(self, x: torch.Tensor, layout: Any, cfg: Any, bias: torch.Tensor | None) -> torch.Tensor:
         """y = x @ W^T + bias for 2-D x (M x K). ``cfg``: the measured configuration (kernel-specific)."""

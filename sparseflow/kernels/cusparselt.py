@@ -101,6 +101,7 @@ class CusparseLtKernel(Kernel):
     [algorithm id, split-k, split-k mode, buffers], GEMM layout)."""
 
     name = "cusparselt"
+    readback_cfg = ([-1, 1, 0, 0], 1)  # the library's default algorithm, GEMM layout 1
 
     def refusal(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> str | None:
         reason = sparse_unavailable_reason(device)

@@ -249,6 +249,8 @@ class DecodeKernel(Kernel):
     """Our ``mma.sp`` kernel for M <= ``DECODE_MAX_M`` rows. ``cfg`` = (split-K, ring pipeline)."""
 
     name = "decode"
+    readback_cfg = (0, False)  # split-K chosen by the kernel, register pipeline
+    readback_rows = DECODE_MAX_M
 
     def refusal(self, device: torch.device, dtype: torch.dtype, n: int, k: int) -> str | None:
         # any N x K: pack pads to whole tiles and chunks

@@ -187,6 +187,18 @@ def cutlass_wanted(weight) -> bool:
     return _cutlass_on(weight.device) and cutlass.unsupported(*weight.shape) is None
 
 
+def default_resident(weight, backend: str = "auto") -> str:
+    """The kernel whose layout a compact layer keeps when nothing chose one (``autotune``
+    chooses by measurement): CUTLASS's sm90 kernels where they run (Hopper; every M, and the
+    fastest 2:4 kernel at most sizes measured there), else cuSPARSELt, else our decode kernel for
+    ``backend="sparse"``, else dense."""
+    if cutlass_wanted(weight):
+        return "cutlass"
+    if cusparselt.KERNEL.refusal(weight.device, weight.dtype, *weight.shape) is None:
+        return "cusparselt"
+    return "decode" if backend == "sparse" else "dense"
+
+
 def default_sparse(m: int) -> str:
     """The 2:4 kernel to use when nothing is measured."""
     return "decode" if m <= DECODE_MAX_M else "cusparselt"
@@ -398,6 +410,9 @@ class Dispatcher:
     def _measure(self, weight, bucket: int) -> Decision:
         from sparseflow.kernels.decode import decode_mm, decode_mm_portable, portable_ok, split_candidates
 
+        # A weight that keeps one layout only is measured on a temporary portable copy read back
+        # from it: the candidates' layouts are built on that copy and freed with it.
+        weight = weight.materialized()
         n, k = weight.shape
         lo, hi = bucket_range(bucket)
         plans = self._cslt_plans(weight, bucket)  # an anchor's search (measured first) or this bucket's
@@ -542,12 +557,53 @@ def _on_gpu(weight) -> bool:
     return weight.device.type == "cuda"
 
 
+def _resident_speedup(d: Decision, kernel: str) -> float | None:
+    """Dense time over ``kernel``'s at the worse end of ``d``'s bucket, for a layer keeping that
+    kernel's layout only (cuSPARSELt's plan counts only if it reads the shared buffer)."""
+    if kernel == "dense":
+        return 1.0
+    if kernel == "cusparselt":
+        t = d.sparse_ms if cusparselt.cache_key(d.layout) == cusparselt.cache_key(1) else None
+    else:
+        t = {"cutlass": d.cutlass_ms, "decode": d.decode_ms}.get(kernel)
+    return 1.0 / d._worst_ratio(kernel, t) if t and d.dense_ms else None
+
+
+def choose_resident(weight, decisions: dict[int, Decision]) -> tuple[str, dict[int, float | None]]:
+    """The layout a compact layer should keep for the row counts it will serve (``decisions``:
+    the dispatcher's, per M), by measurement: the 2:4 kernel (CUTLASS or cuSPARSELt; the decode
+    kernel cannot serve M > 64) with the best geometric-mean speedup over dense across them, or
+    dense when none beats dense by ``SPARSE_MIN_GAIN`` overall. Returns it with its speedup at
+    each M."""
+    candidates = [k for k in ("cutlass", "cusparselt") if k != "cutlass" or cutlass_wanted(weight)]
+    candidates = [k for k in candidates if _kernel(k).refusal(weight.device, weight.dtype, *weight.shape) is None]
+    best, best_score = "dense", SPARSE_MIN_GAIN
+    for kernel in candidates:
+        # cuSPARSELt is not measured below CSLT_MIN_BUCKET: those sizes do not count against it
+        found = [s for s in (_resident_speedup(d, kernel) for d in decisions.values()) if s is not None]
+        if not found or (kernel == "cutlass" and len(found) < len(decisions)):
+            continue
+        score = float(torch.tensor(found).log().mean().exp())
+        if score >= best_score:
+            best, best_score = kernel, score
+    return best, {m: _resident_speedup(d, best) for m, d in decisions.items()}
+
+
+def _kernel(name: str):
+    from sparseflow.kernels import KERNELS
+
+    return KERNELS[name]
+
+
 def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 2048)) -> list[dict]:
     """Measure now what the first forward at each size would measure: for every distinct 2:4
     layer shape (dtype, N, K) on a GPU in ``model`` and every row count in ``tokens`` (M = batch
     x sequence length), the dispatcher's decision (cuBLAS vs our decode kernel vs cuSPARSELt,
     including the cuSPARSELt tuner's sweep). Decisions persist on disk, so this is the one-time
     cost of a new GPU/shape, paid before serving instead of inside the first requests.
+    A layer in the default ``memory="compact"`` mode keeps one layout on the GPU: the one that
+    serves ``tokens`` fastest (``choose_resident``) becomes its ``resident`` (set on every layer
+    of that shape), and each row says which (``resident``, ``resident_speedup``).
     Returns one row per (shape, M); empty for a model on the CPU."""
     from sparseflow.nn import SparseLinear
 
@@ -555,15 +611,22 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
         raise TypeError(f"autotune: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(tokens, (int, str)) or not all(isinstance(t, int) and t >= 1 for t in tokens):
         raise ValueError(f"autotune: tokens must be a sequence of positive row counts, got {tokens!r}")
-    weights = {}
+    weights, layers = {}, {}
     for mod in model.modules():
         if isinstance(mod, SparseLinear) and _on_gpu(mod.weight_2_4):
             w = mod.weight_2_4
-            weights.setdefault((str(w.device), w.dtype, *w.shape), w)
+            key = (str(w.device), w.dtype, *w.shape)
+            weights.setdefault(key, w)
+            layers.setdefault(key, []).append(mod)
     rows = []
-    for (device, dtype, n, k), w in weights.items():
-        for m in sorted(set(tokens)):
-            d = DISPATCHER.decide(w, m)
+    for key, w in weights.items():
+        device, dtype, n, k = key
+        decisions = {m: DISPATCHER.decide(w, m) for m in sorted(set(tokens))}
+        compact = [mod for mod in layers[key] if mod.memory == "compact" and mod.backend in ("auto", "sparse")]
+        resident, resident_speedup = choose_resident(w, decisions) if compact else (None, {})
+        for mod in compact:  # backend="sparse" never runs dense: it keeps the default 2:4 layout
+            mod.resident = resident if resident != "dense" or mod.backend == "auto" else None
+        for m, d in decisions.items():
             rows.append(
                 {
                     "device": device,
@@ -577,6 +640,8 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
                     "decode_in_place": d.decode_portable,  # the decode kernel reads the portable form
                     # its time over the packed layout's (> PORTABLE_SLACK: the packed copy is kept)
                     "in_place_vs_packed": d.in_place_vs_packed,
+                    "resident": resident,  # the layout compact layers of this shape keep (None: fast mode)
+                    "resident_speedup": resident_speedup.get(m),
                 }
             )
     return rows

@@ -1,6 +1,6 @@
 """``SparseGatedMLP``: a SwiGLU MLP whose 2:4 gate and up projections run as one fused kernel.
 
-At decode sizes (M <= 64 tokens) the decode kernel computes ``silu(x G^T) * (x U^T)`` in one
+In ``memory="fast"`` mode, at decode sizes (M <= 64 tokens) the decode kernel computes ``silu(x G^T) * (x U^T)`` in one
 launch from an interleaved packing of G and U, so the 2x-wide gate/up output never reaches
 memory; ``down_proj`` follows as usual. Elsewhere (prefill, CPU, ``torch.compile``, fp32) it runs
 the model's own arithmetic through the ``SparseLinear`` submodules. Submodules keep the names
@@ -103,6 +103,8 @@ class SparseGatedMLP(nn.Module):
     def _try_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         if not x.is_cuda or _C is None or torch.compiler.is_compiling():
             return None
+        if any(p.memory == "compact" for p in self._projections()):
+            return None  # the fused layout would be a second copy of gate/up on the GPU
         measured = self._projections()[0].weight_2_4
         k = measured.shape[1]
         m = x.numel() // k if x.shape[-1] == k else 0

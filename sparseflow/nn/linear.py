@@ -2,6 +2,14 @@
 
 The compressed tensors are buffers (``weight_values``, ``weight_meta``), so they travel through
 ``state_dict``/``load_state_dict`` and ``.to(device/dtype)`` like any weight.
+
+On a GPU a layer keeps one 2:4 layout by default (``memory="compact"``): the first call builds
+the layout of the kernel it will run (CUTLASS's on Hopper, ``autotune`` may choose another) and
+frees the portable buffers (they become empty N x 0 placeholders). ``state_dict`` then reads the
+portable form back from that layout into host memory, ``.to()`` and ``load_state_dict`` restore it
+first, so the module behaves as if it held it. ``memory="fast"`` keeps the portable form, every
+layout the dispatcher chose per M-bucket and a dense copy where dense was faster: never slower
+than dense, at up to ~2.7x the compressed bytes on the GPU.
 """
 
 from __future__ import annotations
@@ -10,8 +18,11 @@ import torch
 from torch import nn
 
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
-from sparseflow.kernels.dispatch import DISPATCHER
+from sparseflow.kernels import KERNELS
+from sparseflow.kernels.dispatch import DISPATCHER, default_resident
 from sparseflow.ops import BACKENDS, _handle, _validate, cuda_forward, resolve_backend
+
+MEMORY_MODES = ("compact", "fast")
 
 
 class SparseLinear(nn.Module):
@@ -20,6 +31,10 @@ class SparseLinear(nn.Module):
     ``backend``: "auto" (measured per shape and M-bucket: dense cuBLAS, cuSPARSELt, CUTLASS's sm90
     kernels or our decode kernel, whichever is fastest), "sparse" (the fastest 2:4 kernel),
     "dense", "cusparselt", "cutlass" or "decode". Inference only (no backward).
+
+    ``memory``: "compact" (default: on a GPU, one layout of the weight, that of the kernel it
+    runs at every M; see ``resident``) or "fast" (every layout the per-M choice wants, plus a
+    dense copy where dense wins: the fastest per M, at more GPU memory).
     """
 
     def __init__(
@@ -30,12 +45,14 @@ class SparseLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str = "auto",
+        memory: str = "compact",
     ) -> None:
         super().__init__()
         if in_features % 4:
             raise ValueError(f"SparseLinear: in_features={in_features} must be a multiple of 4 for 2:4 groups")
         dtype = dtype or torch.get_default_dtype()
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self._memory, self._pinned = _check_memory(memory), None
         self.register_buffer("weight_values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
         self.register_buffer(
             "weight_meta",
@@ -60,23 +77,55 @@ class SparseLinear(nn.Module):
         self._backend = value
         self._route = None
 
+    @property
+    def memory(self) -> str:
+        return self.__dict__.get("_memory", "fast")  # (pickled before memory modes: it held every layout)
+
+    @memory.setter
+    def memory(self, value: str) -> None:
+        """ "compact" or "fast"; switching to "fast" restores the portable form on the device."""
+        self._memory = _check_memory(value)
+        if value == "fast":
+            self._restore()
+        self._route = None
+
+    @property
+    def resident(self) -> str | None:
+        """The kernel whose layout is this layer's one copy of its weight on the GPU (compact mode,
+        after the first call there), or None. Set it to a kernel name ("cutlass", "cusparselt",
+        "decode", "dense") to choose that layout (``sf.autotune`` does, by measurement); None
+        goes back to the default (``sparseflow.kernels.dispatch.default_resident``)."""
+        w = self._w
+        return w.resident if w is not None and w.values is self._buffers.get("weight_values") else None
+
+    @resident.setter
+    def resident(self, kernel: str | None) -> None:
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"SparseLinear.resident must be one of {sorted(KERNELS)} or None, got {kernel!r}")
+        self.__dict__["_pinned"] = kernel
+        self._route = None
+
     @classmethod
-    def from_dense(cls, linear: nn.Linear, prune: bool = False, backend: str = "auto") -> SparseLinear:
+    def from_dense(
+        cls, linear: nn.Linear, prune: bool = False, backend: str = "auto", memory: str = "compact"
+    ) -> SparseLinear:
         """Compress ``linear`` (already 2:4 unless ``prune=True``, which applies ``prune_2_4``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         compressed = compress_2_4(prune_2_4(w) if prune else w)
-        return cls.from_compressed(compressed, None if linear.bias is None else linear.bias.detach(), backend)
+        return cls.from_compressed(compressed, None if linear.bias is None else linear.bias.detach(), backend, memory)
 
     @classmethod
     def from_compressed(
-        cls, weight: Sparse24Weight, bias: torch.Tensor | None = None, backend: str = "auto"
+        cls, weight: Sparse24Weight, bias: torch.Tensor | None = None, backend: str = "auto", memory: str = "compact"
     ) -> SparseLinear:
         n, k = weight.shape
+        weight = weight.materialized()
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.in_features, mod.out_features, mod.backend = k, n, backend
+        mod._memory, mod._pinned = _check_memory(memory), None
         mod.register_buffer("weight_values", weight.values)
         mod.register_buffer("weight_meta", weight.meta)
         mod.register_parameter(
@@ -104,24 +153,92 @@ class SparseLinear(nn.Module):
         return self.weight_2_4.nbytes
 
     def memory_bytes(self) -> dict[str, int]:
-        """Device bytes this layer holds now: the portable form, the kernel layouts derived from it
-        (cuSPARSELt's buffer, CUTLASS's sm90 form, the decode kernel's fragments) for the kernels
-        the dispatcher chose, and a dense copy where it chose dense for some M (the price of never
-        being slower)."""
-        held = self.weight_2_4.layout_bytes()
-        return {
-            "portable": self.weight_nbytes,
+        """Bytes of the weight this layer holds now where it lives (the bias not counted): the
+        portable form (0 once a compact layer keeps one layout on the GPU), each kernel layout
+        built from it (cuSPARSELt's buffer, CUTLASS's sm90 form, the decode kernel's fragments),
+        a dense copy (compact: the layout of a layer that runs dense; fast: the fallback where
+        dense won at some M), and their ``total``."""
+        w = self.weight_2_4
+        held = w.layout_bytes()
+        out = {
+            "portable": w.values.numel() * w.values.element_size() + w.meta.numel(),
             "cusparselt": held.get("cusparselt", 0),
             "cutlass": held.get("cutlass", 0),
             "decode": held.get("decode", 0),
             "dense_fallback": held.get("dense", 0),
         }
+        out["total"] = sum(out.values())
+        return out
+
+    # -- the compact mode's one layout --------------------------------------------------------
+    def make_resident(self) -> str | None:
+        """Compact mode on a GPU: build the one layout now, as the first call would, and free the
+        portable form. Returns the kernel kept, or None (CPU, fast mode, inside a capture)."""
+        w = self.weight_2_4
+        if self.memory != "compact" or w.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return None
+        self._prepare(torch.empty(1, self.in_features, dtype=w.dtype, device=w.device))
+        return self.resident
+
+    def _resident_kernel(self, w: Sparse24Weight, backend: str) -> str:
+        if backend in ("dense", "cusparselt", "cutlass", "decode"):  # forced, or the fallback taken
+            return backend
+        pinned = self.__dict__.get("_pinned")
+        usable = pinned is not None and KERNELS[pinned].refusal(w.device, w.dtype, *w.shape) is None
+        if usable and (backend == "auto" or pinned != "dense"):  # "sparse" never runs dense
+            return pinned
+        return default_resident(w, backend)
+
+    def _restore(self) -> None:
+        """Hold the portable form again (read back from the one layout kept), as a plain layer."""
+        w = self.__dict__.get("_w")
+        if w is not None and w.resident is not None and w.values is self._buffers.get("weight_values"):
+            values, meta = w.portable()
+            self._buffers["weight_values"], self._buffers["weight_meta"] = values, meta
+            self._w, self._route = None, None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self._w
+        if w is not None and w.resident is not None and self._buffers.get("weight_values") is w.values:
+            # read back layer by layer into host memory: a whole model's portable form never
+            # sits on the GPU beside its layouts
+            values, meta = w.portable("cpu")
+            destination[prefix + "weight_values"], destination[prefix + "weight_meta"] = values, meta
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._restore()  # loading copies into full-size buffers
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        w = self.__dict__.get("_w")
+        if w is not None and w.resident is not None and w.values is self._buffers.get("weight_values"):
+            try:  # where would fn send the weight? (a tensor method fn, e.g. share_memory_, may refuse)
+                probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+                stays = probe.device == w.device and probe.dtype == w.dtype
+            except (RuntimeError, TypeError, ValueError):
+                stays = False
+            if stays:  # nothing about the weight changes: keep its layout, apply fn to the rest
+                held = self._buffers.pop("weight_values"), self._buffers.pop("weight_meta")
+                try:
+                    return super()._apply(fn, recurse)
+                finally:
+                    self._buffers["weight_values"], self._buffers["weight_meta"] = held
+            self._restore()
+        return super()._apply(fn, recurse)
 
     @torch.compiler.disable
     def _prepare(self, x: torch.Tensor) -> tuple:
         w = self.weight_2_4
         _validate(x, w, self.bias)
         backend = resolve_backend(x, w, self.backend)
+        # (accelerate's offloading hooks swap the buffers in and out around each call: left alone)
+        offloaded = getattr(getattr(self, "_hf_hook", None), "offload", False)
+        if self.memory == "compact" and x.is_cuda and not offloaded and not torch.cuda.is_current_stream_capturing():
+            kernel = self._resident_kernel(w, backend)
+            if w.resident != kernel:
+                w.keep_only(kernel)
+                self._buffers["weight_values"], self._buffers["weight_meta"] = w.values, w.meta
         self._route = (w.values, w.meta, x.dtype, x.device, _handle(w), BACKENDS[backend], w)
         return self._route
 
@@ -153,7 +270,23 @@ class SparseLinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        kept = f", resident={self.resident}" if self.resident else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"2:4, backend={self.backend}"
+            f"2:4, backend={self.backend}, memory={self.memory}{kept}"
         )
+
+
+def _check_memory(value: str) -> str:
+    if value not in MEMORY_MODES:
+        raise ValueError(f"SparseLinear: memory must be one of {MEMORY_MODES}, got {value!r}")
+    return value
+
+
+def set_memory(model: nn.Module, memory: str) -> int:
+    """Set ``memory`` ("compact" or "fast") on every ``SparseLinear`` of ``model``; returns how many."""
+    _check_memory(memory)
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    for m in layers:
+        m.memory = memory
+    return len(layers)
