@@ -171,7 +171,7 @@ def test_gpu_compact_layer_holds_one_layout_at_every_m(dtype, n, k):
         assert {kernel for kernel, _ in layer.weight_2_4.cached_layouts()} == {expected}
         del x, y
     if expected != "dense":
-        assert mem["total"] <= 1.02 * portable  # the kernel's layout is the compressed size
+        assert mem["total"] <= 1.05 * portable  # the compressed size (cuSPARSELt pads: 1.04x at 96 x 160)
     torch.cuda.synchronize()
     resident_bytes = torch.cuda.memory_allocated() - before
     assert resident_bytes <= mem["total"] + bias.numel() * bias.element_size() + (2 << 20), resident_bytes

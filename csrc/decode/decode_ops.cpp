@@ -4,10 +4,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <list>
 #include <map>
 #include <mutex>
 #include <tuple>
-#include <vector>
 
 #include "decode_gemm.h"
 
@@ -16,30 +17,44 @@ namespace {
 
 struct Workspace {
   at::Tensor partials, counters;
-  std::vector<at::Tensor> retired;  // kept alive: captured CUDA graphs may still point at them
 };
 
-// One workspace per (device, stream, graph capture): streams do not race on it, and one allocated
-// while a CUDA graph is being captured is used by that graph alone. Its counters' zero fill is only
-// recorded into that graph (it runs at replay, not now), and its memory is the graph's pool: eager
-// calls later on the same stream handle (PyTorch reuses pooled streams), or another capture on it,
-// must not read it. Eager calls use capture id 0.
-Workspace& workspace_for(const at::Tensor& like, int64_t partial_floats, int64_t row_blocks) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, cudaStream_t, unsigned long long>, Workspace> spaces;
+// Split-K scratch. A call being captured into a CUDA graph gets its own, allocated here and released
+// when the call returns: the allocator keeps a block freed during capture in that graph's private
+// pool for as long as the graph lives, and the counters' zero fill is recorded into the graph (it
+// runs at every replay). (Kept in a map instead, every capture, and the dispatcher's timing makes
+// hundreds, pinned 4 MB for the life of the process.) Eager calls reuse one workspace per (device,
+// stream), so concurrent streams do not race on it and a call allocates nothing; the kernel leaves
+// the counters at zero. Only the kMaxEager most recently used are kept (PyTorch hands out up to 32
+// pooled streams per device): dropping one is safe, as its blocks are reused only by later work
+// on the stream it was allocated for.
+constexpr size_t kMaxEager = 4;
+
+Workspace workspace_for(const at::Tensor& like, int64_t partial_floats, int64_t row_blocks) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  unsigned long long capture = 0;
-  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture));
-  if (status != cudaStreamCaptureStatusActive) capture = 0;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusActive) {
+    return {at::empty({std::max<int64_t>(partial_floats, 1)}, like.options().dtype(at::kFloat)),
+            at::zeros({std::max<int64_t>(row_blocks, 1)}, like.options().dtype(at::kInt))};
+  }
+  using Key = std::tuple<int, cudaStream_t>;
+  static std::mutex mu;
+  static std::list<std::pair<Key, Workspace>> recent;  // most recently used first
   std::lock_guard<std::mutex> lock(mu);
-  auto& w = spaces[{like.get_device(), stream, capture}];
+  const Key key{like.get_device(), stream};
+  auto it = std::find_if(recent.begin(), recent.end(), [&](const auto& e) { return e.first == key; });
+  if (it == recent.end()) {
+    recent.emplace_front(key, Workspace{});
+    if (recent.size() > kMaxEager) recent.pop_back();
+  } else {
+    recent.splice(recent.begin(), recent, it);
+  }
+  Workspace& w = recent.front().second;
   if (!w.partials.defined() || w.partials.numel() < partial_floats) {
-    if (w.partials.defined()) w.retired.push_back(w.partials);
     w.partials = at::empty({std::max<int64_t>(partial_floats, 1 << 20)}, like.options().dtype(at::kFloat));
   }
   if (!w.counters.defined() || w.counters.numel() < row_blocks) {
-    if (w.counters.defined()) w.retired.push_back(w.counters);
     w.counters = at::zeros({std::max<int64_t>(row_blocks, 4096)}, like.options().dtype(at::kInt));
   }
   return w;
@@ -119,8 +134,9 @@ at::Tensor launch(const at::Tensor& x, const void* A, const void* E, const void*
   auto y = at::empty({M, n_out}, x.options());
   float* ws = nullptr;
   int* counters = nullptr;
+  Workspace w;  // held until the launch is enqueued
   if (split > 1) {
-    auto& w = workspace_for(x, split * tiles * nt * 32 * 4, row_blocks);
+    w = workspace_for(x, split * tiles * nt * 32 * 4, row_blocks);
     ws = w.partials.data_ptr<float>();
     counters = w.counters.data_ptr<int>();
   }
