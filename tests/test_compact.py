@@ -150,7 +150,14 @@ def test_gpu_compact_layer_holds_one_layout_at_every_m(dtype, n, k):
     from tests.conftest import TOL, rel_err
 
     _gpu()
+    ms = (1, 16, 256, 4096, 333, 7)
     torch.manual_seed(n + k)
+    # A first layer of this shape pays the process's one-time costs: the dispatcher's measurements
+    # and the libraries' per-stream workspaces (cuBLAS keeps one per stream the timing used:
+    # ~100 MB on an H200). What a layer holds is what a second one adds.
+    first = SparseLinear.from_compressed(sf.compress_2_4(sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype))))
+    for m in ms:
+        first(torch.randn(m, k, device="cuda", dtype=dtype))
     dense = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype))
     bias = torch.randn(n, device="cuda", dtype=dtype)
     torch.cuda.synchronize()
@@ -158,7 +165,7 @@ def test_gpu_compact_layer_holds_one_layout_at_every_m(dtype, n, k):
     layer = SparseLinear.from_compressed(sf.compress_2_4(dense), bias)
     portable = layer.weight_nbytes
     expected = default_resident(layer.weight_2_4)
-    for m in (1, 16, 256, 4096, 333, 7):
+    for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         junk = torch.empty(64 << 20, device="cuda", dtype=torch.float16).fill_(float("nan"))
         del junk  # an unwritten output element would show as NaN
@@ -174,7 +181,8 @@ def test_gpu_compact_layer_holds_one_layout_at_every_m(dtype, n, k):
         assert mem["total"] <= 1.05 * portable  # the compressed size (cuSPARSELt pads: 1.04x at 96 x 160)
     torch.cuda.synchronize()
     resident_bytes = torch.cuda.memory_allocated() - before
-    assert resident_bytes <= mem["total"] + bias.numel() * bias.element_size() + (2 << 20), resident_bytes
+    # (+ the bias and, at most, one grown eager decode workspace)
+    assert resident_bytes <= mem["total"] + bias.numel() * bias.element_size() + (8 << 20), resident_bytes
 
     sd = layer.state_dict()  # read back from the layout
     assert sd["weight_values"].device.type == "cpu"
