@@ -248,3 +248,19 @@ def test_choose_resident_takes_the_best_geomean_and_dense_when_no_2_4_kernel_pay
     slow = {16: d(1.0, 1.01, 1.2), 4096: d(1.0, 0.99, 0.99)}
     kernel, speedups = choose_resident(w, slow)
     assert kernel == "dense" and speedups == {16: 1.0, 4096: 1.0}
+
+
+def test_sparsify_and_from_pretrained_take_the_memory_mode(tmp_path):
+    from sparseflow.convert.checkpoint import from_pretrained, save_pretrained
+    from tests.ckpt_helpers import sparse_names, tiny
+
+    with pytest.raises(ValueError, match="memory must be 'compact' or 'fast'"):
+        sf.sparsify(tiny("llama"), memory="small", progress=False)
+    model = sf.sparsify(tiny("llama"), fallback="never", memory="fast", progress=False)
+    names = sparse_names(model)
+    assert names and {model.get_submodule(n).memory for n in names} == {"fast"}
+    save_pretrained(model, tmp_path / "m")
+    assert {from_pretrained(tmp_path / "m").get_submodule(n).memory for n in names} == {"compact"}
+    assert {from_pretrained(tmp_path / "m", memory="fast").get_submodule(n).memory for n in names} == {"fast"}
+    with pytest.raises(ValueError, match="memory must be one of"):
+        from_pretrained(tmp_path / "m", memory="tiny")

@@ -24,13 +24,19 @@ SHAPES = {"llama_down": (4096, 14336), "qwen_o": (3584, 3584)}
 FLOOR = 0.95  # the benchmark's floor is 0.98 over rotated weights; a single-weight timing is noisier
 
 
+# The compact mode runs one kernel at every M, and on the H100 CUTLASS's is 0.65-0.85x dense at
+# M around 300 and 1337 on 4096-wide layers (README, Limits): a known gap, not a passing case.
+COMPACT_GAP = pytest.mark.xfail(reason="one layout: its kernel loses to dense at some M (README Limits)", strict=False)
+
+
 @pytest.mark.skipif(_C is None, reason="CUDA extension not built")
+@pytest.mark.parametrize("memory", ["fast", pytest.param("compact", marks=COMPACT_GAP)])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_sparselinear_is_not_slower_than_dense_at_any_m(shape):
+def test_sparselinear_is_not_slower_than_dense_at_any_m(shape, memory):
     n, k = SHAPES[shape]
     torch.manual_seed(0)
     w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=torch.float16))
-    layer = SparseLinear.from_compressed(sf.compress_2_4(w))
+    layer = SparseLinear.from_compressed(sf.compress_2_4(w), memory=memory)
     slow = []
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -44,4 +50,4 @@ def test_sparselinear_is_not_slower_than_dense_at_any_m(shape):
             ours = min(ours, _median_ms(lambda x=x: layer(x), iters=7))
         if dense / ours < FLOOR:
             slow.append(f"M={m}: {dense / ours:.2f}x ({ours * 1e3:.1f} us vs dense {dense * 1e3:.1f} us)")
-    assert not slow, f"{shape}: SparseLinear below {FLOOR}x F.linear at " + "; ".join(slow)
+    assert not slow, f"{shape}, memory={memory!r}: SparseLinear below {FLOOR}x F.linear at " + "; ".join(slow)

@@ -53,6 +53,7 @@ class SparsifyConfig:
     error_batches: int = 8
     rollback: bool = True
     fuse_mlp: bool = True
+    memory: str = "compact"
     progress: bool = True
     verbose: bool = False
 
@@ -61,6 +62,8 @@ class SparsifyConfig:
             raise ValueError(f"sparsify: method must be one of {METHODS}, got {self.method!r}")
         if self.fallback not in ("auto", "never"):
             raise ValueError(f"sparsify: fallback must be 'auto' or 'never', got {self.fallback!r}")
+        if self.memory not in ("compact", "fast"):
+            raise ValueError(f"sparsify: memory must be 'compact' or 'fast', got {self.memory!r}")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise TypeError("sparsify: include/exclude take a list of name patterns, not a single string")
         if not self.expected_tokens or any(int(m) < 1 for m in self.expected_tokens):
@@ -380,8 +383,9 @@ def sparsify(
     reconstruction error), ``rollback`` (keep originals until the end so a failure restores the
     model exactly; False frees them as it goes and a failure lists the converted layers),
     ``fuse_mlp`` (default True: SwiGLU MLPs whose gate and up became 2:4 run both as one fused
-    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`),
-    ``progress``, ``verbose`` (default False: print the report table; :func:`report` gives it
+    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`), ``memory`` (the 2:4 layers'
+    memory mode, ``SparseLinear``: "compact", the default, builds each GPU layer's one layout
+    here; "fast"), ``progress``, ``verbose`` (default False: print the report table; :func:`report` gives it
     either way).
 
     Returns ``model`` (in eval mode); :func:`report` gives what was done per layer.
@@ -433,8 +437,10 @@ def sparsify(
     # On a GPU each compact layer keeps one layout from now on (built here, not at the first call)
     kept = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear) and mod.make_resident() is not None:
-            kept[name] = (mod.resident, mod.memory_bytes()["total"])
+        if isinstance(mod, SparseLinear):
+            mod.memory = cfg.memory
+            if mod.make_resident() is not None:
+                kept[name] = (mod.resident, mod.memory_bytes()["total"])
     rep = SparsifyReport(
         cfg.method,
         cfg.fallback,

@@ -29,6 +29,7 @@ from sparseflow.convert.atomic import atomic_directory, interrupted_saves, refus
 from sparseflow.convert.shards import ShardReader, TensorInfo, read_headers, write_shards
 from sparseflow.convert.validation import CheckpointError, check_meta, dtype_from_name, dtype_name
 from sparseflow.nn import SparseLinear, fuse_gated_mlps
+from sparseflow.nn.linear import _check_memory
 
 __all__ = ["FORMAT_VERSION", "SECTION", "CheckpointError", "from_pretrained", "save_pretrained"]
 
@@ -195,6 +196,7 @@ def from_pretrained(
     max_memory: dict | None = None,
     model_class: type | None = None,
     verify_checksums: bool = True,
+    memory: str = "compact",
     **config_kwargs: Any,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_pretrained`, or a compressed-tensors 2:4 one
@@ -205,9 +207,11 @@ def from_pretrained(
     (CPU), a device (``"cuda:0"``), ``"auto"``/``"balanced"``/``"sequential"`` (accelerate
     plans it from the compressed sizes and the free memory, capped by ``max_memory``), or an
     explicit ``{module: device}``. ``model_class`` overrides the class named by
-    ``config.architectures``. Raises :class:`CheckpointError` for anything damaged or
-    inconsistent, naming the file and tensor.
+    ``config.architectures``. ``memory``: the 2:4 layers' memory mode (``SparseLinear``): on GPUs
+    "compact" layers settle on their one layout as they finish loading. Raises
+    :class:`CheckpointError` for anything damaged or inconsistent, naming the file and tensor.
     """
+    _check_memory(memory)
     path = Path(pretrained_model_name_or_path)
     raw = _read_config_json(path)
     section = raw.get(SECTION)
@@ -216,7 +220,13 @@ def from_pretrained(
 
         if ct.sparsity_format(raw, path / "config.json") is not None:
             return ct.load_compressed_tensors(
-                path, dtype=dtype, device_map=device_map, max_memory=max_memory, model_class=model_class
+                path,
+                dtype=dtype,
+                device_map=device_map,
+                max_memory=max_memory,
+                model_class=model_class,
+                verify_checksums=verify_checksums,
+                memory=memory,
             )
         raise CheckpointError(f"{path / 'config.json'}: no {SECTION!r} section: not a sparseflow checkpoint")
     section = _check_section(section, path / "config.json")
@@ -240,7 +250,7 @@ def from_pretrained(
             place(model, name, tensor, devices, target_dtype)
     finally:
         reader.close()
-    finish(model, section["tied_weights"], devices, device_map)
+    finish(model, section["tied_weights"], devices, device_map, memory)
     return model
 
 
@@ -473,9 +483,16 @@ def place(
         module._buffers[attr] = tensor
 
 
-def finish(model: nn.Module, tied: dict[str, str], devices: dict[str, torch.device], device_map: DeviceMap) -> None:
+def finish(
+    model: nn.Module,
+    tied: dict[str, str],
+    devices: dict[str, torch.device],
+    device_map: DeviceMap,
+    memory: str = "compact",
+) -> None:
     """Re-tie, move the non-persistent buffers next to their module's weights, prove that
-    nothing is left on meta, fuse SwiGLU MLPs (``SparseGatedMLP``), dispatch across devices
+    nothing is left on meta, fuse SwiGLU MLPs (``SparseGatedMLP``), set the 2:4 layers'
+    ``memory`` mode (compact ones on GPUs keep one layout from here), dispatch across devices
     when there are several, ``eval()``."""
     tie(model, tied)
     for module_name, module in model.named_modules():
@@ -493,10 +510,12 @@ def finish(model: nn.Module, tied: dict[str, str], devices: dict[str, torch.devi
                 raise CheckpointError(f"{kind} {name!r} was not loaded from the checkpoint (still on the meta device)")
     fuse_gated_mlps(model)  # before dispatch: accelerate's hooks then see the final modules
     used = set(devices.values())
-    if all(d.type == "cuda" for d in used):  # compact layers settle on their one GPU layout now
-        for module in model.modules():
-            if isinstance(module, SparseLinear):
-                module.make_resident()
+    on_gpus = all(d.type == "cuda" for d in used)  # (accelerate's CPU/disk offload swaps buffers)
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            module.memory = memory
+            if on_gpus:
+                module.make_resident()  # no-op in the fast mode
     if device_map is not None:
         model.hf_device_map = {k: str(v) for k, v in devices.items()}
     if len(used) > 1:

@@ -209,6 +209,7 @@ def load_compressed_tensors(
     max_memory: dict | None = None,
     model_class: type | None = None,
     verify_checksums: bool = True,
+    memory: str = "compact",
 ) -> nn.Module:
     """Load a compressed-tensors 2:4 checkpoint (``sparse-24-bitmask``, or ``dense`` with a 2:4
     ``sparsity_structure``) with its 2:4 layers as ``SparseLinear``.
@@ -281,7 +282,7 @@ def load_compressed_tensors(
             ck.place(model, rename.get(name, name), tensor, devices, target_dtype)
     finally:
         reader.close()
-    ck.finish(model, tied, devices, device_map)
+    ck.finish(model, tied, devices, device_map, memory)
     # The model in memory is a sparseflow model now: drop the compressed-tensors config so a
     # later save writes ours (and transformers does not try compressed-tensors on it).
     for key in CONFIG_KEYS:
