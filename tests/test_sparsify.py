@@ -416,8 +416,10 @@ def test_non_module_is_a_type_error():
         sf.sparsify({"weight": torch.zeros(4, 4)})
 
 
-def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch):
-    """The GPU branch, with the measurement faked: sparse only where faster at every expected M."""
+@pytest.mark.parametrize("memory", ["fast", "compact"])
+def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch, memory):
+    """The GPU branch, with the measurement faked: sparse only where faster at every expected M
+    (compact: the kernel the layer would keep, here cuSPARSELt, the only one timed)."""
     timings = {(4096, 4096): {16: 1.2, 2048: 1.5}, (1024, 4096): {16: 0.8, 2048: 1.3}}
 
     def decide(weight, m):
@@ -426,10 +428,11 @@ def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch):
 
     monkeypatch.setattr(walker, "sparse_unavailable_reason", lambda device: None)
     monkeypatch.setattr(walker, "_probe_weight", lambda n, k, dtype, device: sf.compress_2_4(torch.zeros(n, k)))
+    monkeypatch.setattr(walker, "default_resident", lambda w: "cusparselt")
     monkeypatch.setattr(walker.DISPATCHER, "decide", decide)
     model = nn.Sequential(nn.Linear(4096, 4096), nn.Linear(4096, 1024), nn.Linear(4096, 4096)).half()
     targets = walker.collect_targets(model)
-    walker.decide_fallback(targets, "auto", (16, 2048), 1.0, device=torch.device("cuda"))
+    walker.decide_fallback(targets, "auto", (16, 2048), 1.0, device=torch.device("cuda"), memory=memory)
     got = {t.name: (t.action, t.speedup) for t in targets}
     assert got["0"] == ("sparse", {16: 1.2, 2048: 1.5}) and got["2"][0] == "sparse"
     assert got["1"] == ("dense-fallback", {16: 0.8, 2048: 1.3})
@@ -440,6 +443,25 @@ def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch):
     targets = walker.collect_targets(model.float())
     walker.decide_fallback(targets, "auto", (2048,), 1.0, device=torch.device("cuda"))
     assert all(t.action == "dense-fallback" and "no 2:4 tensor-core path" in t.reason for t in targets)
+
+
+def test_compact_fallback_judges_the_kernel_the_layer_would_keep(monkeypatch):
+    """cuSPARSELt 1.5x, CUTLASS (the kept layout) 0.9x: fast mode converts, compact keeps it dense."""
+    monkeypatch.setattr(walker, "sparse_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(walker, "_probe_weight", lambda n, k, dtype, device: sf.compress_2_4(torch.zeros(n, k)))
+    monkeypatch.setattr(walker, "default_resident", lambda w: "cutlass")
+    monkeypatch.setattr(
+        walker.DISPATCHER,
+        "decide",
+        lambda w, m: Decision("cusparselt", sparse_ms=1.0, cutlass_ms=1.5 / 0.9, dense_ms=1.5, measured=True),
+    )
+    model = nn.Sequential(nn.Linear(4096, 4096)).half()
+    fast = walker.collect_targets(model)
+    walker.decide_fallback(fast, "auto", (2048,), 1.0, device=torch.device("cuda"), memory="fast")
+    compact = walker.collect_targets(model)
+    walker.decide_fallback(compact, "auto", (2048,), 1.0, device=torch.device("cuda"), memory="compact")
+    assert fast[0].action == "sparse" and fast[0].speedup == {2048: pytest.approx(1.5)}
+    assert compact[0].action == "dense-fallback" and compact[0].speedup == {2048: pytest.approx(0.9)}
 
 
 # -- dtypes, modes, devices ----------------------------------------------------------------------

@@ -404,7 +404,7 @@ def sparsify(
         raise ValueError("sparsify: device= is for models on one device; a device_map model is calibrated in place")
     start = time.perf_counter()
     targets = collect_targets(model, cfg.include, cfg.exclude, cfg.filter_fn)
-    decide_fallback(targets, cfg.fallback, cfg.expected_tokens, cfg.min_speedup, device)
+    decide_fallback(targets, cfg.fallback, cfg.expected_tokens, cfg.min_speedup, device, cfg.memory)
     _check_something_converts(targets)
     batches = prepare_batches(calibration, tokenizer, _input_device(model)) if cfg.method != "magnitude" else None
     was_training = model.training

@@ -27,7 +27,7 @@ from torch import nn
 from sparseflow._ext import sparse_unavailable_reason
 from sparseflow.format import Sparse24Weight, compress_2_4, prune_2_4
 from sparseflow.kernels.cusparselt import cslt_unsupported
-from sparseflow.kernels.dispatch import DISPATCHER
+from sparseflow.kernels.dispatch import DISPATCHER, SPARSE_MIN_GAIN, default_resident, resident_speedup
 from sparseflow.nn import SparseLinear
 
 __all__ = ["Journal", "Target", "build_sparse", "collect_targets", "decide_fallback", "shape_rule"]
@@ -188,7 +188,13 @@ def _probe_weight(n: int, k: int, dtype: torch.dtype, device: torch.device) -> S
 
 
 def _measure(
-    n: int, k: int, dtype: torch.dtype, device: torch.device, expected_tokens: Sequence[int], min_speedup: float
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    expected_tokens: Sequence[int],
+    min_speedup: float,
+    memory: str = "compact",
 ) -> tuple[bool, str, dict[int, float | None] | None]:
     reason = sparse_unavailable_reason(device)
     if reason is None and dtype not in (torch.float16, torch.bfloat16):
@@ -198,12 +204,19 @@ def _measure(
     if reason is not None:
         return False, reason, None
     probe = _probe_weight(n, k, dtype, device)
+    # compact: the layer will run the one kernel whose layout it keeps, at every M
+    kept = default_resident(probe) if memory == "compact" else None
     speedups: dict[int, float | None] = {}
     slower = []
     for m in expected_tokens:
         d = DISPATCHER.decide(probe, int(m))
-        speedups[int(m)] = d.speedup
-        if d.choice == "dense" or (d.speedup is not None and d.speedup < min_speedup):
+        if kept is None:
+            speedups[int(m)] = s = d.speedup
+            loses = d.choice == "dense"
+        else:
+            speedups[int(m)] = s = resident_speedup(d, kept)
+            loses = s is None or s < SPARSE_MIN_GAIN
+        if loses or (s is not None and s < min_speedup):
             slower.append(int(m))
     if slower:
         return False, f"2:4 measured slower than dense at M={slower}", speedups
@@ -216,11 +229,13 @@ def decide_fallback(
     expected_tokens: Sequence[int],
     min_speedup: float,
     device: torch.device | None = None,
+    memory: str = "compact",
 ) -> None:
     """fallback="auto": turn selected targets that would not be faster into "dense-fallback".
 
     Measured with the core dispatcher on the layer's GPU (or ``device`` when the model sits on
-    the CPU and will be calibrated there); otherwise :func:`shape_rule`.
+    the CPU and will be calibrated there): in the compact memory mode, the kernel the layer would
+    keep; in the fast mode, the fastest 2:4 kernel per M. Otherwise :func:`shape_rule`.
     """
     cache: dict[tuple, tuple[bool, str, dict | None]] = {}
     for t in targets:
@@ -237,7 +252,7 @@ def decide_fallback(
                 keep, why = shape_rule(t.out_features, t.in_features)
                 cache[key] = (keep, why, None)
             else:
-                cache[key] = _measure(t.out_features, t.in_features, w.dtype, dev, expected_tokens, min_speedup)
+                cache[key] = _measure(t.out_features, t.in_features, w.dtype, dev, expected_tokens, min_speedup, memory)
         keep, t.reason, t.speedup = cache[key]
         if not keep:
             t.action = "dense-fallback"

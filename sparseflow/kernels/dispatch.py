@@ -557,7 +557,7 @@ def _on_gpu(weight) -> bool:
     return weight.device.type == "cuda"
 
 
-def _resident_speedup(d: Decision, kernel: str) -> float | None:
+def resident_speedup(d: Decision, kernel: str) -> float | None:
     """Dense time over ``kernel``'s at the worse end of ``d``'s bucket, for a layer keeping that
     kernel's layout only (cuSPARSELt's plan counts only if it reads the shared buffer)."""
     if kernel == "dense":
@@ -580,13 +580,13 @@ def choose_resident(weight, decisions: dict[int, Decision]) -> tuple[str, dict[i
     best, best_score = "dense", SPARSE_MIN_GAIN
     for kernel in candidates:
         # cuSPARSELt is not measured below CSLT_MIN_BUCKET: those sizes do not count against it
-        found = [s for s in (_resident_speedup(d, kernel) for d in decisions.values()) if s is not None]
+        found = [s for s in (resident_speedup(d, kernel) for d in decisions.values()) if s is not None]
         if not found or (kernel == "cutlass" and len(found) < len(decisions)):
             continue
         score = float(torch.tensor(found).log().mean().exp())
         if score >= best_score:
             best, best_score = kernel, score
-    return best, {m: _resident_speedup(d, best) for m, d in decisions.items()}
+    return best, {m: resident_speedup(d, best) for m, d in decisions.items()}
 
 
 def _kernel(name: str):
