@@ -113,6 +113,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
     row["choice"], row["cusparselt_cfg"] = (d.choice, d.cfg) if d else (None, None)
     row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
     row["cutlass_cfg"] = cutlass.configs(dtype)[d.cutlass_cfg] if d and d.cutlass_ms is not None else None
+    row["cutlass_pad"] = d.cutlass_pad if d and d.cutlass_ms is not None else None  # x padded to the bucket top
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
     # What the dispatcher measured (L2 scrubbed, one weight) when it chose: beside the columns

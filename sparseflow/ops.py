@@ -21,6 +21,7 @@ from sparseflow.format import Sparse24Weight
 from sparseflow.kernels import KERNELS
 from sparseflow.kernels.cusparselt import CSLT_ALIGN, cslt_layout, cslt_unsupported
 from sparseflow.kernels.cusparselt import cache_key as cslt_cache_key
+from sparseflow.kernels.cutlass import PaddedRun
 from sparseflow.kernels.decode import DECODE_MAX_M, portable_ok, portable_view
 from sparseflow.kernels.dispatch import DISPATCHER, default_sparse, m_bucket
 
@@ -79,6 +80,14 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
     return _reference(x, _lookup(values, meta, handle), bias)
 
 
+def _cutlass_run(d, m: int):
+    """CUTLASS's run, with x padded to the bucket's largest M where the dispatcher measured that
+    faster (``Decision.cutlass_pad``)."""
+    if d is not None and d.cutlass_ms is not None and d.cutlass_pad:
+        return PaddedRun(m_bucket(m))
+    return KERNELS["cutlass"].run
+
+
 def _resident_route(w: Sparse24Weight, m: int) -> tuple:
     """The route of a weight that keeps one kernel's layout only (``keep_only``): that kernel at
     every M, with the configuration measured fastest for it at this M-bucket."""
@@ -90,6 +99,7 @@ def _resident_route(w: Sparse24Weight, m: int) -> tuple:
     d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m) if capturing else DISPATCHER.decide(w, m)
     if kernel == "cutlass":
         cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else KERNELS[kernel].readback_cfg
+        run = _cutlass_run(d, m)
     elif kernel == "cusparselt":
         same_buffer = d is not None and d.sparse_ms is not None and cslt_cache_key(d.layout) == cslt_cache_key(1)
         cfg = (d.cfg, d.layout) if same_buffer else KERNELS[kernel].readback_cfg
@@ -132,7 +142,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
         cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else 0
-        return (w.values._version, run, w.layout("cutlass"), cfg)
+        return (w.values._version, _cutlass_run(d, m), w.layout("cutlass"), cfg)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
         raise ValueError(

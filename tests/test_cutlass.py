@@ -8,7 +8,7 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow.kernels import cutlass
-from sparseflow.kernels.dispatch import DISPATCHER
+from sparseflow.kernels.dispatch import DISPATCHER, m_bucket
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
 pytestmark = [
@@ -120,3 +120,19 @@ def test_bad_input_is_a_clear_error():
         cutlass.pack_cutlass(odd)
     with pytest.raises(ValueError, match="backend='cutlass'.*multiple of 64"):
         sf.sparse_mm(torch.randn(4, 256, device="cuda", dtype=torch.float16), odd, backend="cutlass")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 289, 1281])
+def test_padded_run_matches_reference_and_returns_only_x_rows(dtype, m):
+    """x padded to a bucket's largest M (the dispatcher's `cutlass_pad`): same result, M rows."""
+    torch.manual_seed(m)
+    w = random_2_4(1024, 2048, dtype, "cuda")
+    cw = sf.compress_2_4(w).layout("cutlass")
+    x = torch.randn(m, 2048, device="cuda", dtype=dtype)
+    b = torch.randn(1024, device="cuda", dtype=dtype)
+    rows = m_bucket(m)
+    _poisoned(rows, 1024, dtype)
+    out = cutlass.PaddedRun(rows)(x, cw, 0, b)
+    assert out.shape == (m, 1024)
+    assert rel_err(out, nn.functional.linear(x.double(), w.double(), b.double())) < TOL[dtype]

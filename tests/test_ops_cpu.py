@@ -412,3 +412,49 @@ def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
     monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) is None
+
+
+def test_cutlass_padding_is_timed_at_the_bucket_bottom_and_kept_only_when_faster(monkeypatch):
+    """_time_cutlass with the kernels and the timer faked: each call's time is looked up by
+    (configuration, rows the kernel ran on), as the GPU would measure it."""
+    from sparseflow.kernels import cutlass, dispatch
+
+    ran = []
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["a", "b"])
+    monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, w, cfg: ran.append((cfg, x.shape[0])))
+    monkeypatch.setattr(cutlass, "mm_unchecked", lambda x, w, cfg, bias=None: ran.append((cfg, x.shape[0])) or x)
+
+    def timed(times):
+        def median_ms(fn, **kw):
+            ran.clear()
+            fn()
+            return times[ran[-1]]
+
+        return median_ms
+
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    monkeypatch.setattr(type(w), "layout", lambda self, kernel, key=None, keep=True: "cw")
+    xs = (torch.randn(320, 128), torch.randn(289, 128))
+    # config 0: 60 us at M = 320 but 87 us at M = 289; padded to 320 rows it takes 60 again
+    monkeypatch.setattr(dispatch, "_median_ms", timed({(0, 320): 60.0, (0, 289): 87.0, (1, 320): 70.0, (1, 289): 65.0}))
+    assert dispatch._time_cutlass(w, xs, (56.0, 52.0)) == (60.0, 60.0, 0, True)
+    # where the plain run is faster at the bottom, it is kept
+    monkeypatch.setattr(dispatch, "_median_ms", timed({(0, 320): 60.0, (0, 289): 55.0, (1, 320): 70.0, (1, 289): 65.0}))
+    assert dispatch._time_cutlass(w, xs, (56.0, 52.0)) == (60.0, 55.0, 0, False)
+
+
+def test_padded_run_pads_x_and_returns_its_rows(monkeypatch):
+    from sparseflow.kernels import cutlass
+
+    seen = []
+    weight = torch.randn(16, 8)
+
+    def fake(x, w, cfg, bias=None):
+        seen.append(x.shape[0])
+        return x @ weight.T + (0 if bias is None else bias)
+
+    monkeypatch.setattr(cutlass, "mm_unchecked", fake)
+    x, b = torch.randn(5, 8), torch.randn(16)
+    out = cutlass.PaddedRun(8)(x, "layout", 0, b)
+    assert seen == [8] and torch.allclose(out, x @ weight.T + b)
+    assert cutlass.mm_padded(torch.randn(9, 8), "layout", 0, 8).shape == (9, 16) and seen[-1] == 9

@@ -22,9 +22,11 @@ __all__ = [
     "KERNEL",
     "CutlassKernel",
     "CutlassWeight",
+    "PaddedRun",
     "available",
     "configs",
     "cutlass_mm",
+    "mm_padded",
     "pack_cutlass",
     "refusal",
     "unsupported",
@@ -139,6 +141,33 @@ def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int, bias: torch.Tensor
     if bias is not None:
         y.add_(bias)
     return y
+
+
+def mm_padded(x: torch.Tensor, w: CutlassWeight, cfg: int, rows: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``mm_unchecked`` run on ``rows`` token rows (x's rows, then rows whose outputs are
+    dropped): the time of a bucket's largest M for every M in it. On the H100 some
+    configurations took longer with fewer tokens and the same tile count (gate/up, 64-token
+    tiles: 87 us at M = 289, 60 us at M = 320); the dispatcher times this beside the plain run at
+    each bucket's smallest M and keeps the faster (``Decision.cutlass_pad``)."""
+    m = x.shape[0]
+    if m >= rows:
+        return mm_unchecked(x, w, cfg, bias)
+    xp = x.new_empty(rows, x.shape[1])  # the extra rows' values are never read back
+    xp[:m].copy_(x)
+    return mm_unchecked(xp, w, cfg, bias)[:m]
+
+
+class PaddedRun:
+    """``CutlassKernel.run`` with x padded to ``rows`` token rows (``mm_padded``): what a route
+    runs where the dispatcher measured padding faster."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __call__(self, x: torch.Tensor, layout: CutlassWeight, cfg: int, bias: torch.Tensor | None) -> torch.Tensor:
+        return mm_padded(x, layout, cfg, self.rows, bias)
 
 
 class CutlassKernel(Kernel):

@@ -131,6 +131,7 @@ class Decision:
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cusparselt_tuner)
     cutlass_ms: float | None = None  # CUTLASS's sm90 kernel at its best configuration
     cutlass_cfg: int = -1  # that configuration (an index into sparseflow.kernels.cutlass.configs)
+    cutlass_pad: bool = False  # run it on the bucket's largest M (x padded): measured faster at the bottom
     # The bucket's smallest M and each kernel's time there ("dense" included); the *_ms fields
     # above are at its largest M. A kernel's standing is its worse ratio to dense over the two.
     m_lo: int = 0
@@ -265,10 +266,12 @@ def _tuner_checked(weight, cfg: list[int], layout: int, ms: set[int]) -> bool:
 
 def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[float, float]):
     """The CUTLASS configuration with the best worse-end ratio to dense over the bucket, as
-    (time at its largest M, time at its smallest M, configuration), or None if none ran.
-    ``xs``/``dense``: inputs and dense times at the (largest, smallest) M. A failure costs that
-    configuration (reported once), never the forward."""
-    configs, cutlass_mm = cutlass.configs, cutlass.cutlass_mm
+    (time at its largest M, time at its smallest M, configuration, padded), or None if none ran.
+    ``xs``/``dense``: inputs and dense times at the (largest, smallest) M. At the smallest M
+    each configuration is timed as it is and with x padded to the largest M (``mm_padded``);
+    ``padded``: the second was faster, and the route pads every M of the bucket. A failure costs
+    that configuration (reported once), never the forward."""
+    configs, cutlass_mm, mm_padded = cutlass.configs, cutlass.cutlass_mm, cutlass.mm_padded
     try:
         cw = weight.layout("cutlass")
     except RuntimeError as exc:
@@ -284,11 +287,17 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[fl
             continue
         hi.append((_median_ms(lambda cfg=cfg: cutlass_mm(xs[0], cw, cfg)), cfg))
     best = None
+    rows = xs[0].shape[0]
     for t_hi, cfg in sorted(hi)[:_CUTLASS_RETIMED]:  # the fastest at the top, timed at the bottom too
-        t_lo = _median_ms(lambda cfg=cfg: cutlass_mm(xs[1], cw, cfg)) if xs[1] is not xs[0] else t_hi
+        if xs[1] is xs[0]:
+            t_lo, padded = t_hi, False
+        else:
+            plain = _median_ms(lambda cfg=cfg: cutlass_mm(xs[1], cw, cfg))
+            pad = _median_ms(lambda cfg=cfg: mm_padded(xs[1], cw, cfg, rows))
+            t_lo, padded = (pad, True) if pad < plain else (plain, False)
         worst = max(t_hi / dense[0], t_lo / dense[1])
         if best is None or worst < best[0]:
-            best = (worst, t_hi, t_lo, cfg)
+            best = (worst, t_hi, t_lo, cfg, padded)
     return best[1:] if best else None
 
 
@@ -457,7 +466,7 @@ class Dispatcher:
             if cutlass_wanted(weight):
                 found = _time_cutlass(weight, (x, x_lo), (d.dense_ms, d.lo_ms["dense"]))
                 if found:
-                    d.cutlass_ms, d.lo_ms["cutlass"], d.cutlass_cfg = found
+                    d.cutlass_ms, d.lo_ms["cutlass"], d.cutlass_cfg, d.cutlass_pad = found
             if bucket <= DECODE_MAX_M:
                 w = weight.layout("decode")
 
@@ -540,6 +549,7 @@ class Dispatcher:
                         "cusparselt_layout": d.layout,
                         "cutlass_ms": d.cutlass_ms,
                         "cutlass_cfg": d.cutlass_cfg,
+                        "cutlass_pad": d.cutlass_pad,  # x padded to the bucket's largest M
                     }
                 )
         return rows
