@@ -36,7 +36,9 @@ summary+=("$(scripts/build_ext.sh "$OUT/build.log")")
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR, '| CUTLASS sm90:', sf._ext._CUTLASS is not None, sf._ext.CUTLASS_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
-timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
+# PYTEST_K: a -k expression (spaces kept); PYTEST_ARGS: more options, split on spaces
+timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} \
+  ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log" | tail -30
 summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
 
 if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (issue: sanitizer-clean)
