@@ -9,7 +9,7 @@ frees the portable buffers (they become empty N x 0 placeholders). ``state_dict`
 portable form back from that layout into host memory, ``.to()`` and ``load_state_dict`` restore it
 first, so the module behaves as if it held it. ``memory="fast"`` keeps the portable form, every
 layout the dispatcher chose per M-bucket and a dense copy where dense was faster: never slower
-than dense, at up to ~2.7x the compressed bytes on the GPU.
+than dense, at more GPU memory than the dense weight.
 """
 
 from __future__ import annotations
