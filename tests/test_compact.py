@@ -264,3 +264,16 @@ def test_sparsify_and_from_pretrained_take_the_memory_mode(tmp_path):
     assert {from_pretrained(tmp_path / "m", memory="fast").get_submodule(n).memory for n in names} == {"fast"}
     with pytest.raises(ValueError, match="memory must be one of"):
         from_pretrained(tmp_path / "m", memory="tiny")
+
+
+def test_a_compact_layer_compiles_fullgraph_with_its_placeholders():
+    """The op's fake implementation reads the output width from the (N x 0) placeholders."""
+    dense = _weight()
+    layer = SparseLinear.from_compressed(sf.compress_2_4(dense), torch.randn(48).half())
+    _keep_dense_only(layer)
+    x = torch.randn(3, 7, 200).half()
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert out.shape == (3, 7, 48) and torch.equal(out, eager)
+    assert layer.resident == "dense" and layer.weight_values.numel() == 0
