@@ -510,12 +510,9 @@ def finish(
                 raise CheckpointError(f"{kind} {name!r} was not loaded from the checkpoint (still on the meta device)")
     fuse_gated_mlps(model)  # before dispatch: accelerate's hooks then see the final modules
     used = set(devices.values())
-    on_gpus = all(d.type == "cuda" for d in used)  # (accelerate's CPU/disk offload swaps buffers)
-    for module in model.modules():
-        if isinstance(module, SparseLinear):
-            module.memory = memory
-            if on_gpus:
-                module.make_resident()  # no-op in the fast mode
+    sparse = [module for module in model.modules() if isinstance(module, SparseLinear)]
+    for module in sparse:
+        module.memory = memory
     if device_map is not None:
         model.hf_device_map = {k: str(v) for k, v in devices.items()}
     if len(used) > 1:
@@ -529,4 +526,9 @@ def finish(
             offload_buffers=any(d.type == "cpu" for d in used),
             skip_keys=getattr(model, "_skip_keys_device_placement", None),
         )
+    # after dispatch (its hooks place every tensor first); not with CPU/disk offload, whose hooks
+    # swap the buffers in and out around each call
+    if all(d.type == "cuda" for d in used):
+        for module in sparse:
+            module.make_resident()  # a no-op in the fast mode
     model.eval()
