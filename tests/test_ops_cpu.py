@@ -402,12 +402,17 @@ def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
     monkeypatch.setattr(cutlass, "cutlass_mm", fake_mm)
     xs = (torch.randn(8, 256), torch.randn(1, 256))
     # (configuration, rows) -> ms: configuration 2 is faster at the top of the bucket, 0 at its
-    # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins.
+    # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins...
     times = {(0, 8): 2.0, (2, 8): 1.5, (0, 1): 1.0, (2, 1): 3.0}
     monkeypatch.setattr(dispatch, "_median_ms", lambda fn: times[fn.__defaults__[0], fn()])
     monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, cw, cfg: fake_mm(x, cw, cfg) or x.shape[0])
+    monkeypatch.setattr(cutlass, "mm_padded", lambda x, cw, cfg, rows: 99)  # (no time: never faster)
+    times[0, 99] = times[2, 99] = 10.0
     with pytest.warns(RuntimeWarning, match="CUTLASS configuration 1 failed"):
-        assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (2.0, 1.0, 0)
+        assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (2.0, 1.0, 0, False)
+    # ...unless 2 run on the top's rows at the bottom (padded) keeps its top time: then 2 wins
+    monkeypatch.setattr(cutlass, "mm_padded", lambda x, cw, cfg, rows: fake_mm(x, cw, cfg) or rows)
+    assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (1.5, 1.5, 2, True)
     w.drop_layouts("cutlass")
     monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.warns(RuntimeWarning, match="could not be built"):
