@@ -126,6 +126,10 @@ class Sparse24Weight:
 
         built = self.layout(kernel)
         n = self.shape[0]
+        if self._handle is not None:  # routes resolved before point at layouts about to be freed
+            from sparseflow.ops import forget_routes
+
+            forget_routes(self._handle)
         self._layouts = {(kernel, KERNELS[kernel].cache_key(None)): built}
         self.values, self.meta = self.values.new_empty((n, 0)), self.meta.new_empty((n, 0))
         self._layouts_version = self.values._version

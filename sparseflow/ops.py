@@ -45,10 +45,15 @@ _next_handle = itertools.count(1)
 _routes: dict[tuple[int, int, int], tuple] = {}
 
 
-def _forget(h: int) -> None:
-    _handles.pop(h, None)
+def forget_routes(h: int) -> None:
+    """Drop the resolved routes of the weight with handle ``h`` (its layouts are changing)."""
     for key in [key for key in _routes if key[0] == h]:
         _routes.pop(key, None)
+
+
+def _forget(h: int) -> None:
+    _handles.pop(h, None)
+    forget_routes(h)
 
 
 def _handle(weight: Sparse24Weight) -> int:

@@ -277,3 +277,18 @@ def test_a_compact_layer_compiles_fullgraph_with_its_placeholders():
     out = compiled(x)
     assert out.shape == (3, 7, 48) and torch.equal(out, eager)
     assert layer.resident == "dense" and layer.weight_values.numel() == 0
+
+
+def test_keep_only_drops_the_routes_resolved_before():
+    """A route resolved in the fast mode (or for another kept layout) holds that kernel's layout:
+    switching to one layout must not leave it in use, nor alive."""
+    from sparseflow import ops
+
+    w = sf.compress_2_4(_weight())
+    h = ops._handle(w)
+    ops._routes[(h, 8, 0)] = (w.values._version, None, "a fast-mode layout", None)
+    other = ops._handle(sf.compress_2_4(_weight(seed=2)))
+    ops._routes[(other, 8, 0)] = (0, None, "another weight's", None)
+    w.keep_only("dense")
+    assert (h, 8, 0) not in ops._routes and (other, 8, 0) in ops._routes
+    ops.forget_routes(other)
