@@ -32,9 +32,17 @@ def _tiny_sparse_llama(device, dtype) -> LlamaForCausalLM:
     return model
 
 
-def test_compiled_model_has_no_graph_break_and_the_same_logits():
-    """fullgraph=True fails on any graph break; aot_eager traces what inductor would get."""
+@pytest.mark.parametrize("one_layout", [False, True])
+def test_compiled_model_has_no_graph_break_and_the_same_logits(one_layout):
+    """fullgraph=True fails on any graph break; aot_eager traces what inductor would get.
+    ``one_layout``: every layer keeps one layout and N x 0 placeholders for its portable buffers,
+    as compact layers do on a GPU (here the dense kernel's layout, which runs on the CPU)."""
     model = _tiny_sparse_llama("cpu", torch.float32)
+    if one_layout:
+        for layer in (m for m in model.modules() if isinstance(m, SparseLinear)):
+            w = layer.weight_2_4
+            w.keep_only("dense")
+            layer._buffers["weight_values"], layer._buffers["weight_meta"] = w.values, w.meta
     ids = torch.randint(0, 512, (2, 11))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -66,8 +74,10 @@ def _greedy(model, step, prompt: torch.Tensor, new: int) -> list[list[int]]:
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.skipif(not sf.extension_available(), reason="CUDA extension not built")
-def test_greedy_tokens_equal_eager_graph_and_compiled():
+@pytest.mark.parametrize("memory", ["compact", "fast"])
+def test_greedy_tokens_equal_eager_graph_and_compiled(memory):
     model = _tiny_sparse_llama("cuda", torch.float16)
+    sf.set_memory(model, memory)
     prompt = torch.randint(0, 512, (2, 9), device="cuda")
 
     def eager(tok, cache, pos):
