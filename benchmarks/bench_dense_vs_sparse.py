@@ -64,7 +64,25 @@ def torch_semi_structured(w: torch.Tensor):
     return to_sparse_semi_structured(w)
 
 
-def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False):
+class _Skipped(Exception):
+    """The torch column was left out (--skip torch)."""
+
+
+def comma_list(choices: tuple) -> callable:
+    def parse(text: str) -> list[str]:
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return items
+
+    return parse
+
+
+SKIPPABLE = ("portable", "forced", "torch")  # columns --skip can leave out (to fit a grid in a device call)
+
+
+def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, skip=()):
     dense_bytes = n * k * 2 + m * k * 2
     sets = max(2, min(32, math.ceil(ROTATE_BYTES / dense_bytes)))
     ws = [sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype)) for _ in range(sets)]
@@ -98,6 +116,8 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
     d = sf.DISPATCHER.lookup(ws[0].device, dtype, n, k, m)
     for key, backend in (("cusparselt_ms", "cusparselt"), ("cutlass_ms", "cutlass"), ("decode_ms", "decode")):
         row[key] = None
+        if "forced" in skip:
+            continue
         if backend == "decode" and m > DECODE_MAX_M:
             continue
         if backend == "cutlass" and (d is None or d.cutlass_ms is None):  # not Hopper / not built / shape
@@ -105,7 +125,9 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
         row[key] = median_ms(
             [lambda c=c, x=x, b=backend: sf.sparse_mm(x, c, backend=b) for c, x in zip(comp, xs)], samples
         )
-    row["sparse_kernel_ms"] = min(t for t in (row["cusparselt_ms"], row["cutlass_ms"], row["decode_ms"]) if t)
+    row["sparse_kernel_ms"] = min(
+        (t for t in (row["cusparselt_ms"], row["cutlass_ms"], row["decode_ms"]) if t), default=None
+    )
     if row["decode_ms"]:  # bytes moved / time: compressed weight + x + y (dense: weight + x + y)
         row["decode_gbps"] = (n * k * 1.125 + m * k * 2 + m * n * 2) / row["decode_ms"] / 1e6
         row["cublas_gbps"] = (n * k * 2 + m * k * 2 + m * n * 2) / row["cublas_ms"] / 1e6
@@ -127,7 +149,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
     # layout, each at its best pipeline (registers or ring), at the dispatcher's split and the
     # default: does the second copy pay?
     row["decode_portable_ms"] = row["decode_packed_ms"] = None
-    if m <= DECODE_MAX_M and portable_ok(comp[0]) and not lean:
+    if m <= DECODE_MAX_M and portable_ok(comp[0]) and "portable" not in skip:
         packed = [c.layout("decode") for c in comp]
         variants = [(sp, ring) for sp in sorted({0, d.decode_split if d else 0}) for ring in (False, True)]
 
@@ -144,6 +166,8 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
 
     row["torch_ms"], row["torch_error"] = None, None
     try:
+        if "torch" in skip:
+            raise _Skipped
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tw = [torch_semi_structured(w) for w in ws[: min(sets, 4)]]
@@ -157,6 +181,8 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, lean=False)
                 else max(1, int(torch_budget_ms / first / len(tw)))
             )
             row["torch_ms"] = median_ms([lambda w=w, x=x: F.linear(x, w) for w, x in zip(tw, xs)], s)
+    except _Skipped:
+        pass
     except Exception as exc:  # noqa: BLE001 -- report any PyTorch failure as such
         row["torch_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     del ws, xs
@@ -262,7 +288,7 @@ def geomean(xs):
 def summarize(rows: list[dict], copy_gbps: float) -> dict:
     """The summary fields computed from the rows (also used to re-summarize merged result files).
     A row may carry its own ``copy_bandwidth_gbps`` (merged from another run)."""
-    llama = [r for r in rows if r["name"] in LLAMA3_8B]
+    llama = [r for r in rows if r["name"] in LLAMA3_8B and r.get("sparse_kernel_ms")]  # (--skip forced: none)
     fast = [r for r in rows if r.get("sparseflow_fast_ms")]  # rows from before memory modes have none
     return {
         "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
@@ -333,6 +359,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", type=lambda v: v.split(","), default=["float16", "bfloat16"])
     ap.add_argument("--no-square", action="store_true")
     ap.add_argument("--lean", action="store_true", help="skip the decode kernel's in-place vs packed comparison")
+    ap.add_argument(
+        "--skip",
+        type=comma_list(SKIPPABLE),
+        default=[],
+        help="comma list of columns to leave out: portable (= --lean), forced (each 2:4 kernel forced), torch",
+    )
     ap.add_argument("--bf16-ms", type=lambda v: [int(t) for t in v.split(",")], help="M values for bf16 rows")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument(
@@ -381,7 +413,7 @@ def main(argv=None) -> int:
     print("-" * len(hdr))
     t_start = time.time()
     for name, m, n, k, dtype in grid:
-        r = bench_row(name, m, n, k, dtype, args.samples, lean=args.lean)
+        r = bench_row(name, m, n, k, dtype, args.samples, skip=set(args.skip) | ({"portable"} if args.lean else set()))
         rows.append(r)
         args.out.mkdir(parents=True, exist_ok=True)  # rows so far, in case the run is cut short
         (args.out / f"linear_{tag}.json").write_text(json.dumps({"device": gpu, "rows": rows, "partial": True}))
