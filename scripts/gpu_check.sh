@@ -8,6 +8,7 @@
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 #   SANITIZE=1 runs compute-sanitizer (SANITIZE_TOOLS, default memcheck racecheck synccheck) on the decode kernel
 #   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
+#   LOADMEM=1 runs benchmarks/load_memory.py on the GPU (LOADMEM_ARGS: its shape options)
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
 #   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack)
@@ -64,6 +65,11 @@ fi
 if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
   timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
   summary+=("$(grep '^MODEL' "$OUT/model.log")")
+fi
+if [ "${LOADMEM:-0}" = 1 ]; then  # loading a 2:4 checkpoint straight to the GPU: peak over what stays
+  timeout 300 $PY benchmarks/load_memory.py --device cuda:0 ${LOADMEM_ARGS:---hidden 4096 --intermediate 14336 --layers 8} \
+    2>&1 | tee "$OUT/loadmem.log"
+  summary+=("load_memory: $(tail -1 "$OUT/loadmem.log" | grep -o '"cuda_peak_over_final": [0-9.]*')")
 fi
 if [ "${BENCH:-full}" != "none" ]; then
   args=(${BENCH_ARGS:-}); [ "${BENCH:-full}" = quick ] && args+=(--quick)
