@@ -101,7 +101,10 @@ def _resident_route(w: Sparse24Weight, m: int) -> tuple:
     if kernel == "dense":
         return (w.values._version, run, layout, None)
     capturing = torch.cuda.is_current_stream_capturing()
-    d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m) if capturing else DISPATCHER.decide(w, m)
+    if capturing:
+        d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m, only=kernel)
+    else:
+        d = DISPATCHER.decide(w, m, only=kernel)
     if kernel == "cutlass":
         cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else KERNELS[kernel].readback_cfg
         run = _cutlass_run(d, m)
@@ -170,7 +173,8 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     r = _routes.get(key)
     if r is None or r[0] != w.values._version:
         r = _routes[key] = _route(w, m, backend)
-        if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not DISPATCHER.lookup(w.device, w.dtype, n, k, m):
+        measured = w.resident == "dense" or DISPATCHER.lookup(w.device, w.dtype, n, k, m, only=w.resident)
+        if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not measured:
             _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
     y = r[1](x2, r[2], r[3], bias)
     return y if flat else y.view(*x.shape[:-1], n)

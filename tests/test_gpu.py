@@ -90,7 +90,7 @@ def test_sparse_linear_matches_and_dispatch_is_inspectable():
     for m in (1, 100, 2048):
         x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
         assert rel_err(sl(x), _ref(x, w, sl.bias)) < TOL[torch.float16]
-    info = sl.dispatch_info()
+    info = [r for r in sl.dispatch_info() if r["only"] is None]  # (compact layers of this shape add CUTLASS-only rows)
     assert {r["m_bucket"] for r in info} >= {m_bucket(m) for m in (1, 100, 2048)}
     for r in info:
         measured = Decision(

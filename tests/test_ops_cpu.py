@@ -136,8 +136,8 @@ def test_route_maps_decisions_to_kernels(monkeypatch):
     d = Decision(
         "dense", cfg=[3, 1, 0, 0], sparse_ms=2.0, dense_ms=1.0, decode_ms=1.5, decode_split=4, decode_ring=True
     )
-    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m: d)
-    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m, only=None: d)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: d)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert ops._route(w, 8, ops.BACKENDS["auto"])[1:3] == (dense, "DENSE")
     assert ops._route(w, 8, ops.BACKENDS["sparse"])[1:4] == (decode, "DECODE", (4, True))  # faster 2:4 kernel
@@ -167,8 +167,8 @@ def test_route_takes_cutlass_where_it_measured_fastest(monkeypatch):
     run_cutlass, run_cslt = KERNELS["cutlass"].run, KERNELS["cusparselt"].run
     d = Decision("cutlass", cfg=[3, 1, 0, 0], sparse_ms=0.8, dense_ms=1.0, cutlass_ms=0.6, cutlass_cfg=2)
     assert (d.best_sparse, d.fastest(), d.speedup) == ("cutlass", "cutlass", 1.0 / 0.6)
-    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m: d)
-    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m, only=None: d)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: d)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(cutlass, "unavailable_reason", lambda device: None)
     assert ops._route(w, 512, ops.BACKENDS["auto"])[1:4] == (run_cutlass, "CUTLASS", 2)
@@ -192,7 +192,7 @@ def test_route_during_capture_without_measurement_uses_the_static_rule(monkeypat
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
     monkeypatch.setattr(KERNELS["decode"], "pack", lambda weight, key=None: "DECODE")
     monkeypatch.setattr(KERNELS["dense"], "pack", lambda weight, key=None: "DENSE")
-    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: None)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.warns(RuntimeWarning, match="static rule"):
         assert ops._route(w, 4, ops.BACKENDS["auto"])[1:4] == (KERNELS["decode"].run, "DECODE", (0, False))
@@ -209,7 +209,7 @@ def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
     dense = sf.prune_2_4(torch.randn(64, 128))
     w = sf.compress_2_4(dense)
     d = Decision("dense", dense_ms=1.0, measured=True)
-    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a: d)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: d)
     monkeypatch.setattr(ops, "_routes", {})  # this test's routes stay out of the real table
     monkeypatch.setattr(
         ops, "_route", lambda weight, m, backend: (weight.values._version, ops.KERNELS["dense"].run, dense, None)
@@ -240,7 +240,9 @@ def test_autotune_measures_each_distinct_gpu_shape_once_per_m(monkeypatch):
     asked = []
     monkeypatch.setattr(dispatch, "_on_gpu", lambda w: True)
     monkeypatch.setattr(
-        dispatch.DISPATCHER, "decide", lambda w, m: asked.append((*w.shape, m)) or Decision("dense", dense_ms=1.0)
+        dispatch.DISPATCHER,
+        "decide",
+        lambda w, m, only=None: asked.append((*w.shape, m)) or Decision("dense", dense_ms=1.0),
     )
     for bad in (0, (16, 0), (1.5,), "16"):
         with pytest.raises(ValueError, match="positive row counts"):
@@ -463,3 +465,70 @@ def test_padded_run_pads_x_and_returns_its_rows(monkeypatch):
     out = cutlass.PaddedRun(8)(x, "layout", 0, b)
     assert seen == [8] and torch.allclose(out, x @ weight.T + b)
     assert cutlass.mm_padded(torch.randn(9, 8), "layout", 0, 8).shape == (9, 16) and seen[-1] == 9
+
+
+def test_decisions_for_one_kernel_are_kept_apart_and_a_full_one_serves_them(monkeypatch, tmp_path):
+    """decide(only="cutlass") (a compact layer's) measures and stores apart from the full decision;
+    a full decision serves a scoped lookup, not the other way round; both persist."""
+    import json
+
+    from sparseflow.kernels import dispatch
+    from sparseflow.kernels.dispatch import Decision
+
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(dispatch, "_C", None)
+    measured = []
+
+    def fake_measure(self, weight, bucket, only=None):
+        measured.append((bucket, only))
+        return Decision("cutlass", dense_ms=2.0, cutlass_ms=1.0, measured=True)
+
+    monkeypatch.setattr(dispatch.Dispatcher, "_measure", fake_measure)
+    disp = dispatch.Dispatcher()
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128).half()))
+    args = (w.device, w.dtype, 64, 128)
+    disp.decide(w, 300, only="cutlass")
+    disp.decide(w, 310, only="cutlass")  # same bucket: measured once
+    assert measured == [(320, "cutlass")]
+    assert disp.lookup(*args, 300) is None and disp.lookup(*args, 300, only="cutlass") is not None
+    disp.decide(w, 300)  # a full decision is measured for a layer that needs every kernel
+    disp.decide(w, 1000)
+    disp.decide(w, 1000, only="cusparselt")  # served by the full one
+    disp.decide(w, 1000, only="decode")  # not a scope: the full decision
+    assert measured == [(320, "cutlass"), (320, None), (1024, None)]
+    saved = json.loads(disp.cache_file(w.device).read_text())["decisions"]
+    assert set(saved) == {"float16:64x128:m320:only-cutlass", "float16:64x128:m320", "float16:64x128:m1024"}
+    again = dispatch.Dispatcher()  # a new process reads both kinds back
+    assert again.lookup(*args, 1000, only="cutlass") is not None and again.lookup(*args, 300) is not None
+    assert again._decisions.keys() == disp._decisions.keys()
+    assert {r["only"] for r in again.table(*args)} == {"cutlass", None}
+
+
+def test_measuring_one_kernel_times_only_it_beside_dense(monkeypatch):
+    import contextlib
+
+    from sparseflow.kernels import dispatch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn, **kw: 1.0)
+    monkeypatch.setattr(dispatch, "cutlass_wanted", lambda w: True)
+    monkeypatch.setattr(dispatch, "cslt_unsupported", lambda n, k: None)
+    monkeypatch.setattr(dispatch, "cslt_candidates", list)  # no layout searched
+    monkeypatch.setattr(dispatch, "_time_cutlass", lambda w, xs, dense: calls.append("cutlass") or (0.5, 0.5, 3, True))
+    monkeypatch.setattr(
+        dispatch.Dispatcher, "_cslt_plans", lambda self, w, bucket, only=None: calls.append(("plans", only)) or []
+    )
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    disp = dispatch.Dispatcher()
+    d = disp._measure(w, 128, only="cutlass")
+    assert calls == ["cutlass"] and d.choice == "cutlass" and (d.cutlass_cfg, d.cutlass_pad) == (3, True)
+    assert d.sparse_ms is None and d.decode_ms is None
+    calls.clear()
+    d = disp._measure(w, 8, only="cutlass")  # decode-sized: the decode kernel is not timed (or packed)
+    assert calls == ["cutlass"] and d.decode_ms is None and ("decode", None) not in w.cached_layouts()
+    calls.clear()
+    disp._measure(w, 128, only="cusparselt")
+    assert calls == [("plans", "cusparselt")]

@@ -422,7 +422,7 @@ def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch, memory):
     (compact: the kernel the layer would keep, here cuSPARSELt, the only one timed)."""
     timings = {(4096, 4096): {16: 1.2, 2048: 1.5}, (1024, 4096): {16: 0.8, 2048: 1.3}}
 
-    def decide(weight, m):
+    def decide(weight, m, only=None):
         s = timings[weight.shape][m]
         return Decision("cusparselt" if s >= 1 else "dense", sparse_ms=1.0, dense_ms=s, measured=True)
 
@@ -453,7 +453,9 @@ def test_compact_fallback_judges_the_kernel_the_layer_would_keep(monkeypatch):
     monkeypatch.setattr(
         walker.DISPATCHER,
         "decide",
-        lambda w, m: Decision("cusparselt", sparse_ms=1.0, cutlass_ms=1.5 / 0.9, dense_ms=1.5, measured=True),
+        lambda w, m, only=None: Decision(
+            "cusparselt", sparse_ms=1.0, cutlass_ms=1.5 / 0.9, dense_ms=1.5, measured=True
+        ),
     )
     model = nn.Sequential(nn.Linear(4096, 4096)).half()
     fast = walker.collect_targets(model)

@@ -209,7 +209,7 @@ def _measure(
     speedups: dict[int, float | None] = {}
     slower = []
     for m in expected_tokens:
-        d = DISPATCHER.decide(probe, int(m))
+        d = DISPATCHER.decide(probe, int(m), only=kept)
         if kept is None:
             speedups[int(m)] = s = d.speedup
             loses = d.choice == "dense"

@@ -81,6 +81,9 @@ PORTABLE_SLACK = 1.05
 # the H200: a 4096x4096 bf16 layer at M = 16 measured faster by the dispatcher ran at 0.89-0.93x dense
 # in the benchmark). Forgoing a < 3% gain keeps "never slower than dense".
 SPARSE_MIN_GAIN = 1.03
+# Kernels a decision can be measured for alone (``Dispatcher.decide(only=...)``): those a compact
+# layer keeps the layout of and runs at every M.
+_SCOPES = ("cutlass", "cusparselt")
 # CUTLASS configurations timed at the bottom of a bucket too: the fastest ones at its top.
 _CUTLASS_RETIMED = 3
 
@@ -346,9 +349,13 @@ class Dispatcher:
         return self.cache_dir() / f"dispatch-v{_CACHE_VERSION}-{name}-cusparselt{version}{suffix}.json"
 
     @staticmethod
+    def _key(device, dtype: torch.dtype, n: int, k: int, m: int, only: str | None = None) -> tuple:
+        return (str(device), dtype, n, k, m_bucket(m), only)
+
+    @staticmethod
     def _key_str(key: tuple) -> str:
-        dtype, n, k, bucket = key[1:]
-        return f"{str(dtype).replace('torch.', '')}:{n}x{k}:m{bucket}"
+        dtype, n, k, bucket, only = key[1:]
+        return f"{str(dtype).replace('torch.', '')}:{n}x{k}:m{bucket}" + (f":only-{only}" if only else "")
 
     def _load(self, device: torch.device) -> None:
         path = self.cache_file(device)
@@ -363,10 +370,17 @@ class Dispatcher:
             warn_once(f"badcache:{path}", f"sparseflow: ignoring unreadable dispatch cache {path}: {exc}")
             return
         for ks, d in data.get("decisions", {}).items():
-            m = re.fullmatch(r"(\w+):(\d+)x(\d+):m(\d+)", ks)
-            if not m or not hasattr(torch, m.group(1)):
+            m = re.fullmatch(r"(\w+):(\d+)x(\d+):m(\d+)(?::only-(\w+))?", ks)
+            if not m or not hasattr(torch, m.group(1)) or m.group(5) not in (None, *_SCOPES):
                 continue
-            key = (str(device), getattr(torch, m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)))
+            key = (
+                str(device),
+                getattr(torch, m.group(1)),
+                int(m.group(2)),
+                int(m.group(3)),
+                int(m.group(4)),
+                m.group(5),
+            )
             try:
                 self._decisions.setdefault(key, Decision(**d))
             except TypeError:  # written by another version: measure again
@@ -387,19 +401,29 @@ class Dispatcher:
         os.replace(tmp, path)  # atomic: concurrent processes never see half a file
 
     # -- decisions ---------------------------------------------------------------------
-    def lookup(self, device: torch.device, dtype: torch.dtype, n: int, k: int, m: int) -> Decision | None:
-        key = (str(device), dtype, n, k, m_bucket(m))
-        d = self._decisions.get(key)
+    def lookup(
+        self, device: torch.device, dtype: torch.dtype, n: int, k: int, m: int, only: str | None = None
+    ) -> Decision | None:
+        """The decision measured for this bucket, or None. ``only``: one kernel's (with dense
+        beside it), which a decision over every kernel also serves."""
+        only = only if only in _SCOPES else None
+        keys = [self._key(device, dtype, n, k, m)] + ([self._key(device, dtype, n, k, m, only)] if only else [])
+        d = next((self._decisions[key] for key in keys if key in self._decisions), None)
         if d is None:
             with self._lock:
                 self._load(device)
-                d = self._decisions.get(key)
+                d = next((self._decisions[key] for key in keys if key in self._decisions), None)
         return d
 
-    def decide(self, weight, m: int) -> Decision:
-        """The decision for ``weight`` (a CUDA Sparse24Weight) at M rows; measures on first use."""
+    def decide(self, weight, m: int, only: str | None = None) -> Decision:
+        """The decision for ``weight`` (a CUDA Sparse24Weight) at M rows; measures on first use.
+        ``only`` (a kernel name in ``_SCOPES``): a layer that runs that kernel alone (one layout)
+        needs only its configurations timed beside dense, which saves the other kernels' first-use
+        cost (cuSPARSELt's tuner child, the decode kernel's variants)."""
+        if only is not None and only not in _SCOPES:
+            only = None  # dense needs no measurement; the decode kernel's split is part of a full one
         device, dtype, (n, k) = weight.device, weight.dtype, weight.shape
-        d = self.lookup(device, dtype, n, k, m)
+        d = self.lookup(device, dtype, n, k, m, only)
         if d is not None:
             return d
         if torch.cuda.is_current_stream_capturing():
@@ -410,13 +434,13 @@ class Dispatcher:
             )
             return static_decision(m)
         with self._lock:
-            key = (str(device), dtype, n, k, m_bucket(m))
-            if key not in self._decisions:
-                self._decisions[key] = self._measure(weight, m_bucket(m))
+            d = self.lookup(device, dtype, n, k, m, only)  # measured meanwhile by another thread
+            if d is None:
+                d = self._decisions[self._key(device, dtype, n, k, m, only)] = self._measure(weight, m_bucket(m), only)
                 self._save(device)
-            return self._decisions[key]
+            return d
 
-    def _measure(self, weight, bucket: int) -> Decision:
+    def _measure(self, weight, bucket: int, only: str | None = None) -> Decision:
         from sparseflow.kernels.decode import decode_mm, decode_mm_portable, portable_ok, split_candidates
 
         # A weight that keeps one layout only is measured on a temporary portable copy read back
@@ -424,7 +448,8 @@ class Dispatcher:
         weight = weight.materialized()
         n, k = weight.shape
         lo, hi = bucket_range(bucket)
-        plans = self._cslt_plans(weight, bucket)  # an anchor's search (measured first) or this bucket's
+        # an anchor's search (measured first) or this bucket's
+        plans = self._cslt_plans(weight, bucket, only) if only in (None, "cusparselt") else None
         had = weight.cached_layouts()
         d = Decision("dense", measured=True, m_lo=lo)
         with torch.cuda.device(weight.device), torch.no_grad():
@@ -434,7 +459,7 @@ class Dispatcher:
             d.dense_ms = _median_ms(functools.partial(F.linear, x, dense))
             d.lo_ms["dense"] = _median_ms(functools.partial(F.linear, x_lo, dense)) if lo < hi else d.dense_ms
             del dense
-            if bucket >= CSLT_MIN_BUCKET and cslt_unsupported(n, k) is None:
+            if only in (None, "cusparselt") and bucket >= CSLT_MIN_BUCKET and cslt_unsupported(n, k) is None:
                 # At an anchor every candidate layout is searched; between anchors only those
                 # with an in-process library search (fractions of a second: a plan with split-K
                 # for this M's tile count), beside the anchors' plans.
@@ -463,11 +488,11 @@ class Dispatcher:
                         best = (worst, t_hi, t_lo, cfg, layout, how)
                 if best:
                     _, d.sparse_ms, d.lo_ms["cusparselt"], d.cfg, d.layout, d.search = best
-            if cutlass_wanted(weight):
+            if only in (None, "cutlass") and cutlass_wanted(weight):
                 found = _time_cutlass(weight, (x, x_lo), (d.dense_ms, d.lo_ms["dense"]))
                 if found:
                     d.cutlass_ms, d.lo_ms["cutlass"], d.cutlass_cfg, d.cutlass_pad = found
-            if bucket <= DECODE_MAX_M:
+            if only is None and bucket <= DECODE_MAX_M:
                 w = weight.layout("decode")
 
                 def variants(portable: bool) -> list[tuple[int, bool]]:
@@ -505,21 +530,21 @@ class Dispatcher:
         weight.drop_layouts(*_unchosen(d, had))
         return d
 
-    def _cslt_plans(self, weight, bucket: int) -> list[tuple[list[int], int, str]] | None:
+    def _cslt_plans(self, weight, bucket: int, only: str | None = None) -> list[tuple[list[int], int, str]] | None:
         """cuSPARSELt plans (config, layout, how found) for a bucket between anchors: those the
         anchor above searched, and the one below where measured. None for an anchor itself."""
         top = anchor(bucket)
         if top == bucket or bucket < CSLT_MIN_BUCKET or cslt_unsupported(*weight.shape) is not None:
             return None
-        plans = []
+        plans, shape = [], weight.shape
         for a in (top, top // 2):
-            d = self.decide(weight, a) if a == top else self.lookup(weight.device, weight.dtype, *weight.shape, a)
+            d = self.decide(weight, a, only) if a == top else self.lookup(weight.device, weight.dtype, *shape, a, only)
             if d is not None and d.sparse_ms is not None and (d.cfg, d.layout, d.search) not in plans:
                 plans.append((d.cfg, d.layout, d.search))
         # Layout 4's default algorithm too (what PyTorch's _cslt_sparse_mm runs): between anchors
         # it can beat the plan tuned at an anchor (H100, qkv at M = 3000: 1.33x cuBLAS against
         # 1.18x). Checked in the tuner's child first, like any id not verified at this M.
-        d = self.lookup(weight.device, weight.dtype, *weight.shape, top)
+        d = self.lookup(weight.device, weight.dtype, *weight.shape, top, only)
         default = ([0, 1, 0, 0], 4, "tuner")
         if 4 in cslt_candidates() and d is not None and _worth_measuring(4, d.dense_ms or 0) and default not in plans:
             plans.append(default)
@@ -529,11 +554,12 @@ class Dispatcher:
         """Every decision known for this shape, for inspection (one row per M-bucket)."""
         self.lookup(device, dtype, n, k, 1)
         rows = []
-        for key, d in sorted(self._decisions.items(), key=lambda kv: kv[0][4]):
+        for key, d in sorted(self._decisions.items(), key=lambda kv: (kv[0][4], kv[0][5] or "")):
             if key[:4] == (str(device), dtype, n, k):
                 rows.append(
                     {
                         "m_bucket": key[4],
+                        "only": key[5],  # None: every kernel timed; else that kernel alone (beside dense)
                         "m_lo": d.m_lo,  # the bucket's smallest M; the *_ms below are at its largest
                         "lo_ms": d.lo_ms,  # each kernel's time at m_lo
                         "choice": d.choice,
