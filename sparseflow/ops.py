@@ -85,12 +85,13 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
     return _reference(x, _lookup(values, meta, handle), bias)
 
 
-def _cutlass_run(d, m: int):
-    """CUTLASS's run, with x padded to the bucket's largest M where the dispatcher measured that
-    faster (``Decision.cutlass_pad``)."""
-    if d is not None and d.cutlass_ms is not None and d.cutlass_pad:
-        return PaddedRun(m_bucket(m))
-    return KERNELS["cutlass"].run
+def _cutlass_route(d, m: int) -> tuple:
+    """(run, cfg) for CUTLASS: the configuration measured fastest at this M-bucket (else 0, which
+    runs at every M), with x padded to the bucket's largest M where that measured faster
+    (``Decision.cutlass_pad``)."""
+    if d is None or d.cutlass_ms is None:
+        return KERNELS["cutlass"].run, KERNELS["cutlass"].readback_cfg
+    return (PaddedRun(m_bucket(m)) if d.cutlass_pad else KERNELS["cutlass"].run), d.cutlass_cfg
 
 
 def _resident_route(w: Sparse24Weight, m: int) -> tuple:
@@ -106,8 +107,7 @@ def _resident_route(w: Sparse24Weight, m: int) -> tuple:
     else:
         d = DISPATCHER.decide(w, m, only=kernel)
     if kernel == "cutlass":
-        cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else KERNELS[kernel].readback_cfg
-        run = _cutlass_run(d, m)
+        run, cfg = _cutlass_route(d, m)
     elif kernel == "cusparselt":
         same_buffer = d is not None and d.sparse_ms is not None and cslt_cache_key(d.layout) == cslt_cache_key(1)
         cfg = (d.cfg, d.layout) if same_buffer else KERNELS[kernel].readback_cfg
@@ -149,8 +149,8 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
         why = KERNELS["cutlass"].refusal(w.device, w.dtype, *w.shape)
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
-        cfg = d.cutlass_cfg if d is not None and d.cutlass_ms is not None else 0
-        return (w.values._version, _cutlass_run(d, m), w.layout("cutlass"), cfg)
+        run, cfg = _cutlass_route(d, m)
+        return (w.values._version, run, w.layout("cutlass"), cfg)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
         raise ValueError(
@@ -173,8 +173,9 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     r = _routes.get(key)
     if r is None or r[0] != w.values._version:
         r = _routes[key] = _route(w, m, backend)
-        measured = w.resident == "dense" or DISPATCHER.lookup(w.device, w.dtype, n, k, m, only=w.resident)
-        if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not measured:
+        if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not (
+            w.resident == "dense" or DISPATCHER.lookup(w.device, w.dtype, n, k, m, only=w.resident)
+        ):
             _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
     y = r[1](x2, r[2], r[3], bias)
     return y if flat else y.view(*x.shape[:-1], n)

@@ -29,6 +29,7 @@ from sparseflow.convert.report import LayerReport, SparsifyReport
 from sparseflow.convert.walker import Journal, Target, build_sparse, collect_targets, decide_fallback
 from sparseflow.format import compress_2_4
 from sparseflow.nn import SparseLinear, fuse_gated_mlps
+from sparseflow.nn.linear import MEMORY_MODES
 
 __all__ = ["SparsifyConfig", "SparsifyError", "report", "sparsify"]
 
@@ -62,7 +63,7 @@ class SparsifyConfig:
             raise ValueError(f"sparsify: method must be one of {METHODS}, got {self.method!r}")
         if self.fallback not in ("auto", "never"):
             raise ValueError(f"sparsify: fallback must be 'auto' or 'never', got {self.fallback!r}")
-        if self.memory not in ("compact", "fast"):
+        if self.memory not in MEMORY_MODES:
             raise ValueError(f"sparsify: memory must be 'compact' or 'fast', got {self.memory!r}")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise TypeError("sparsify: include/exclude take a list of name patterns, not a single string")

@@ -95,8 +95,8 @@ class SparseLinear(nn.Module):
         after the first call there), or None. Set it to a kernel name ("cutlass", "cusparselt",
         "decode", "dense") to choose that layout (``sf.autotune`` does, by measurement); None
         goes back to the default (``sparseflow.kernels.dispatch.default_resident``)."""
-        w = self._w
-        return w.resident if w is not None and w.values is self._buffers.get("weight_values") else None
+        w = self._kept()
+        return None if w is None else w.resident
 
     @resident.setter
     def resident(self, kernel: str | None) -> None:
@@ -189,18 +189,26 @@ class SparseLinear(nn.Module):
             return pinned
         return default_resident(w, backend)
 
-    def _restore(self) -> None:
-        """Hold the portable form again (read back from the one layout kept), as a plain layer."""
+    def _kept(self) -> Sparse24Weight | None:
+        """The weight, if it keeps one layout only and its placeholders are this layer's buffers
+        (not replaced since, by loading or by hand)."""
         w = self.__dict__.get("_w")
         if w is not None and w.resident is not None and w.values is self._buffers.get("weight_values"):
+            return w
+        return None
+
+    def _restore(self) -> None:
+        """Hold the portable form again (read back from the one layout kept), as a plain layer."""
+        w = self._kept()
+        if w is not None:
             values, meta = w.portable()
             self._buffers["weight_values"], self._buffers["weight_meta"] = values, meta
             self._w, self._route = None, None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        w = self._w
-        if w is not None and w.resident is not None and self._buffers.get("weight_values") is w.values:
+        w = self._kept()
+        if w is not None:
             # read back layer by layer into host memory: a whole model's portable form never
             # sits on the GPU beside its layouts
             values, meta = w.portable("cpu")
@@ -211,8 +219,8 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
-        w = self.__dict__.get("_w")
-        if w is not None and w.resident is not None and w.values is self._buffers.get("weight_values"):
+        w = self._kept()
+        if w is not None:
             try:  # where would fn send the weight? (a tensor method fn, e.g. share_memory_, may refuse)
                 probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
                 stays = probe.device == w.device and probe.dtype == w.dtype
