@@ -186,7 +186,9 @@ class Sparse24Weight:
         Editing ``values`` in place drops every cached layout."""
         from sparseflow.kernels import KERNELS
 
-        k = KERNELS[kernel]
+        k = KERNELS.get(kernel)
+        if k is None:
+            raise KeyError(f"Sparse24Weight.layout: unknown kernel {kernel!r}; one of {sorted(KERNELS)}")
         slot = (kernel, k.cache_key(key))
         layouts = self._fresh_layouts()
         built = layouts.get(slot)

@@ -57,6 +57,9 @@ def test_keep_only_frees_the_portable_form_and_reads_it_back():
     w.validate()
     assert torch.equal(w.to(dtype=torch.float32).decompress(), dense.float())
     assert w.to("cpu") is w
+    with pytest.raises(KeyError, match="unknown kernel .marlin.; one of"):
+        w.keep_only("marlin")
+    assert w.resident == "dense" and torch.equal(w.decompress(), dense)  # nothing lost
 
 
 def test_compact_layer_state_dict_load_and_to_restore_the_portable_form():
