@@ -11,6 +11,7 @@
 #   LOADMEM=1 runs benchmarks/load_memory.py on the GPU (LOADMEM_ARGS: its shape options)
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
+#   PROBE_M=1 runs scripts/probe_m_sweep.py (PROBE_M_ARGS: its options; every CUTLASS configuration per (shape, M))
 #   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 #   A benchmark cut short by the call's time limit goes on in the next call: copy the returned
@@ -57,6 +58,10 @@ if [ "${NCU:-0}" = 1 ]; then  # hardware counters: where the decode kernel's tim
     --section WarpStateStats --section SchedulerStats \
     $PY scripts/profile_decode.py ${NCU_ARGS:-} >"$OUT/ncu.log" 2>&1
   summary+=("ncu: rc=$? $(grep -c 'profiled:' "$OUT/ncu.log") ranges, $(grep -c 'DRAM Throughput' "$OUT/ncu.log") kernels profiled")
+fi
+if [ "${PROBE_M:-0}" = 1 ]; then
+  timeout ${PROBE_M_TIMEOUT:-300} $PY scripts/probe_m_sweep.py --out "$OUT" ${PROBE_M_ARGS:-} 2>&1 | tee "$OUT/probe_m.log"
+  summary+=("probe_m: $(grep -c ' M=' "$OUT/probe_m.log") rows, $(tail -1 "$OUT/probe_m.log")")
 fi
 if [ "${HOST:-0}" = 1 ]; then
   timeout 300 $PY scripts/probe_host_cost.py ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"

@@ -2,7 +2,9 @@
 
 For each layer shape and M: F.linear, each CUTLASS configuration, cuSPARSELt (layout 1, the
 library's search at that exact M, and the plan searched at the power-of-two bucket above it
-applied at M), and SparseLinear as dispatched. Times are the dispatcher's own (CUDA-graph replay,
+applied at M), and SparseLinear as dispatched. With --pad, each CUTLASS configuration is also
+timed with x padded to a whole number of its token tiles (does a part-filled last tile cost more
+than a full one?). Times are the dispatcher's own (CUDA-graph replay,
 L2 scrubbed). Prints one line per (shape, M) and writes JSON to --out.
 
     python scripts/probe_m_sweep.py --out /tmp/probe
@@ -29,6 +31,9 @@ SHAPES = {
     "llama_gate_up": (28672, 4096),
     "qwen_o": (3584, 3584),
     "llama_qkv": (6144, 4096),
+    "llama_o": (4096, 4096),
+    "qwen_gate_up": (37888, 3584),
+    "qwen_down": (3584, 18944),
 }
 MS = [200, 256, 300, 333, 384, 448, 512, 700, 1024, 1337, 2048, 3000, 5000]
 
@@ -38,6 +43,13 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
     r = {"shape": name, "N": n, "K": k, "M": m}
     r["dense"] = _median_ms(lambda: F.linear(x, w))
     r["cutlass"] = [_median_ms(lambda i=i: cutlass.cutlass_mm(x, cw, i)) for i in range(ncfg)]
+    if a.pad:
+        tiles = [int(c.split("x")[1]) for c in cutlass.configs(dtype)]  # "rows x tokens x K ..."
+        r["cutlass_padded"] = [
+            _median_ms(lambda i=i, t=t: cutlass.mm_padded(x, cw, i, -(-m // t) * t)) for i, t in enumerate(tiles)
+        ]
+    if not a.cslt:
+        return _print(r, name, m)
     try:
         cfg = [int(v) for v in _C.cslt_search(x, packed, n, 1, 256)[:4]]
         r["cslt_own"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, 1))
@@ -59,11 +71,17 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
         except Exception:  # noqa: BLE001 -- a probe: report and go on with the kernels
             traceback.print_exc()
             a.dispatch = 0
+    return _print(r, name, m)
+
+
+def _print(r: dict, name: str, m: int) -> dict:
     best_cut = min(r["cutlass"])
+    pad = r.get("cutlass_padded")
     print(
         f"{name:14s} M={m:5d} dense={r['dense'] * 1e3:8.1f}us "
         f"cutlass=[{' '.join(f'{t * 1e3:.1f}' for t in r['cutlass'])}] best={r['dense'] / best_cut:.2f}x "
-        f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
+        + (f"padded=[{' '.join(f'{t * 1e3:.1f}' for t in pad)}] best={r['dense'] / min(pad):.2f}x " if pad else "")
+        + f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
         f"SL={r.get('sparselinear', 0) * 1e3:.1f} ({r['dense'] / r.get('sparselinear', r['dense']):.2f}x "
         f"{r.get('choice')}/{r.get('choice_cfg')} {r.get('measure_s', 0):.1f}s)",
         flush=True,
@@ -78,6 +96,8 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--dispatch", type=int, default=1)
+    ap.add_argument("--cslt", type=int, default=1, help="0: skip cuSPARSELt's searches (and the dispatch column)")
+    ap.add_argument("--pad", type=int, default=0, help="1: also time each CUTLASS configuration on padded x")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     rows = []
@@ -87,7 +107,7 @@ def main() -> None:
         w = sf.prune_2_4(torch.randn(n, k, device="cuda", dtype=dtype))
         c = sf.compress_2_4(w)
         cw = c.layout("cutlass")
-        packed = c.layout("cusparselt", 1).packed
+        packed = c.layout("cusparselt", 1).packed if a.cslt else None
         layer = sf.SparseLinear.from_compressed(c)
         ncfg = len(cutlass.configs(dtype))
         for m in [int(v) for v in a.ms.split(",")]:

@@ -106,7 +106,15 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            // (H100, qkv: configuration 1 took 73.8 us at M = 704 and 64.2 us at
                            // M = 1024): the stream-K scheduler deals K iterations over idle SMs
                            Gemm24<T, 128, 128, 128, 1, 1, Coop, StreamK>,
-                           Gemm24<T, 128, 256, 128, 1, 1, Coop, StreamK>>;
+                           Gemm24<T, 128, 256, 128, 1, 1, Coop, StreamK>,
+                           // 9-11: token tiles between the powers of two, so that some tile fits
+                           // M = 300, 700 or 1337 without a mostly-empty last tile (M = 300 in
+                           // 128-token tiles runs 3 tiles for 2.3 tiles of work; in 160-token
+                           // tiles, 2 for 1.9); 64-row ping-pong for layers with few row tiles
+                           // (down: 32 tiles of 128 rows x 3 of 128 tokens fill 96 of 132 SMs)
+                           Gemm24<T, 128, 192, 128, 1, 1, Coop, StreamK>,
+                           Gemm24<T, 128, 160, 128, 1, 1, Coop, StreamK>,
+                           Gemm24<T, 64, 160, 128, 1, 1, Ping>>;
 
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
