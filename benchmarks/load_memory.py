@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
             [sys.executable, __file__, "--measure", str(path), "--device", args.device],
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
         )
+        if child.returncode:
+            sys.stderr.write(child.stderr[-4000:])
+            raise SystemExit(f"load_memory: the loading process failed (exit {child.returncode}); its stderr is above")
         result = {**sizes, **json.loads(child.stdout.strip().splitlines()[-1])}
     result["host_growth_over_checkpoint"] = result["host_peak_growth_bytes"] / result["checkpoint_file_bytes"]
     result["checkpoint_over_dense_linears"] = result["checkpoint_file_bytes"] / result["dense_linear_bytes"]

@@ -48,16 +48,16 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
         r["cutlass_padded"] = [
             _median_ms(lambda i=i, t=t: cutlass.mm_padded(x, cw, i, -(-m // t) * t)) for i, t in enumerate(tiles)
         ]
-    if not a.cslt:
-        return _print(r, name, m)
     try:
+        if not a.cslt:
+            raise LookupError("skipped")
         cfg = [int(v) for v in _C.cslt_search(x, packed, n, 1, 256)[:4]]
         r["cslt_own"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfg, 1))
         xb = torch.randn(m_bucket(m), k, device="cuda", dtype=dtype)
         cfgb = [int(v) for v in _C.cslt_search(xb, packed, n, 1, 256)[:4]]
         r["cslt_bucketcfg"] = _median_ms(lambda: _C.cslt_mm(x, packed, n, cfgb, 1))
         r["cslt_cfgs"] = [cfg, cfgb]
-    except RuntimeError as exc:
+    except (RuntimeError, LookupError) as exc:
         r["cslt_err"] = str(exc)[:200]
     if a.dispatch:
         try:
@@ -68,6 +68,8 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
             d = DISPATCHER.lookup(w.device, dtype, n, k, m)
             r["choice"] = d.choice if d else None
             r["choice_cfg"] = d.cutlass_cfg if d else None
+            r["pad"] = bool(d and d.cutlass_pad)
+            r["resident"] = layer.resident
         except Exception:  # noqa: BLE001 -- a probe: report and go on with the kernels
             traceback.print_exc()
             a.dispatch = 0
@@ -83,7 +85,8 @@ def _print(r: dict, name: str, m: int) -> dict:
         + (f"padded=[{' '.join(f'{t * 1e3:.1f}' for t in pad)}] best={r['dense'] / min(pad):.2f}x " if pad else "")
         + f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
         f"SL={r.get('sparselinear', 0) * 1e3:.1f} ({r['dense'] / r.get('sparselinear', r['dense']):.2f}x "
-        f"{r.get('choice')}/{r.get('choice_cfg')} {r.get('measure_s', 0):.1f}s)",
+        f"{r.get('choice')}/{r.get('choice_cfg')}{'/pad' if r.get('pad') else ''} runs {r.get('resident')} "
+        f"{r.get('measure_s', 0):.1f}s)",
         flush=True,
     )
     return r
@@ -96,7 +99,8 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--dispatch", type=int, default=1)
-    ap.add_argument("--cslt", type=int, default=1, help="0: skip cuSPARSELt's searches (and the dispatch column)")
+    ap.add_argument("--cslt", type=int, default=1, help="0: skip cuSPARSELt's searches")
+    ap.add_argument("--memory", default="compact", choices=["compact", "fast"], help="the SparseLinear's mode")
     ap.add_argument("--pad", type=int, default=0, help="1: also time each CUTLASS configuration on padded x")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
@@ -108,7 +112,7 @@ def main() -> None:
         c = sf.compress_2_4(w)
         cw = c.layout("cutlass")
         packed = c.layout("cusparselt", 1).packed if a.cslt else None
-        layer = sf.SparseLinear.from_compressed(c)
+        layer = sf.SparseLinear.from_compressed(c, memory=a.memory)
         ncfg = len(cutlass.configs(dtype))
         for m in [int(v) for v in a.ms.split(",")]:
             r = _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg)

@@ -328,7 +328,9 @@ def test_decode_reads_the_portable_form_without_a_packed_copy(tmp_path, monkeypa
     monkeypatch.setenv("SPARSEFLOW_DECODE_PORTABLE", "1" if portable else "0")
     monkeypatch.setenv("SPARSEFLOW_CUTLASS", "0")  # CUTLASS's 16-token tile beats decode at M = 4 on the H200
     monkeypatch.setattr(dispatch, "PORTABLE_SLACK", 1e9)  # take the in-place reading whenever it may run
-    monkeypatch.setattr(dispatch, "SPARSE_MIN_GAIN", 1.0)
+    # what is tested is reading in place, not speed: the decode kernel is taken even where it only
+    # ties dense (H100, M = 4: 15.2 against 14.5 us in place)
+    monkeypatch.setattr(dispatch, "SPARSE_MIN_GAIN", 0.5)
     sf.DISPATCHER.clear()
     layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), prune=True, memory="fast").half().cuda()
     x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
