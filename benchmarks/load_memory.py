@@ -77,6 +77,8 @@ def measure_load(path: str, device: str) -> dict:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)  # start CUDA here: its peak statistics cannot be reset before
     base_rss = _status("VmRSS")
     base_cuda = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
     if device.startswith("cuda"):

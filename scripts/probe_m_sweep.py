@@ -44,9 +44,8 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
     r["dense"] = _median_ms(lambda: F.linear(x, w))
     r["cutlass"] = [_median_ms(lambda i=i: cutlass.cutlass_mm(x, cw, i)) for i in range(ncfg)]
     if a.pad:
-        tiles = [int(c.split("x")[1]) for c in cutlass.configs(dtype)]  # "rows x tokens x K ..."
         r["cutlass_padded"] = [
-            _median_ms(lambda i=i, t=t: cutlass.mm_padded(x, cw, i, -(-m // t) * t)) for i, t in enumerate(tiles)
+            _median_ms(lambda i=i: cutlass.PaddedRun(cutlass.token_tile(dtype, i))(x, cw, i, None)) for i in range(ncfg)
         ]
     try:
         if not a.cslt:

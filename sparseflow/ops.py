@@ -21,7 +21,7 @@ from sparseflow.format import Sparse24Weight
 from sparseflow.kernels import KERNELS
 from sparseflow.kernels.cusparselt import CSLT_ALIGN, cslt_layout, cslt_unsupported
 from sparseflow.kernels.cusparselt import cache_key as cslt_cache_key
-from sparseflow.kernels.cutlass import PaddedRun
+from sparseflow.kernels.cutlass import PaddedRun, token_tile
 from sparseflow.kernels.decode import DECODE_MAX_M, portable_ok, portable_view
 from sparseflow.kernels.dispatch import DISPATCHER, default_sparse, m_bucket
 
@@ -85,13 +85,15 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
     return _reference(x, _lookup(values, meta, handle), bias)
 
 
-def _cutlass_route(d, m: int) -> tuple:
+def _cutlass_route(w: Sparse24Weight, d) -> tuple:
     """(run, cfg) for CUTLASS: the configuration measured fastest at this M-bucket (else 0, which
-    runs at every M), with x padded to the bucket's largest M where that measured faster
+    runs at every M), with x padded to whole token tiles where that measured faster
     (``Decision.cutlass_pad``)."""
     if d is None or d.cutlass_ms is None:
         return KERNELS["cutlass"].run, KERNELS["cutlass"].readback_cfg
-    return (PaddedRun(m_bucket(m)) if d.cutlass_pad else KERNELS["cutlass"].run), d.cutlass_cfg
+    if not d.cutlass_pad:
+        return KERNELS["cutlass"].run, d.cutlass_cfg
+    return PaddedRun(token_tile(w.dtype, d.cutlass_cfg)), d.cutlass_cfg
 
 
 def _resident_route(w: Sparse24Weight, m: int) -> tuple:
@@ -107,7 +109,7 @@ def _resident_route(w: Sparse24Weight, m: int) -> tuple:
     else:
         d = DISPATCHER.decide(w, m, only=kernel)
     if kernel == "cutlass":
-        run, cfg = _cutlass_route(d, m)
+        run, cfg = _cutlass_route(w, d)
     elif kernel == "cusparselt":
         same_buffer = d is not None and d.sparse_ms is not None and cslt_cache_key(d.layout) == cslt_cache_key(1)
         cfg = (d.cfg, d.layout) if same_buffer else KERNELS[kernel].readback_cfg
@@ -149,7 +151,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
         why = KERNELS["cutlass"].refusal(w.device, w.dtype, *w.shape)
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
-        run, cfg = _cutlass_route(d, m)
+        run, cfg = _cutlass_route(w, d)
         return (w.values._version, run, w.layout("cutlass"), cfg)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take

@@ -8,7 +8,7 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow.kernels import cutlass
-from sparseflow.kernels.dispatch import DISPATCHER, m_bucket
+from sparseflow.kernels.dispatch import DISPATCHER
 from tests.conftest import TOL, needs_cuda, random_2_4, rel_err
 
 pytestmark = [
@@ -125,14 +125,17 @@ def test_bad_input_is_a_clear_error():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 289, 1281])
 def test_padded_run_matches_reference_and_returns_only_x_rows(dtype, m):
-    """x padded to a bucket's largest M (the dispatcher's `cutlass_pad`): same result, M rows."""
+    """x padded to whole token tiles of each configuration (the dispatcher's `cutlass_pad`):
+    the same result, M rows."""
     torch.manual_seed(m)
     w = random_2_4(1024, 2048, dtype, "cuda")
     cw = sf.compress_2_4(w).layout("cutlass")
     x = torch.randn(m, 2048, device="cuda", dtype=dtype)
     b = torch.randn(1024, device="cuda", dtype=dtype)
-    rows = m_bucket(m)
-    _poisoned(rows, 1024, dtype)
-    out = cutlass.PaddedRun(rows)(x, cw, 0, b)
-    assert out.shape == (m, 1024)
-    assert rel_err(out, nn.functional.linear(x.double(), w.double(), b.double())) < TOL[dtype]
+    ref = nn.functional.linear(x.double(), w.double(), b.double())
+    for cfg in range(len(cutlass.configs(dtype))):
+        tile = cutlass.token_tile(dtype, cfg)
+        _poisoned(cutlass.padded_rows(m, tile), 1024, dtype)
+        out = cutlass.PaddedRun(tile)(x, cw, cfg, b)
+        assert out.shape == (m, 1024)
+        assert rel_err(out, ref) < TOL[dtype], f"config {cfg}"

@@ -395,39 +395,34 @@ def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
 
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256)))
     monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: "CUTLASS")
-    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["a", "b", "c"])
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["128x8x128 a", "128x8x128 b", "128x8x128 c"])
 
     def fake_mm(x, cw, cfg):
         if cfg == 1:
             raise RuntimeError("can_implement: Error Misaligned Operand")
+        return cfg, x.shape[0]
 
     monkeypatch.setattr(cutlass, "cutlass_mm", fake_mm)
     xs = (torch.randn(8, 256), torch.randn(1, 256))
     # (configuration, rows) -> ms: configuration 2 is faster at the top of the bucket, 0 at its
-    # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins...
+    # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins
     times = {(0, 8): 2.0, (2, 8): 1.5, (0, 1): 1.0, (2, 1): 3.0}
-    monkeypatch.setattr(dispatch, "_median_ms", lambda fn: times[fn.__defaults__[0], fn()])
-    monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, cw, cfg: fake_mm(x, cw, cfg) or x.shape[0])
-    monkeypatch.setattr(cutlass, "mm_padded", lambda x, cw, cfg, rows: 99)  # (no time: never faster)
-    times[0, 99] = times[2, 99] = 10.0
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn: times[fn()])
     with pytest.warns(RuntimeWarning, match="CUTLASS configuration 1 failed"):
         assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (2.0, 1.0, 0, False)
-    # ...unless 2 run on the top's rows at the bottom (padded) keeps its top time: then 2 wins
-    monkeypatch.setattr(cutlass, "mm_padded", lambda x, cw, cfg, rows: fake_mm(x, cw, cfg) or rows)
-    assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (1.5, 1.5, 2, True)
     w.drop_layouts("cutlass")
     monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) is None
 
 
-def test_cutlass_padding_is_timed_at_the_bucket_bottom_and_kept_only_when_faster(monkeypatch):
+def test_cutlass_padding_to_whole_tiles_is_timed_and_kept_only_when_faster(monkeypatch):
     """_time_cutlass with the kernels and the timer faked: each call's time is looked up by
     (configuration, rows the kernel ran on), as the GPU would measure it."""
     from sparseflow.kernels import cutlass, dispatch
 
     ran = []
-    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["a", "b"])
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["128x64x128 a", "128x160x128 b"])
     monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, w, cfg: ran.append((cfg, x.shape[0])))
     monkeypatch.setattr(cutlass, "mm_unchecked", lambda x, w, cfg, bias=None: ran.append((cfg, x.shape[0])) or x)
 
@@ -441,13 +436,20 @@ def test_cutlass_padding_is_timed_at_the_bucket_bottom_and_kept_only_when_faster
 
     w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
     monkeypatch.setattr(type(w), "layout", lambda self, kernel, key=None, keep=True: "cw")
-    xs = (torch.randn(320, 128), torch.randn(289, 128))
-    # config 0: 60 us at M = 320 but 87 us at M = 289; padded to 320 rows it takes 60 again
-    monkeypatch.setattr(dispatch, "_median_ms", timed({(0, 320): 60.0, (0, 289): 87.0, (1, 320): 70.0, (1, 289): 65.0}))
-    assert dispatch._time_cutlass(w, xs, (56.0, 52.0)) == (60.0, 60.0, 0, True)
-    # where the plain run is faster at the bottom, it is kept
-    monkeypatch.setattr(dispatch, "_median_ms", timed({(0, 320): 60.0, (0, 289): 55.0, (1, 320): 70.0, (1, 289): 65.0}))
-    assert dispatch._time_cutlass(w, xs, (56.0, 52.0)) == (60.0, 55.0, 0, False)
+    xs = (torch.randn(333, 128), torch.randn(321, 128))
+    # H100-like: configuration 0 (64-token tiles) takes 165 us on M = 333 and 119 us on x padded
+    # to 384 rows (the same tile count); configuration 1 (160-token tiles) pads to 480 rows
+    times = {(0, 333): 165.0, (0, 384): 119.0, (0, 321): 150.0, (1, 333): 200.0, (1, 480): 180.0, (1, 321): 170.0}
+    monkeypatch.setattr(dispatch, "_median_ms", timed(times))
+    assert dispatch._time_cutlass(w, xs, (130.0, 125.0)) == (119.0, 119.0, 0, True)
+    # where the plain run is faster, it is kept
+    times.update({(0, 333): 100.0, (0, 321): 98.0})
+    assert dispatch._time_cutlass(w, xs, (130.0, 125.0)) == (100.0, 98.0, 0, False)
+    # a top M of whole tiles has no padded variant to time
+    ran_rows = []
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn, **kw: ran.clear() or fn() or ran_rows.append(ran[-1]) or 1.0)
+    dispatch._time_cutlass(w, (torch.randn(320, 128), torch.randn(289, 128)), (1.0, 1.0))
+    assert (0, 320) in ran_rows and (0, 384) not in ran_rows and (1, 320) in ran_rows
 
 
 def test_padded_run_pads_x_and_returns_its_rows(monkeypatch):
@@ -464,6 +466,8 @@ def test_padded_run_pads_x_and_returns_its_rows(monkeypatch):
     x, b = torch.randn(5, 8), torch.randn(16)
     out = cutlass.PaddedRun(8)(x, "layout", 0, b)
     assert seen == [8] and torch.allclose(out, x @ weight.T + b)
+    assert cutlass.PaddedRun(8)(torch.randn(9, 8), "layout", 0, None).shape == (9, 16) and seen[-1] == 16
+    assert cutlass.PaddedRun(8)(torch.randn(16, 8), "layout", 0, None).shape == (16, 16) and seen[-1] == 16
     assert cutlass.mm_padded(torch.randn(9, 8), "layout", 0, 8).shape == (9, 16) and seen[-1] == 9
 
 

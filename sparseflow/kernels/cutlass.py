@@ -28,7 +28,9 @@ __all__ = [
     "cutlass_mm",
     "mm_padded",
     "pack_cutlass",
+    "padded_rows",
     "refusal",
+    "token_tile",
     "unsupported",
 ]
 
@@ -143,12 +145,26 @@ def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int, bias: torch.Tensor
     return y
 
 
+def token_tile(dtype: torch.dtype, cfg: int) -> int:
+    """Token rows per tile of configuration ``cfg`` (the middle number of its name, "rows x tokens
+    x K"). Read when a route or a measurement is made, not per call."""
+    return int(configs(dtype)[cfg].split("x")[1])
+
+
+def padded_rows(m: int, tile: int) -> int:
+    """M rounded up to a whole number of token tiles."""
+    return -(-m // tile) * tile
+
+
 def mm_padded(x: torch.Tensor, w: CutlassWeight, cfg: int, rows: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``mm_unchecked`` run on ``rows`` token rows (x's rows, then rows whose outputs are
-    dropped): the time of a bucket's largest M for every M in it. On the H100 some
-    configurations took longer with fewer tokens and the same tile count (gate/up, 64-token
-    tiles: 87 us at M = 289, 60 us at M = 320); the dispatcher times this beside the plain run at
-    each bucket's smallest M and keeps the faster (``Decision.cutlass_pad``)."""
+    """``mm_unchecked`` run on ``rows`` token rows (x's rows, then rows whose outputs are dropped).
+
+    Why: on the H100 these kernels take longer on a part-filled last token tile than on a full
+    one. Gate/up (28672 x 4096) with 128 x 128 stream-K tiles took 165 us at M = 333 and 119 us
+    with x padded to 384 rows, the same tile count; the 128 x 192 tiles took 229 us at M = 700 and
+    184 us padded to 768 (``scripts/probe_m_sweep.py --pad 1``, benchmarks/NOTES.md). The copy of
+    x costs M x K x 4 bytes of traffic, which the dispatcher's timing includes: it pads only
+    where that measured faster (``Decision.cutlass_pad``)."""
     m = x.shape[0]
     if m >= rows:
         return mm_unchecked(x, w, cfg, bias)
@@ -158,16 +174,16 @@ def mm_padded(x: torch.Tensor, w: CutlassWeight, cfg: int, rows: int, bias: torc
 
 
 class PaddedRun:
-    """``CutlassKernel.run`` with x padded to ``rows`` token rows (``mm_padded``): what a route
-    runs where the dispatcher measured padding faster."""
+    """``CutlassKernel.run`` with x padded to a whole number of ``tile``-row token tiles
+    (``mm_padded``): what a route runs where the dispatcher measured padding faster."""
 
-    __slots__ = ("rows",)
+    __slots__ = ("tile",)
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, tile: int) -> None:
+        self.tile = tile
 
     def __call__(self, x: torch.Tensor, layout: CutlassWeight, cfg: int, bias: torch.Tensor | None) -> torch.Tensor:
-        return mm_padded(x, layout, cfg, self.rows, bias)
+        return mm_padded(x, layout, cfg, padded_rows(x.shape[0], self.tile), bias)
 
 
 class CutlassKernel(Kernel):

@@ -69,7 +69,7 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 13
+_CACHE_VERSION = 14
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
 # H200 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
@@ -84,8 +84,9 @@ SPARSE_MIN_GAIN = 1.03
 # Kernels a decision can be measured for alone (``Dispatcher.decide(only=...)``): those a compact
 # layer keeps the layout of and runs at every M.
 _SCOPES = ("cutlass", "cusparselt")
-# CUTLASS configurations timed at the bottom of a bucket too: the fastest ones at its top.
-_CUTLASS_RETIMED = 3
+# CUTLASS variants (configuration, padded or not) timed at the bottom of a bucket too: the
+# fastest ones at its top.
+_CUTLASS_RETIMED = 4
 
 
 # (largest M, step): M is rounded up to a multiple of the step of the first range that holds it.
@@ -134,7 +135,7 @@ class Decision:
     search: str = ""  # how cfg was found: "cusparselt" (cusparseLtMatmulSearch) or "tuner" (cusparselt_tuner)
     cutlass_ms: float | None = None  # CUTLASS's sm90 kernel at its best configuration
     cutlass_cfg: int = -1  # that configuration (an index into sparseflow.kernels.cutlass.configs)
-    cutlass_pad: bool = False  # run it on the bucket's largest M (x padded): measured faster at the bottom
+    cutlass_pad: bool = False  # run it on x padded to whole token tiles (measured faster)
     # The bucket's smallest M and each kernel's time there ("dense" included); the *_ms fields
     # above are at its largest M. A kernel's standing is its worse ratio to dense over the two.
     m_lo: int = 0
@@ -270,37 +271,45 @@ def _tuner_checked(weight, cfg: list[int], layout: int, ms: set[int]) -> bool:
 def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[float, float]):
     """The CUTLASS configuration with the best worse-end ratio to dense over the bucket, as
     (time at its largest M, time at its smallest M, configuration, padded), or None if none ran.
-    ``xs``/``dense``: inputs and dense times at the (largest, smallest) M. At the smallest M
-    each configuration is timed as it is and with x padded to the largest M (``mm_padded``);
-    ``padded``: the second was faster, and the route pads every M of the bucket. A failure costs
-    that configuration (reported once), never the forward."""
+    ``xs``/``dense``: inputs and dense times at the (largest, smallest) M.
+
+    Each configuration is timed at the largest M as it is and, where M is not a whole number of
+    its token tiles, with x padded to whole tiles (``mm_padded``: a part-filled last tile can cost
+    more than a full one). The fastest few of these variants are timed at the smallest M too, the
+    same way; ``padded``: the winner pads, and so does the route at every M of the bucket. A
+    failure costs that configuration (reported once), never the forward."""
     configs, cutlass_mm, mm_padded = cutlass.configs, cutlass.cutlass_mm, cutlass.mm_padded
     try:
         cw = weight.layout("cutlass")
     except RuntimeError as exc:
         warn_once(f"cutlass-pack:{exc}", f"sparseflow: CUTLASS's 2:4 form could not be built ({exc}); not used")
         return None
-    hi = []
+
+    def call(x: torch.Tensor, cfg: int, pad: bool):
+        if not pad:
+            return lambda: cutlass_mm(x, cw, cfg)
+        rows = cutlass.padded_rows(x.shape[0], cutlass.token_tile(weight.dtype, cfg))
+        return lambda: mm_padded(x, cw, cfg, rows)
+
+    top = []
     for cfg in range(len(configs(weight.dtype))):
+        pads = [False]
+        if xs[0].shape[0] % cutlass.token_tile(weight.dtype, cfg):
+            pads.append(True)
         try:
             for x in xs:
-                cutlass_mm(x, cw, cfg)  # once eagerly: a refusal raises here, not inside graph capture
+                for pad in pads:
+                    call(x, cfg, pad)()  # once eagerly: a refusal raises here, not inside graph capture
         except RuntimeError as exc:
             warn_once(f"cutlass:{cfg}:{exc}", f"sparseflow: CUTLASS configuration {cfg} failed ({exc}); not used")
             continue
-        hi.append((_median_ms(lambda cfg=cfg: cutlass_mm(xs[0], cw, cfg)), cfg))
+        top += [(_median_ms(call(xs[0], cfg, pad)), cfg, pad) for pad in pads]
     best = None
-    rows = xs[0].shape[0]
-    for t_hi, cfg in sorted(hi)[:_CUTLASS_RETIMED]:  # the fastest at the top, timed at the bottom too
-        if xs[1] is xs[0]:
-            t_lo, padded = t_hi, False
-        else:
-            plain = _median_ms(lambda cfg=cfg: cutlass_mm(xs[1], cw, cfg))
-            pad = _median_ms(lambda cfg=cfg: mm_padded(xs[1], cw, cfg, rows))
-            t_lo, padded = (pad, True) if pad < plain else (plain, False)
+    for t_hi, cfg, pad in sorted(top)[:_CUTLASS_RETIMED]:  # the fastest at the top, timed at the bottom too
+        t_lo = t_hi if xs[1] is xs[0] else _median_ms(call(xs[1], cfg, pad))
         worst = max(t_hi / dense[0], t_lo / dense[1])
         if best is None or worst < best[0]:
-            best = (worst, t_hi, t_lo, cfg, padded)
+            best = (worst, t_hi, t_lo, cfg, pad)
     return best[1:] if best else None
 
 
@@ -575,7 +584,7 @@ class Dispatcher:
                         "cusparselt_layout": d.layout,
                         "cutlass_ms": d.cutlass_ms,
                         "cutlass_cfg": d.cutlass_cfg,
-                        "cutlass_pad": d.cutlass_pad,  # x padded to the bucket's largest M
+                        "cutlass_pad": d.cutlass_pad,  # x padded to whole token tiles
                     }
                 )
         return rows
