@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import traceback
 from pathlib import Path
@@ -118,7 +119,8 @@ def main() -> None:
             rows.append(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    found = re.search(r"\b([A-Z]\d{2,4})\b", torch.cuda.get_device_name())  # "NVIDIA H100 80GB HBM3" -> h100
+    gpu = found.group(1).lower() if found else "gpu"
     (out / f"probe_m_{gpu}_{a.dtype}.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
     print(f"probe done in {time.time() - t0:.0f}s")
 
