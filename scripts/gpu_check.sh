@@ -64,7 +64,7 @@ if [ "${PROBE_M:-0}" = 1 ]; then
   summary+=("probe_m: $(grep -c ' M=' "$OUT/probe_m.log") rows, $(tail -1 "$OUT/probe_m.log")")
 fi
 if [ "${HOST:-0}" = 1 ]; then
-  timeout 300 $PY scripts/probe_host_cost.py ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
+  timeout 300 $PY scripts/probe_host_cost.py --out "$OUT" ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
   summary+=("$(grep '^HOST' "$OUT/host.log")")
 fi
 if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)

@@ -3,11 +3,18 @@
 call is bound by the CPU). Tells where the time over ``F.linear`` goes (the target: <= 10 us).
 Diagnostic, one GPU call:
     python scripts/probe_host_cost.py [--calls 3000] [--reps 5]
+    python scripts/probe_host_cost.py --generate [--out DIR]   # a small Llama's eager generate:
+        ms per token dense and 2:4 (compact, after sf.autotune), and where the 2:4 model's host
+        time goes (cProfile of its generate, top functions to DIR/host_generate_profile.txt)
 """
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +40,74 @@ def per_call_us(fn, calls: int, reps: int) -> float:
     return statistics.median(out)
 
 
+def generate_probe(args: argparse.Namespace) -> None:
+    """Eager HF generate, dense against 2:4 in the default (compact) mode after ``sf.autotune``:
+    the case where the 2:4 model's host time per call showed (the whole-model benchmark)."""
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    cfg = T.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 7 // 2 // 256 * 256,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128,
+        num_key_value_heads=max(1, args.hidden // 512),
+    )
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
+    kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+
+    def ms_per_token() -> float:
+        out = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1e3 / args.new_tokens)
+        return statistics.median(out)
+
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
+        dense = ms_per_token()
+        sf.sparsify(model, fallback="never")
+        sf.autotune(model, tokens=(1, 128))
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
+        sparse = ms_per_token()
+        linears = sum(isinstance(m, sf.SparseLinear) for m in model.modules())
+        prof = cProfile.Profile()
+        prof.enable()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        torch.cuda.synchronize()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_generate_profile.txt").write_text(text.getvalue())
+    extra_us = (sparse - dense) * 1e3 / max(linears, 1)
+    print(text.getvalue()[:6000])
+    print(
+        f"HOST generate {args.layers} layers x {args.hidden}: dense {dense:.2f} ms/token, 2:4 {sparse:.2f} "
+        f"ms/token ({dense / sparse:.2f}x), {extra_us:+.1f} us per 2:4 linear call"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--m", type=int, default=16)
+    ap.add_argument("--generate", action="store_true", help="time a small Llama's eager generate instead")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default="probe_out")
     args = ap.parse_args()
+    if args.generate:
+        return generate_probe(args)
     dt, dev, n, k, m = torch.float16, "cuda", 256, 256, args.m
     x = torch.randn(m, k, device=dev, dtype=dt)
     w = sf.prune_2_4(torch.randn(n, k, device=dev, dtype=dt))
@@ -60,7 +129,8 @@ def main() -> None:
     layers = {}
     for backend in ("cutlass", "decode", "cusparselt", "auto"):
         try:
-            lin = sf.SparseLinear.from_compressed(c, None, backend=backend)
+            # fast mode: every layer reads one shared compressed weight (a compact layer would free it)
+            lin = sf.SparseLinear.from_compressed(c, None, backend=backend, memory="fast")
             got = lin(x)
         except (ValueError, RuntimeError) as e:
             print(f"  {backend}: not run ({e})")
@@ -70,6 +140,11 @@ def main() -> None:
         cases[f"sparse_mm backend={backend}"] = lambda b=backend: sf.sparse_mm(x, c, backend=b)
         cases[f"SparseLinear backend={backend}"] = lambda lin=lin: lin(x)
         layers[backend] = lin
+    compact = sf.SparseLinear.from_compressed(sf.compress_2_4(w), None)  # the default mode
+    compact(x)
+    cases[f"SparseLinear compact ({compact.resident})"] = lambda: compact(x)
+    x3 = x.view(1, m, k)
+    cases[f"SparseLinear compact ({compact.resident}), 3-D x"] = lambda: compact(x3)
     # the raw extension calls behind the routes the layers took (ops._routes: kernel's run, layout, config)
     for backend in ("cusparselt", "decode"):
         lin = layers.get(backend)  # its own Sparse24Weight: the route is under that weight's handle
