@@ -7,7 +7,14 @@ cd "$(dirname "$0")/.."
 log=${1:-build.log}
 PY=${PYTHON:-python3}
 t0=$(date +%s)
-stamp=$(find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16)
+stamp=$(find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+# A build made elsewhere for these sources (scripts/prebuild_ext.sh: the extension modules, built
+# on a CPU machine against the device's torch, carried as .prebuilt/): unpacked instead of built.
+if [ "${REBUILD:-0}" != 1 ] && [ -f .prebuilt/stamp ] && [ "$(cat .prebuilt/stamp)" = "$stamp" ]; then
+  tar xJf .prebuilt/ext.tar.xz && $PY -c "import sparseflow._C" 2>"$log" \
+    && { echo "build: prebuilt modules unpacked ($stamp)"; exit 0; }
+  echo "build: the prebuilt modules do not import (see $log); building" >&2
+fi
 if [ "${REBUILD:-0}" != 1 ] && [ -f build/.sf_stamp ] && [ "$(cat build/.sf_stamp)" = "$stamp" ] \
     && $PY -c "import sparseflow._C" 2>/dev/null; then
   echo "build: skipped (sources unchanged since this machine's last build)"

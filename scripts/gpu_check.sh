@@ -12,7 +12,8 @@
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
 #   PROBE_M=1 runs scripts/probe_m_sweep.py (PROBE_M_ARGS: its options; every CUTLASS configuration per (shape, M))
-#   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack)
+#   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack;
+#     HOST_ARGS="--generate" for a small Llama's eager generate, dense and 2:4, with a host profile)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 #   A benchmark cut short by the call's time limit goes on in the next call: copy the returned
 #   dispatch-*.json into .sfcache/ and linear_<gpu>.json anywhere in the tree, carry .sfcache, and
@@ -25,6 +26,7 @@ mkdir -p "$OUT"
 # so a benchmark resumed in a new call does not measure them again), else a fresh directory.
 [ -d .sfcache ] && SPARSEFLOW_CACHE_DIR=${SPARSEFLOW_CACHE_DIR:-$PWD/.sfcache}
 export PYTHONUNBUFFERED=1 SPARSEFLOW_CACHE_DIR="${SPARSEFLOW_CACHE_DIR:-/tmp/sparseflow_cache}"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the scripts import this tree's sparseflow (a prebuilt one is not pip-installed)
 export SPARSEFLOW_TUNER_LOG="${SPARSEFLOW_TUNER_LOG:-$OUT/tuner.log}"  # the cuSPARSELt tuner child's stderr
 PY=${PYTHON:-python3}
 summary=()
@@ -64,7 +66,7 @@ if [ "${PROBE_M:-0}" = 1 ]; then
   summary+=("probe_m: $(grep -c ' M=' "$OUT/probe_m.log") rows, $(tail -1 "$OUT/probe_m.log")")
 fi
 if [ "${HOST:-0}" = 1 ]; then
-  timeout 300 $PY scripts/probe_host_cost.py --out "$OUT" ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
+  timeout ${HOST_TIMEOUT:-300} $PY scripts/probe_host_cost.py --out "$OUT" ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
   summary+=("$(grep '^HOST' "$OUT/host.log")")
 fi
 if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
