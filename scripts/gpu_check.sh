@@ -74,7 +74,7 @@ if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config,
   summary+=("$(grep '^MODEL' "$OUT/model.log")")
 fi
 if [ "${LOADMEM:-0}" = 1 ]; then  # loading a 2:4 checkpoint straight to the GPU: peak over what stays
-  timeout 300 $PY benchmarks/load_memory.py --device cuda:0 ${LOADMEM_ARGS:---hidden 4096 --intermediate 14336 --layers 8} \
+  timeout ${LOADMEM_TIMEOUT:-300} $PY benchmarks/load_memory.py --device cuda:0 ${LOADMEM_ARGS:---hidden 4096 --intermediate 14336 --layers 8} \
     2>&1 | tee "$OUT/loadmem.log"
   summary+=("load_memory: $(tail -1 "$OUT/loadmem.log" | grep -o '"cuda_peak_over_final": [0-9.]*')")
 fi
