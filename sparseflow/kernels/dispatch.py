@@ -668,7 +668,7 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
         device, dtype, n, k = key
         decisions = {m: DISPATCHER.decide(w, m) for m in sorted(set(tokens))}
         compact = [mod for mod in layers[key] if mod.memory == "compact" and mod.backend in ("auto", "sparse")]
-        resident, resident_speedup = choose_resident(w, decisions) if compact else (None, {})
+        resident, speedups = choose_resident(w, decisions) if compact else (None, {})
         for mod in compact:  # backend="sparse" never runs dense: it keeps the default 2:4 layout
             mod.resident = resident if resident != "dense" or mod.backend == "auto" else None
         for m, d in decisions.items():
@@ -686,7 +686,7 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
                     # its time over the packed layout's (> PORTABLE_SLACK: the packed copy is kept)
                     "in_place_vs_packed": d.in_place_vs_packed,
                     "resident": resident,  # the layout compact layers of this shape keep (None: fast mode)
-                    "resident_speedup": resident_speedup.get(m),
+                    "resident_speedup": speedups.get(m),
                 }
             )
     return rows
