@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -22,20 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tree's benchmarks/ and sparseflow/
 import sparseflow as sf
+from benchmarks.bench_dense_vs_sparse import LLAMA3_8B, QWEN25_7B
 from sparseflow._ext import _C
 from sparseflow.kernels import cutlass
 from sparseflow.kernels.dispatch import DISPATCHER, _median_ms, m_bucket
 
-SHAPES = {
-    "llama_down": (4096, 14336),
-    "llama_gate_up": (28672, 4096),
-    "qwen_o": (3584, 3584),
-    "llama_qkv": (6144, 4096),
-    "llama_o": (4096, 4096),
-    "qwen_gate_up": (37888, 3584),
-    "qwen_down": (3584, 18944),
-}
+# the layer widths the layer benchmark measures (benchmarks/bench_dense_vs_sparse.py), by name
+SHAPES = {f"llama_{name}": shape for name, shape in LLAMA3_8B.items()} | QWEN25_7B
 MS = [200, 256, 300, 333, 384, 448, 512, 700, 1024, 1337, 2048, 3000, 5000]
 
 
