@@ -378,7 +378,7 @@ def measure(
                 res, "generate_b1", generate_tok_s, model, cfg, device, args.context, args.new_tokens
             )
         if "graph" in args.modes and device.type == "cuda":
-            for b in DECODE_BATCHES:
+            for b in args.decode_batches:
                 out = attempt(res, f"decode_b{b}", decode_tok_s, model, cfg, device, b, args.context, args.decode_steps)
                 tok_s, graph_err = out if out else (None, None)
                 res[f"decode_tok_s_b{b}"], res[f"decode_mode_b{b}"] = tok_s, "eager" if graph_err else "cuda_graph"
@@ -389,7 +389,7 @@ def measure(
                 key = f"compiled_prefill_{name}"
                 out = attempt(res, key, compiled_prefill_tok_s, model, cfg, device, b, t, compile_fn)
                 res[f"compiled_prefill_tok_s_{name}"], res["compiled"][f"prefill_{name}"] = out or (None, None)
-            for b in DECODE_BATCHES:
+            for b in args.decode_batches:
                 key = f"compiled_decode_b{b}"
                 out = known.get(key) or attempt(
                     res, key, compiled_decode_tok_s, model, cfg, device, b, args.context, args.decode_steps, compile_fn
@@ -521,6 +521,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: smoke tests)")
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before decode steps and generate")
     ap.add_argument("--prefill", type=comma_list(PREFILL), default=list(PREFILL), help="comma list of shapes")
+    ap.add_argument(
+        "--decode-batches",
+        type=lambda v: [int(t) for t in v.split(",")],
+        default=list(DECODE_BATCHES),
+        help="comma list of decode batch sizes",
+    )
     ap.add_argument("--decode-steps", type=int, default=50, help="decode steps per timed sample")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per generate call")
     ap.add_argument("--reps", type=int, default=REPS, help="timed samples per metric (median)")
@@ -574,8 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
     # use (decode prompts too), timed on their own so they are neither hidden in nor charged to the
     # first timed call; compiled and graph-captured calls must find them done.
     t0 = time.perf_counter()
-    tokens = {b * t for b, t in (PREFILL[n] for n in args.prefill)} | {args.context} | set(DECODE_BATCHES)
-    tokens |= {b * args.context for b in DECODE_BATCHES}
+    tokens = {b * t for b, t in (PREFILL[n] for n in args.prefill)} | {args.context} | set(args.decode_batches)
+    tokens |= {b * args.context for b in args.decode_batches}
     tuned = sf.autotune(model, tokens=sorted(tokens))
     autotune_s = time.perf_counter() - t0
     choices: dict[str, dict[str, int]] = {}
@@ -609,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
         | {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size}
         | {"tiny": args.tiny},
         "settings": {"prefill": {n: PREFILL[n] for n in args.prefill}, "context": args.context}
-        | {"decode_batches": DECODE_BATCHES, "decode_steps": args.decode_steps, "reps": REPS}
+        | {"decode_batches": args.decode_batches, "decode_steps": args.decode_steps, "reps": REPS}
         | {"new_tokens": args.new_tokens, "attn": getattr(model.config, "_attn_implementation", None)}
         | {"modes": args.modes, "skipped": skipped or None},
         "compile": {"mode": args.compile_mode, "requested": requested_mode, "backend": args.compile_backend}
