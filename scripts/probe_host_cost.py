@@ -9,11 +9,14 @@ Diagnostic, one GPU call:
 """
 
 import argparse
+import collections
 import cProfile
 import io
 import pstats
 import statistics
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +43,29 @@ def per_call_us(fn, calls: int, reps: int) -> float:
     return statistics.median(out)
 
 
+def synchronizing_calls(fn) -> collections.Counter:
+    """Where ``fn`` makes the host wait for the GPU (CUDA's sync debug mode, one warning per
+    synchronizing op): file:line of the innermost frame outside torch, and how often. A sync per
+    layer turns a host-bound eager loop that overlaps the GPU into host time plus GPU time."""
+    found: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message):
+            ours = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            found[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in ours[-1:-4:-1])] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return found
+
+
 def generate_probe(args: argparse.Namespace) -> None:
     """Eager HF generate, dense against 2:4 in the default (compact) mode after ``sf.autotune``:
     the case where the 2:4 model's host time per call showed (the whole-model benchmark)."""
@@ -56,7 +82,7 @@ def generate_probe(args: argparse.Namespace) -> None:
     )
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, args.context), device="cuda")
     kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
 
     def ms_per_token() -> float:
@@ -72,11 +98,14 @@ def generate_probe(args: argparse.Namespace) -> None:
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
         dense = ms_per_token()
+        gen = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        dense_syncs = synchronizing_calls(gen)
         sf.sparsify(model, fallback="never")
-        sf.autotune(model, tokens=(1, 128))
+        sf.autotune(model, tokens=(1, args.context))
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
         sparse = ms_per_token()
         linears = sum(isinstance(m, sf.SparseLinear) for m in model.modules())
+        syncs = synchronizing_calls(gen)
         prof = cProfile.Profile()
         prof.enable()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
@@ -89,9 +118,12 @@ def generate_probe(args: argparse.Namespace) -> None:
     (out / "host_generate_profile.txt").write_text(text.getvalue())
     extra_us = (sparse - dense) * 1e3 / max(linears, 1)
     print(text.getvalue()[:6000])
+    for where, count in syncs.most_common(10):
+        print(f"synchronizing call x{count}: {where}")
     print(
         f"HOST generate {args.layers} layers x {args.hidden}: dense {dense:.2f} ms/token, 2:4 {sparse:.2f} "
-        f"ms/token ({dense / sparse:.2f}x), {extra_us:+.1f} us per 2:4 linear call"
+        f"ms/token ({dense / sparse:.2f}x), {extra_us:+.1f} us per 2:4 linear call, "
+        f"synchronizing calls per generate: dense {sum(dense_syncs.values())}, 2:4 {sum(syncs.values())}"
     )
 
 
@@ -104,6 +136,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens of --generate")
     ap.add_argument("--out", default="probe_out")
     args = ap.parse_args()
     if args.generate:
