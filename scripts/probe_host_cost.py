@@ -81,7 +81,8 @@ def generate_probe(args: argparse.Namespace) -> None:
         num_key_value_heads=max(1, args.hidden // 512),
     )
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    with torch.device("cuda"):  # initialised on the GPU: an 8B model's CPU init takes minutes
+        model = T.LlamaForCausalLM(cfg).to(torch.float16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, args.context), device="cuda")
     kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
 
