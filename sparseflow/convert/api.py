@@ -28,7 +28,7 @@ from sparseflow.convert.methods import METHODS, InputStats, magnitude, sparsegpt
 from sparseflow.convert.report import LayerReport, SparsifyReport
 from sparseflow.convert.walker import Journal, Target, build_sparse, collect_targets, decide_fallback
 from sparseflow.format import compress_2_4
-from sparseflow.nn import SparseLinear, fuse_gated_mlps
+from sparseflow.nn import SparseLinear, fuse_gated_mlps, fuse_projections
 from sparseflow.nn.linear import MEMORY_MODES
 
 __all__ = ["SparsifyConfig", "SparsifyError", "report", "sparsify"]
@@ -54,6 +54,7 @@ class SparsifyConfig:
     error_batches: int = 8
     rollback: bool = True
     fuse_mlp: bool = True
+    fuse_qkv: bool = True
     memory: str = "compact"
     progress: bool = True
     verbose: bool = False
@@ -384,7 +385,9 @@ def sparsify(
     reconstruction error), ``rollback`` (keep originals until the end so a failure restores the
     model exactly; False frees them as it goes and a failure lists the converted layers),
     ``fuse_mlp`` (default True: SwiGLU MLPs whose gate and up became 2:4 run both as one fused
-    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`), ``memory`` (the 2:4 layers'
+    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`), ``fuse_qkv`` (default True:
+    an attention's 2:4 q/k/v projections run as one GEMM of one layout in the compact mode on a
+    GPU, :func:`sparseflow.nn.fuse_projections`), ``memory`` (the 2:4 layers'
     memory mode, ``SparseLinear``: "compact", the default, builds each GPU layer's one layout
     here; "fast"), ``progress``, ``verbose`` (default False: print the report table; :func:`report` gives it
     either way).
@@ -435,6 +438,8 @@ def sparsify(
     journal.forget()
     if cfg.fuse_mlp:
         fuse_gated_mlps(model)
+    if cfg.fuse_qkv:
+        fuse_projections(model)
     # On a GPU each compact layer keeps one layout from now on (built here, not at the first call)
     kept = {}
     for name, mod in model.named_modules():

@@ -28,7 +28,7 @@ from sparseflow.convert import hf_quantizer as _hf_quantizer  # noqa: F401 - reg
 from sparseflow.convert.atomic import atomic_directory, interrupted_saves, refuse_existing
 from sparseflow.convert.shards import ShardReader, TensorInfo, read_headers, write_shards
 from sparseflow.convert.validation import CheckpointError, check_meta, dtype_from_name, dtype_name
-from sparseflow.nn import SparseLinear, fuse_gated_mlps
+from sparseflow.nn import SparseLinear, fuse_gated_mlps, fuse_projections
 from sparseflow.nn.linear import _check_memory
 
 __all__ = ["FORMAT_VERSION", "SECTION", "CheckpointError", "from_pretrained", "save_pretrained"]
@@ -509,6 +509,7 @@ def finish(
             if t.device.type == "meta":
                 raise CheckpointError(f"{kind} {name!r} was not loaded from the checkpoint (still on the meta device)")
     fuse_gated_mlps(model)  # before dispatch: accelerate's hooks then see the final modules
+    fuse_projections(model)  # q/k/v: fused by make_resident below, on a GPU in the compact mode
     used = set(devices.values())
     sparse = [module for module in model.modules() if isinstance(module, SparseLinear)]
     for module in sparse:

@@ -19,7 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparseflow.convert.validation import CheckpointError, check_meta
-from sparseflow.nn import SparseLinear, fuse_gated_mlps
+from sparseflow.nn import SparseLinear, fuse_gated_mlps, fuse_projections
 
 __all__ = ["SparseflowConfig", "SparseflowHfQuantizer"]
 
@@ -65,6 +65,7 @@ class SparseflowHfQuantizer(HfQuantizer):
             if isinstance(mod, SparseLinear):
                 check_meta(mod.weight_meta, (mod.out_features, mod.in_features), f"tensor {name}.weight_meta")
         fuse_gated_mlps(model)
+        fuse_projections(model)  # fused by make_resident or sf.autotune (compact mode, GPU)
         return model
 
     def is_serializable(self) -> bool:

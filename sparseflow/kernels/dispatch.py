@@ -657,8 +657,15 @@ def autotune(model: torch.nn.Module, tokens: Sequence[int] = (1, 16, 64, 512, 20
     if isinstance(tokens, (int, str)) or not all(isinstance(t, int) and t >= 1 for t in tokens):
         raise ValueError(f"autotune: tokens must be a sequence of positive row counts, got {tokens!r}")
     weights, layers = {}, {}
+    runs = {}  # the layers as they run: a fused q/k/v group's one layer for its three members
     for mod in model.modules():
-        if isinstance(mod, SparseLinear) and _on_gpu(mod.weight_2_4):
+        if isinstance(mod, SparseLinear):
+            if mod.memory == "compact" and mod.__dict__.get("_group") is not None:
+                mod.make_resident()  # builds the group where it can be fused (sparseflow.nn.projections)
+            mod = mod._fused() or mod
+            runs[id(mod)] = mod
+    for mod in runs.values():
+        if _on_gpu(mod.weight_2_4):
             w = mod.weight_2_4
             key = (str(w.device), w.dtype, *w.shape)
             weights.setdefault(key, w)

@@ -74,6 +74,7 @@ class SparseLinear(nn.Module):
         dense fallback copy on the GPU); the next call routes afresh."""
         if value not in BACKENDS:
             raise ValueError(f"SparseLinear: backend must be one of {sorted(BACKENDS)}, got {value!r}")
+        self._split_group()
         self._backend = value
         self._route = None
 
@@ -86,6 +87,7 @@ class SparseLinear(nn.Module):
         """ "compact" or "fast"; switching to "fast" restores the portable form on the device."""
         self._memory = _check_memory(value)
         if value == "fast":
+            self._split_group()
             self._restore()
         self._route = None
 
@@ -95,6 +97,9 @@ class SparseLinear(nn.Module):
         after the first call there), or None. Set it to a kernel name ("cutlass", "cusparselt",
         "decode", "dense") to choose that layout (``sf.autotune`` does, by measurement); None
         goes back to the default (``sparseflow.kernels.dispatch.default_resident``)."""
+        fused = self._fused()
+        if fused is not None:
+            return fused.resident
         w = self._kept()
         return None if w is None else w.resident
 
@@ -104,6 +109,9 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear.resident must be one of {sorted(KERNELS)} or None, got {kernel!r}")
         self.__dict__["_pinned"] = kernel
         self._route = None
+        fused = self._fused()
+        if fused is not None:  # the layout is the group's: choose it there
+            fused.resident = kernel
 
     @classmethod
     def from_dense(
@@ -136,7 +144,11 @@ class SparseLinear(nn.Module):
 
     @property
     def weight_2_4(self) -> Sparse24Weight:
-        """The compressed weight (rebuilt when the buffers were replaced by .to() or loading)."""
+        """The compressed weight (rebuilt when the buffers were replaced by .to() or loading; for
+        a member of a fused ``ProjectionGroup``, a copy read back from the group's layout)."""
+        group = self._fused_group()
+        if group is not None:
+            return Sparse24Weight(*group.portable(self), (self.out_features, self.in_features))
         w = self._w
         if w is None or w.values is not self.weight_values or w.meta is not self.weight_meta:
             w = self._w = Sparse24Weight(self.weight_values, self.weight_meta, (self.out_features, self.in_features))
@@ -150,6 +162,9 @@ class SparseLinear(nn.Module):
     @property
     def weight_nbytes(self) -> int:
         """Bytes of the portable compressed weight (what state_dict and checkpoints hold)."""
+        if self._fused_group() is not None:
+            n, k, item = self.out_features, self.in_features, self.weight_values.element_size()
+            return n * (k // 2) * item + n * ((k + 7) // 8)
         return self.weight_2_4.nbytes
 
     def memory_bytes(self) -> dict[str, int]:
@@ -157,7 +172,12 @@ class SparseLinear(nn.Module):
         portable form (0 once a compact layer keeps one layout on the GPU), each kernel layout
         built from it (cuSPARSELt's buffer, CUTLASS's sm90 form, the decode kernel's fragments),
         a dense copy (compact: the layout of a layer that runs dense; fast: the fallback where
-        dense won at some M), and their ``total``."""
+        dense won at some M), and their ``total``. A member of a fused ``ProjectionGroup``
+        reports its rows' share of the group's bytes."""
+        fused = self._fused()
+        if fused is not None:
+            share = self.out_features / fused.out_features
+            return {key: int(v * share) for key, v in fused.memory_bytes().items()}
         w = self.weight_2_4
         held = w.layout_bytes()
         out = {
@@ -174,6 +194,9 @@ class SparseLinear(nn.Module):
     def make_resident(self) -> str | None:
         """Compact mode on a GPU: build the one layout now, as the first call would, and free the
         portable form. Returns the kernel kept, or None (CPU, fast mode, inside a capture)."""
+        group = self.__dict__.get("_group")
+        if group is not None and group.build() is not None:
+            return self.resident  # the group's one layout (q/k/v fused: sparseflow.nn.projections)
         w = self.weight_2_4
         if self.memory != "compact" or w.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return None
@@ -197,6 +220,22 @@ class SparseLinear(nn.Module):
             return w
         return None
 
+    def _fused_group(self):
+        """The ``ProjectionGroup`` this layer runs fused in, or None."""
+        group = self.__dict__.get("_group")
+        return group if group is not None and group.fused is not None else None
+
+    def _fused(self) -> SparseLinear | None:
+        """The fused layer this one runs as a slice of, or None."""
+        group = self._fused_group()
+        return None if group is None else group.fused
+
+    def _split_group(self) -> None:
+        """Leave the fused state: every member of the group holds its portable form again."""
+        group = self._fused_group()
+        if group is not None:
+            group.split()
+
     def _restore(self) -> None:
         """Hold the portable form again (read back from the one layout kept), as a plain layer."""
         w = self._kept()
@@ -207,6 +246,11 @@ class SparseLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        group = self._fused_group()
+        if group is not None:  # this layer's rows of the fused layout, into host memory
+            values, meta = group.portable(self, "cpu")
+            destination[prefix + "weight_values"], destination[prefix + "weight_meta"] = values, meta
+            return
         w = self._kept()
         if w is not None:
             # read back layer by layer into host memory: a whole model's portable form never
@@ -215,18 +259,24 @@ class SparseLinear(nn.Module):
             destination[prefix + "weight_values"], destination[prefix + "weight_meta"] = values, meta
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._split_group()
         self._restore()  # loading copies into full-size buffers
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
+        group = self._fused_group()
+        if group is not None:
+            if not _stays(fn, self.weight_values):
+                group.split()  # the members move as plain layers; make_resident fuses them again
+            else:  # nothing about the weight changes: keep the group's layout, apply fn to the rest
+                held = self._buffers.pop("weight_values"), self._buffers.pop("weight_meta")
+                try:
+                    return super()._apply(fn, recurse)
+                finally:
+                    self._buffers["weight_values"], self._buffers["weight_meta"] = held
         w = self._kept()
         if w is not None:
-            try:  # where would fn send the weight? (a tensor method fn, e.g. share_memory_, may refuse)
-                probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
-                stays = probe.device == w.device and probe.dtype == w.dtype
-            except (RuntimeError, TypeError, ValueError):
-                stays = False
-            if stays:  # nothing about the weight changes: keep its layout, apply fn to the rest
+            if _stays(fn, w.values):  # nothing about the weight changes: keep its layout, apply fn to the rest
                 held = self._buffers.pop("weight_values"), self._buffers.pop("weight_meta")
                 try:
                     return super()._apply(fn, recurse)
@@ -251,6 +301,9 @@ class SparseLinear(nn.Module):
         return self._route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("_group")
+        if group is not None and group.fused is not None:
+            return group.out(self, x)  # q/k/v fused: this layer's slice of one GEMM
         # Hot path: identity checks against the checked route, no Module.__getattr__ lookups.
         r, bufs = self._route, self._buffers
         if (
@@ -279,10 +332,22 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kept = f", resident={self.resident}" if self.resident else ""
+        if self._fused_group() is not None:
+            kept += f", fused rows {self.__dict__['_group_rows']} of {self._fused().out_features}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"2:4, backend={self.backend}, memory={self.memory}{kept}"
         )
+
+
+def _stays(fn, t: torch.Tensor) -> bool:
+    """Whether ``fn`` (what ``Module._apply`` applies) leaves a tensor like ``t`` on its device and
+    dtype. A tensor method fn (e.g. share_memory_) may refuse the probe: then it does not."""
+    try:
+        probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return probe.device == t.device and probe.dtype == t.dtype
 
 
 def _check_memory(value: str) -> str:
