@@ -1,4 +1,4 @@
-"""q/k/v fused into one 2:4 layer (``sparseflow.nn.projections``).
+"""q/k/v and gate/up fused into one 2:4 layer each (``sparseflow.nn.projections``).
 
 On the CPU a group is built by hand (``refusal`` patched: it fuses only in the compact mode on a
 GPU) and its fused layer keeps the dense kernel's layout, which runs on the CPU, the way a
@@ -52,7 +52,9 @@ def _fuse_on_cpu(model, monkeypatch) -> list[ProjectionGroup]:
 def test_fused_projections_give_the_same_logits_and_state_dict(arch, monkeypatch):
     model = _tiny(arch)
     groups = _groups(model)
-    assert len(groups) == 2 and all(g.fused is None for g in groups)  # made by sparsify, fused only on a GPU
+    # q/k/v and gate/up of each of the 2 layers; made by sparsify, fused only on a GPU
+    assert len(groups) == 4 and all(g.fused is None for g in groups)
+    assert sorted(g.rows for g in groups) == [512, 512, 1024, 1024]
     ids = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -110,7 +112,7 @@ def test_moving_loading_and_fast_mode_split_the_group(monkeypatch):
 
 def test_memory_bytes_share_the_fused_layout(monkeypatch):
     model = _tiny("llama")
-    (g, _) = _fuse_on_cpu(model, monkeypatch)
+    g = next(g for g in _fuse_on_cpu(model, monkeypatch) if len(g.members) == 3)
     total = g.fused.memory_bytes()["total"]
     shares = [p.memory_bytes()["total"] for p in g.members]
     assert total > 0 and abs(sum(shares) - total) <= len(shares)
@@ -143,7 +145,8 @@ def test_fuse_projections_takes_only_three_2_4_layers_of_one_width():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_sparsify_fuses_qkv_into_one_layout(dtype):
-    """On a GPU in the compact mode ``sparsify`` builds the group: one layout for q/k/v, the
+    """On a GPU in the compact mode ``sparsify`` builds the groups: one layout for q/k/v (and one
+    for gate/up), the
     members' portable buffers empty, the logits those of the unfused layers, and a state_dict
     that loads into an unfused copy."""
     torch.manual_seed(0)
@@ -164,6 +167,8 @@ def test_gpu_sparsify_fuses_qkv_into_one_layout(dtype):
     g = attn.q_proj.__dict__["_group"]
     assert g.fused is not None and g.fused.resident is not None
     assert attn.q_proj.resident == g.fused.resident and attn.v_proj.weight_values.numel() == 0
+    gate_up = dense.model.layers[0].mlp.gate_proj.__dict__["_group"]
+    assert gate_up.fused is not None and gate_up.rows == 2 * cfg.intermediate_size
     ids = torch.randint(0, 512, (2, 37), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=2e-2, atol=2e-2)

@@ -1,13 +1,14 @@
-"""q/k/v as one 2:4 GEMM: ``ProjectionGroup`` and ``fuse_projections``.
+"""q/k/v (and gate/up) as one 2:4 GEMM: ``ProjectionGroup`` and ``fuse_projections``.
 
 Why: Hugging Face attention calls ``q_proj``, ``k_proj`` and ``v_proj`` on the same hidden states,
 three GEMMs whose k/v parts are small (Llama-3-8B: 1024 rows each). At decode sizes each of those
 launches costs about as much as the much larger q (H100, CUTLASS, M <= 8: q 11.0 us, k and v 7.6
-us each); one 6144-row GEMM measured 14.6 us (benchmarks/NOTES.md). In the compact mode the group
-keeps one layout of the three weights stacked by rows, and nothing else on the GPU.
+us each); one 6144-row GEMM measured 14.6 us (benchmarks/NOTES.md). A SwiGLU MLP's gate and up
+projections read the same input too. In the compact mode a group keeps one layout of its
+members' weights stacked by rows, and nothing else on the GPU.
 
-How: the attention module's code is left as it is. The first projection called on a tensor runs
-the fused layer and keeps its output until the other two have taken their slices (the same
+How: the model's code is left as it is. The first projection called on a tensor runs the fused
+layer and keeps its output until the others have taken their slices (the same
 tensor object; ``torch.compile`` traces this into one GEMM and three slices). ``state_dict``,
 ``.to()``, loading and ``memory="fast"`` see three plain layers again: each member reads its rows
 back from the fused layout (``split``), as a compact layer reads back its own.
@@ -23,7 +24,9 @@ from sparseflow.nn.linear import SparseLinear
 
 __all__ = ["ProjectionGroup", "fuse_projections"]
 
-_QKV = ("q_proj", "k_proj", "v_proj")
+# Sibling projections of one input: attention (Llama, Mistral, Qwen2, Gemma, ...) and SwiGLU MLPs
+# with separate gate/up (run by SparseGatedMLP, whose fused decode kernel serves the fast mode)
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class ProjectionGroup:
@@ -119,8 +122,9 @@ class ProjectionGroup:
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Group every attention's ``q_proj``/``k_proj``/``v_proj`` that are all ``SparseLinear`` of
-    one input width and backend (``ProjectionGroup``); returns how many groups were made. A group
+    """Group every attention's ``q_proj``/``k_proj``/``v_proj``, and every MLP's
+    ``gate_proj``/``up_proj``, that are all ``SparseLinear`` of one input width and backend
+    (``ProjectionGroup``); returns how many groups were made. A group
     runs fused once built: by ``SparseLinear.make_resident`` (which ``sparsify`` and
     ``from_pretrained`` call) in the compact mode on a GPU. Encoder-decoder models are left
     alone: their cross-attention feeds k/v another tensor than q."""
@@ -128,10 +132,11 @@ def fuse_projections(model: nn.Module) -> int:
         return 0
     made = 0
     for mod in model.modules():
-        ps = [getattr(mod, name, None) for name in _QKV]
-        if not all(isinstance(p, SparseLinear) for p in ps) or any("_group" in p.__dict__ for p in ps):
-            continue
-        if len({p.in_features for p in ps}) == 1 and len({p.backend for p in ps}) == 1:
-            ProjectionGroup(ps)
-            made += 1
+        for names in _SIBLINGS:
+            ps = [getattr(mod, name, None) for name in names]
+            if not all(isinstance(p, SparseLinear) for p in ps) or any("_group" in p.__dict__ for p in ps):
+                continue
+            if len({p.in_features for p in ps}) == 1 and len({p.backend for p in ps}) == 1:
+                ProjectionGroup(ps)
+                made += 1
     return made
