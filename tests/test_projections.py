@@ -162,7 +162,7 @@ def test_gpu_sparsify_fuses_qkv_into_one_layout(dtype):
     plain = LlamaForCausalLM(cfg).to("cuda", dtype).eval()
     plain.load_state_dict(dense.state_dict())
     sf.sparsify(dense, fallback="never", progress=False)
-    sf.sparsify(plain, fallback="never", progress=False, fuse_qkv=False, memory="fast")
+    sf.sparsify(plain, fallback="never", progress=False, fuse_projections=False, memory="fast")
     attn = dense.model.layers[0].self_attn
     g = attn.q_proj.__dict__["_group"]
     assert g.fused is not None and g.fused.resident is not None

@@ -54,7 +54,7 @@ class SparsifyConfig:
     error_batches: int = 8
     rollback: bool = True
     fuse_mlp: bool = True
-    fuse_qkv: bool = True
+    fuse_projections: bool = True
     memory: str = "compact"
     progress: bool = True
     verbose: bool = False
@@ -385,9 +385,9 @@ def sparsify(
     reconstruction error), ``rollback`` (keep originals until the end so a failure restores the
     model exactly; False frees them as it goes and a failure lists the converted layers),
     ``fuse_mlp`` (default True: SwiGLU MLPs whose gate and up became 2:4 run both as one fused
-    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`), ``fuse_qkv`` (default True:
-    an attention's 2:4 q/k/v projections run as one GEMM of one layout in the compact mode on a
-    GPU, :func:`sparseflow.nn.fuse_projections`), ``memory`` (the 2:4 layers'
+    decode kernel at M <= 64, :class:`sparseflow.nn.SparseGatedMLP`), ``fuse_projections`` (default
+    True: an attention's 2:4 q/k/v projections, and an MLP's gate/up, run as one GEMM of one
+    layout in the compact mode on a GPU, :func:`sparseflow.nn.fuse_projections`), ``memory`` (the 2:4 layers'
     memory mode, ``SparseLinear``: "compact", the default, builds each GPU layer's one layout
     here; "fast"), ``progress``, ``verbose`` (default False: print the report table; :func:`report` gives it
     either way).
@@ -438,7 +438,7 @@ def sparsify(
     journal.forget()
     if cfg.fuse_mlp:
         fuse_gated_mlps(model)
-    if cfg.fuse_qkv:
+    if cfg.fuse_projections:
         fuse_projections(model)
     # On a GPU each compact layer keeps one layout from now on (built here, not at the first call)
     kept = {}
