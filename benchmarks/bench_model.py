@@ -427,6 +427,15 @@ def linear_bytes(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def fused_groups(model: nn.Module) -> dict[str, int]:
+    """How many q/k/v and gate/up groups run as one GEMM (``sparseflow.nn.fuse_projections``)."""
+    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get("_group")) is not None and g.fused is not None}
+    return {
+        "qkv": sum(len(g.members) == 3 for g in groups.values()),
+        "gate_up": sum(len(g.members) == 2 for g in groups.values()),
+    }
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -636,6 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dense_fallback_copies": sparse_w["dense_fallback"],
         },
         "memory_mode": args.memory,
+        "fused_groups": fused_groups(model),
         "resident_layouts": {
             k: sum(1 for r in tuned if r.get("resident") == k) for k in ("cutlass", "cusparselt", "dense")
         },
