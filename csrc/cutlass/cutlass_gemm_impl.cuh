@@ -114,7 +114,12 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            // (down: 32 tiles of 128 rows x 3 of 128 tokens fill 96 of 132 SMs)
                            Gemm24<T, 128, 192, 128, 1, 1, Coop, StreamK>,
                            Gemm24<T, 128, 160, 128, 1, 1, Coop, StreamK>,
-                           Gemm24<T, 64, 160, 128, 1, 1, Ping>>;
+                           Gemm24<T, 64, 160, 128, 1, 1, Ping>,
+                           // 12, 13: small token tiles with the stream-K scheduler, for layers of
+                           // few row tiles at M = 300-700 (qkv 6144 x 4096 at M = 300: the
+                           // 128 x 64 tiles make 240 tiles, 1.8 waves of 132 SMs, 0.92x dense)
+                           Gemm24<T, 128, 64, 128, 1, 1, Coop, StreamK>,
+                           Gemm24<T, 128, 96, 128, 1, 1, Coop, StreamK>>;
 
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
