@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     with tempfile.TemporaryDirectory(prefix="sparseflow-loadmem-") as tmp:
         path = Path(tmp) / "ckpt"
+        t0 = time.perf_counter()
         sizes = write_checkpoint(path, args.hidden, args.intermediate, args.layers)
+        print(f"load_memory: checkpoint written in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         sizes["checkpoint_file_bytes"] = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         child = subprocess.run(
             [sys.executable, __file__, "--measure", str(path), "--device", args.device],
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             sys.stderr.write(child.stderr[-4000:])
             raise SystemExit(f"load_memory: the loading process failed (exit {child.returncode}); its stderr is above")
         result = {**sizes, **json.loads(child.stdout.strip().splitlines()[-1])}
+        print(f"load_memory: loaded in a fresh process in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     result["host_growth_over_checkpoint"] = result["host_peak_growth_bytes"] / result["checkpoint_file_bytes"]
     result["checkpoint_over_dense_linears"] = result["checkpoint_file_bytes"] / result["dense_linear_bytes"]
     print(json.dumps(result))
