@@ -47,7 +47,8 @@ def write_checkpoint(path: Path, hidden: int, intermediate: int, layers: int) ->
         num_key_value_heads=max(1, hidden // 128),
         tie_word_embeddings=True,
     )
-    model = T.LlamaForCausalLM._from_config(cfg, dtype=torch.float16)
+    with torch.device("meta"):  # no dense init of weights that are replaced below (minutes at 8B widths)
+        model = T.LlamaForCausalLM._from_config(cfg, dtype=torch.float16)
     pattern = compress_2_4(torch.tensor([[1.0, 0, 1, 0] * 2])).meta[0, 0]  # any valid byte
     dense_bytes = 0
     for name, mod in list(model.named_modules()):
@@ -60,6 +61,18 @@ def write_checkpoint(path: Path, hidden: int, intermediate: int, layers: int) ->
                 model.get_submodule(parent), attr, SparseLinear.from_compressed(Sparse24Weight(values, meta, (n, k)))
             )
             dense_bytes += n * k * 2
+    for module in model.modules():  # what stays dense (embedding, norms): small random tensors
+        for key, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None and t.device.type == "meta":
+                real = (
+                    torch.randn(t.shape, dtype=t.dtype) * 0.02
+                    if t.is_floating_point()
+                    else torch.zeros_like(t, device="cpu")
+                )
+                if key in module._parameters:
+                    module._parameters[key] = torch.nn.Parameter(real, requires_grad=False)
+                else:
+                    module._buffers[key] = real
     save_pretrained(model, path)
     sparse_bytes = sum(
         m.weight_nbytes for m in model.modules() if isinstance(m, SparseLinear)
@@ -84,6 +97,32 @@ def measure_load(path: str, device: str) -> dict:
     base_cuda = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
+    # (allocated before, peak growth during) of each make_resident: where a load's peak is made. Each
+    # call resets the peak statistics, so the whole load's peak is assembled from the pieces.
+    steps: list[tuple[int, int]] = []
+    if device.startswith("cuda"):
+        from sparseflow.nn import SparseLinear
+
+        make_resident = SparseLinear.make_resident
+
+        def tracked(self):
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                return make_resident(self)
+            finally:
+                steps.append((before - base_cuda, torch.cuda.max_memory_allocated(device) - before))
+
+        SparseLinear.make_resident = tracked
+        placed = {"peak": 0}
+        real_finish = ck.finish
+
+        def finish(model, *a, **kw):  # every tensor placed, nothing made resident yet
+            placed["peak"] = torch.cuda.max_memory_allocated(device) - base_cuda
+            placed["allocated"] = torch.cuda.memory_allocated(device) - base_cuda
+            return real_finish(model, *a, **kw)
+
+        ck.finish = finish
     model = ck.from_pretrained(path, device_map=None if device == "cpu" else device)
     after_load = _status("VmHWM")
     for t in list(model.parameters()) + list(model.buffers()):  # fault in any page still untouched
@@ -97,7 +136,13 @@ def measure_load(path: str, device: str) -> dict:
     if device.startswith("cuda"):
         # compact layers (the default) hold one layout each from the end of loading: the peak
         # against what stays is the loading's overhead
-        out["cuda_peak_growth_bytes"] = torch.cuda.max_memory_allocated(device) - base_cuda
+        out["cuda_placed_peak_bytes"] = placed["peak"]  # every tensor placed, before make_resident
+        out["cuda_placed_bytes"] = placed["allocated"]
+        out["cuda_make_resident_calls"] = len(steps)
+        out["cuda_make_resident_max_step_bytes"] = max((g for _, g in steps), default=0)
+        out["cuda_peak_growth_bytes"] = max(
+            [placed["peak"], torch.cuda.max_memory_allocated(device) - base_cuda] + [b + g for b, g in steps]
+        )
         out["cuda_final_bytes"] = torch.cuda.memory_allocated(device) - base_cuda
         out["cuda_peak_over_final"] = out["cuda_peak_growth_bytes"] / max(out["cuda_final_bytes"], 1)
     return out
