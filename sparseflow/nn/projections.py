@@ -87,6 +87,9 @@ class ProjectionGroup:
             p._buffers["weight_meta"] = meta.new_empty((p.out_features, 0))
             p._w, p._route = None, None
         self.fused = fused
+        # Loading to a GPU peaks here: the layout is built from a dense copy of the stack. The
+        # members' own forms (as many bytes as the stack) must not live on through ``ws``.
+        del ws, values, meta
         fused.make_resident()
         return fused
 
