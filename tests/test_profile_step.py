@@ -1,0 +1,54 @@
+"""benchmarks/profile_step.py: kernel names sorted into the classes its table reports (names as
+CUPTI gives them on an H100), and a CPU smoke run that writes both models' profiles."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _profile_step():
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        (
+            "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>, "
+            "cutlass::gemm::collective::CollectiveMma<cutlass::gemm::MainloopSm90TmaGmmaWarpSpecializedSparse<4, "
+            "cute::tuple<cute::C<1>>, cutlass::gemm::KernelTmaWarpSpecializedCooperative>>>>(...)",
+            "2:4 GEMM, CUTLASS",
+        ),
+        ("void decode24_kernel<__half, 2, true>(uint4 const*, uint4 const*)", "2:4 GEMM, decode kernel"),
+        ("void decompress_24_kernel<__half>(__half const*, unsigned char const*)", "2:4 other (decompress, pad)"),
+        ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_cublas", "dense GEMM"),
+        ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NTN", "dense GEMM"),
+        ("cutlass3x_sm90_tensorop_gemm_f16_f16_f32_f16_f16_128x128x64_1x1x1_0_tnn_align8", "dense GEMM"),
+        ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64>>(...)", "attention"),
+        ("fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)", "attention"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "inductor fused"),
+        ("Memcpy DtoD (Device -> Device)", "copy, fill"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "other"),
+    ],
+)
+def test_kernel_names_fall_in_their_class(name, cls):
+    assert _profile_step().kernel_class(name) == cls
+
+
+def test_tiny_cpu_smoke_writes_both_profiles(tmp_path):
+    ps = _profile_step()
+    argv = ["--tiny", "--device", "cpu", "--layers", "1", "--compile-mode", "default", "--compile-backend", "aot_eager"]
+    ps.main([*argv, "--context", "16", "--steps", "2", "--batch", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "profile_cpu_decode_b2.json").read_text())
+    assert result["step"] == "decode_b2" and result["settings"]["steps"] == 2
+    for model in ("dense", "sparse"):
+        r = result[model]
+        assert r["total_us"] > 0 and r["top"]
+        assert sum(c["us"] for c in r["classes"].values()) == pytest.approx(r["total_us"])
