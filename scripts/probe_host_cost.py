@@ -179,19 +179,21 @@ def main() -> None:
     cases[f"SparseLinear compact ({compact.resident})"] = lambda: compact(x)
     x3 = x.view(1, m, k)
     cases[f"SparseLinear compact ({compact.resident}), 3-D x"] = lambda: compact(x3)
-    # the raw extension calls behind the routes the layers took (ops._routes: kernel's run, layout, config)
+    # the raw extension calls behind the routes the layers took (ops._routes: ops.Route)
     for backend in ("cusparselt", "decode"):
         lin = layers.get(backend)  # its own Sparse24Weight: the route is under that weight's handle
-        r = ops._routes.get((lin._route[4], m_bucket(m), ops.BACKENDS[backend])) if lin is not None else None
-        if r is not None and r[1] == KERNELS["cusparselt"].run:
-            (cfg, layout) = r[3]
+        r = ops._routes.get((lin._route.handle, m_bucket(m), ops.BACKENDS[backend])) if lin is not None else None
+        if r is not None and r.run == KERNELS["cusparselt"].run:
+            (cfg, layout) = r.cfg
             cases[f"cusparselt: _C.cslt_mm (layout {layout}, cfg {cfg})"] = lambda r=r, cfg=cfg, v=layout: _C.cslt_mm(
-                x, r[2].packed, n, cfg, v
+                x, r.layout.packed, n, cfg, v
             )
             p1 = c.layout("cusparselt", 1).packed  # layout 1 (y^T, then our transpose), the library's default
             cases["cusparselt: _C.cslt_mm (layout 1, default)"] = lambda p1=p1: _C.cslt_mm(x, p1, n, [-1, 1, 0, 0], 1)
-        elif r is not None and r[1] == KERNELS["decode"].run and not r[2].portable:
-            cases["decode: _C.decode24_mm"] = lambda r=r: _C.decode24_mm(x, r[2].A, r[2].E, None, n, False, *r[3])
+        elif r is not None and r.run == KERNELS["decode"].run and not r.layout.portable:
+            cases["decode: _C.decode24_mm"] = lambda r=r: _C.decode24_mm(
+                x, r.layout.A, r.layout.E, None, n, False, *r.cfg
+            )
     print(f"host time per call, {n} x {k} fp16 weight, M = {m} (median of {args.reps} x {args.calls} calls):")
     res = {}
     for label, fn in cases.items():  # printed as measured: a crash still leaves the lines before it

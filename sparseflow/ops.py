@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +41,18 @@ _handles: dict[int, weakref.ref] = {}
 _next_handle = itertools.count(1)
 
 
-# Hot-path routes: (handle, M-bucket, backend) -> (values version, the kernel's run, its layout of
-# the weight, cfg). One dict lookup and one call per forward instead of the dispatcher's keyed
-# search; dropped with the weight.
-_routes: dict[tuple[int, int, int], tuple] = {}
+class Route(NamedTuple):
+    """How one weight runs at one M-bucket: ``run(x, layout, cfg, bias)``."""
+
+    version: int  # the weight's values._version when resolved (an in-place change re-resolves)
+    run: Callable[..., torch.Tensor]  # the kernel's run
+    layout: Any  # the kernel's layout of the weight
+    cfg: Any  # the kernel's configuration for this M-bucket
+
+
+# Hot-path routes: (handle, M-bucket, backend) -> Route. One dict lookup and one call per forward
+# instead of the dispatcher's keyed search; dropped with the weight.
+_routes: dict[tuple[int, int, int], Route] = {}
 
 
 def forget_routes(h: int) -> None:
@@ -96,13 +106,13 @@ def _cutlass_route(w: Sparse24Weight, d) -> tuple:
     return PaddedRun(token_tile(w.dtype, d.cutlass_cfg)), d.cutlass_cfg
 
 
-def _resident_route(w: Sparse24Weight, m: int) -> tuple:
+def _resident_route(w: Sparse24Weight, m: int) -> Route:
     """The route of a weight that keeps one kernel's layout only (``keep_only``): that kernel at
     every M, with the configuration measured fastest for it at this M-bucket."""
     kernel, run = w.resident, KERNELS[w.resident].run
     layout = w.layout(kernel)
     if kernel == "dense":
-        return (w.values._version, run, layout, None)
+        return Route(w.values._version, run, layout, None)
     capturing = torch.cuda.is_current_stream_capturing()
     if capturing:
         d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m, only=kernel)
@@ -115,13 +125,13 @@ def _resident_route(w: Sparse24Weight, m: int) -> tuple:
         cfg = (d.cfg, d.layout) if same_buffer else KERNELS[kernel].readback_cfg
     else:  # decode: the layer's backend is "decode", which refuses M > 64 before this
         cfg = (d.decode_split, d.decode_ring) if d is not None and d.decode_ms is not None else (0, False)
-    return (w.values._version, run, layout, cfg)
+    return Route(w.values._version, run, layout, cfg)
 
 
 _FORCED = {BACKENDS[name]: name for name in ("dense", "cusparselt", "decode", "cutlass")}
 
 
-def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
+def _route(w: Sparse24Weight, m: int, backend: int) -> Route:
     if w.resident is not None and _FORCED.get(backend, w.resident) == w.resident:
         return _resident_route(w, m)
     if backend == BACKENDS["dense"]:
@@ -142,17 +152,17 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     d = DISPATCHER.lookup(w.device, w.dtype, *w.shape, m)
     run = KERNELS[kernel].run
     if kernel == "dense":
-        return (w.values._version, run, w.layout("dense"), None)
+        return Route(w.values._version, run, w.layout("dense"), None)
     if kernel == "decode":
         if d is not None and d.decode_portable and portable_ok(w):  # in place: (values, meta), no packed copy
-            return (w.values._version, run, portable_view(w), (d.decode_split, d.decode_ring))
-        return (w.values._version, run, w.layout("decode"), (d.decode_split, d.decode_ring) if d else (0, False))
+            return Route(w.values._version, run, portable_view(w), (d.decode_split, d.decode_ring))
+        return Route(w.values._version, run, w.layout("decode"), (d.decode_split, d.decode_ring) if d else (0, False))
     if kernel == "cutlass":
         why = KERNELS["cutlass"].refusal(w.device, w.dtype, *w.shape)
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
         run, cfg = _cutlass_route(w, d)
-        return (w.values._version, run, w.layout("cutlass"), cfg)
+        return Route(w.values._version, run, w.layout("cutlass"), cfg)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take
         raise ValueError(
@@ -162,7 +172,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> tuple:
     searched = d is not None and d.sparse_ms is not None
     layout = d.layout if searched else cslt_layout(m_bucket(m))
     cfg = d.cfg if searched else [-1, 1, 0, 0]
-    return (w.values._version, run, w.layout("cusparselt", layout), (cfg, layout))
+    return Route(w.values._version, run, w.layout("cusparselt", layout), (cfg, layout))
 
 
 def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, handle: int, backend: int):
@@ -173,13 +183,13 @@ def cuda_forward(x: torch.Tensor, w: Sparse24Weight, bias: torch.Tensor | None, 
     m = x2.shape[0]
     key = (handle, m_bucket(m), backend)
     r = _routes.get(key)
-    if r is None or r[0] != w.values._version:
+    if r is None or r.version != w.values._version:
         r = _routes[key] = _route(w, m, backend)
         if backend in (BACKENDS["auto"], BACKENDS["sparse"]) and not (
             w.resident == "dense" or DISPATCHER.lookup(w.device, w.dtype, n, k, m, only=w.resident)
         ):
             _routes.pop(key)  # a default taken during capture: decide again once measuring is possible
-    y = r[1](x2, r[2], r[3], bias)
+    y = r.run(x2, r.layout, r.cfg, bias)
     return y if flat else y.view(*x.shape[:-1], n)
 
 

@@ -289,9 +289,9 @@ def test_keep_only_drops_the_routes_resolved_before():
 
     w = sf.compress_2_4(_weight())
     h = ops._handle(w)
-    ops._routes[(h, 8, 0)] = (w.values._version, None, "a fast-mode layout", None)
+    ops._routes[(h, 8, 0)] = ops.Route(w.values._version, None, "a fast-mode layout", None)
     other = ops._handle(sf.compress_2_4(_weight(seed=2)))
-    ops._routes[(other, 8, 0)] = (0, None, "another weight's", None)
+    ops._routes[(other, 8, 0)] = ops.Route(0, None, "another weight's", None)
     w.keep_only("dense")
     assert (h, 8, 0) not in ops._routes and (other, 8, 0) in ops._routes
     ops.forget_routes(other)

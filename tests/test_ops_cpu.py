@@ -212,7 +212,9 @@ def test_cuda_forward_keeps_the_leading_dims(monkeypatch, shape):
     monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: d)
     monkeypatch.setattr(ops, "_routes", {})  # this test's routes stay out of the real table
     monkeypatch.setattr(
-        ops, "_route", lambda weight, m, backend: (weight.values._version, ops.KERNELS["dense"].run, dense, None)
+        ops,
+        "_route",
+        lambda weight, m, backend: ops.Route(weight.values._version, ops.KERNELS["dense"].run, dense, None),
     )
     x, bias = torch.randn(*shape), torch.randn(64)
     y = ops.cuda_forward(x, w, bias, handle=1, backend=ops.BACKENDS["auto"])

@@ -14,6 +14,8 @@ than dense, at more GPU memory than the dense weight.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -23,6 +25,19 @@ from sparseflow.kernels.dispatch import DISPATCHER, default_resident
 from sparseflow.ops import BACKENDS, _handle, _validate, cuda_forward, resolve_backend
 
 MEMORY_MODES = ("compact", "fast")
+
+
+class _Checked(NamedTuple):
+    """What ``forward`` last checked x against: while the buffers, x's dtype and device are these,
+    it skips validation and resolution and calls the kernel route of (``handle``, ``backend``)."""
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+    handle: int  # the weight's key in sparseflow.ops' route table
+    backend: int  # sparseflow.ops.BACKENDS code
+    weight: Sparse24Weight
 
 
 class SparseLinear(nn.Module):
@@ -61,7 +76,7 @@ class SparseLinear(nn.Module):
         b = torch.zeros(out_features, device=device, dtype=dtype) if bias else None
         self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
         self._w: Sparse24Weight | None = None
-        self._route: tuple | None = None  # (values, meta, x dtype, device) -> (handle, backend code)
+        self._route: _Checked | None = None
 
     @property
     def backend(self) -> str:
@@ -297,7 +312,7 @@ class SparseLinear(nn.Module):
             if w.resident != kernel:
                 w.keep_only(kernel)
                 self._buffers["weight_values"], self._buffers["weight_meta"] = w.values, w.meta
-        self._route = (w.values, w.meta, x.dtype, x.device, _handle(w), BACKENDS[backend], w)
+        self._route = _Checked(w.values, w.meta, x.dtype, x.device, _handle(w), BACKENDS[backend], w)
         return self._route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,10 +323,10 @@ class SparseLinear(nn.Module):
         r, bufs = self._route, self._buffers
         if (
             r is None
-            or r[0] is not bufs["weight_values"]
-            or r[1] is not bufs["weight_meta"]
-            or r[2] is not x.dtype
-            or r[3] != x.device
+            or r.values is not bufs["weight_values"]
+            or r.meta is not bufs["weight_meta"]
+            or r.dtype is not x.dtype
+            or r.device != x.device
             or x.shape[-1] != self.in_features
         ):
             r = self._prepare(x)
@@ -319,8 +334,8 @@ class SparseLinear(nn.Module):
         if x.numel() == 0:
             return x.new_zeros((*x.shape[:-1], self.out_features))
         if x.is_cuda and not torch.compiler.is_compiling():  # eager: skip the dispatcher hop
-            return cuda_forward(x, r[6], bias, r[4], r[5])
-        return torch.ops.sparseflow.sparse_linear(x, r[0], r[1], bias, r[4], r[5])
+            return cuda_forward(x, r.weight, bias, r.handle, r.backend)
+        return torch.ops.sparseflow.sparse_linear(x, r.values, r.meta, bias, r.handle, r.backend)
 
     def dispatch_info(self) -> list[dict]:
         """Measured per-M-bucket decisions for this layer's shape on its device (empty on CPU)."""
