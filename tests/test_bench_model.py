@@ -2,20 +2,15 @@
 (aot_eager traces what inductor would get, without inductor's C++ compile time), and the JSON keys the
 GPU run's consumers read."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import benchmark_script
 
 
 def _bench_model():
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("bench_model")
 
 
 # One compile per prefill shape and model, ~2 s each here: a shape that is not a power of two for one arch only.

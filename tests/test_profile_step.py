@@ -1,31 +1,28 @@
 """benchmarks/profile_step.py: kernel names sorted into the classes its table reports (names as
 CUPTI gives them on an H100), and a CPU smoke run that writes both models' profiles."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import benchmark_script
 
 
 def _profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("profile_step")
+
+
+OUR_CUTLASS = (
+    "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>, "
+    "cutlass::gemm::collective::CollectiveMma<cutlass::gemm::MainloopSm90TmaGmmaWarpSpecializedSparse<4, "
+    "cute::tuple<cute::C<1>>, cutlass::gemm::KernelTmaWarpSpecializedCooperative>>>>(...)"
+)
 
 
 @pytest.mark.parametrize(
     ("name", "cls"),
     [
-        (
-            "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>, "
-            "cutlass::gemm::collective::CollectiveMma<cutlass::gemm::MainloopSm90TmaGmmaWarpSpecializedSparse<4, "
-            "cute::tuple<cute::C<1>>, cutlass::gemm::KernelTmaWarpSpecializedCooperative>>>>(...)",
-            "2:4 GEMM, CUTLASS",
-        ),
+        (OUR_CUTLASS, "2:4 GEMM, CUTLASS"),
         ("void decode24_kernel<__half, 2, true>(uint4 const*, uint4 const*)", "2:4 GEMM, decode kernel"),
         ("void decompress_24_kernel<__half>(__half const*, unsigned char const*)", "2:4 other (decompress, pad)"),
         ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_cublas", "dense GEMM"),
