@@ -281,24 +281,24 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         group = self._fused_group()
         if group is not None:
-            if not _stays(fn, self.weight_values):
-                group.split()  # the members move as plain layers; make_resident fuses them again
-            else:  # nothing about the weight changes: keep the group's layout, apply fn to the rest
-                held = self._buffers.pop("weight_values"), self._buffers.pop("weight_meta")
-                try:
-                    return super()._apply(fn, recurse)
-                finally:
-                    self._buffers["weight_values"], self._buffers["weight_meta"] = held
+            if _stays(fn, self.weight_values):  # keep the group's layout
+                return self._apply_to_the_rest(fn, recurse)
+            group.split()  # the members move as plain layers; make_resident fuses them again
         w = self._kept()
         if w is not None:
-            if _stays(fn, w.values):  # nothing about the weight changes: keep its layout, apply fn to the rest
-                held = self._buffers.pop("weight_values"), self._buffers.pop("weight_meta")
-                try:
-                    return super()._apply(fn, recurse)
-                finally:
-                    self._buffers["weight_values"], self._buffers["weight_meta"] = held
+            if _stays(fn, w.values):  # keep its layout
+                return self._apply_to_the_rest(fn, recurse)
             self._restore()
         return super()._apply(fn, recurse)
+
+    def _apply_to_the_rest(self, fn, recurse: bool):
+        """``Module._apply`` on everything but the weight's placeholders: where nothing about the
+        weight changes, its one layout stays as it is."""
+        held = self._buffers.pop("weight_values"), self._buffers.pop("weight_meta")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight_values"], self._buffers["weight_meta"] = held
 
     @torch.compiler.disable
     def _prepare(self, x: torch.Tensor) -> tuple:
