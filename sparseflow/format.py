@@ -135,19 +135,22 @@ class Sparse24Weight:
         self._layouts_version = self.values._version
         self._resident = kernel
 
-    def portable(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def portable(self, device=None, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, meta) on ``device`` (default: the weight's): the held tensors, or, after
         ``keep_only``, new ones read back from the resident layout (one identity GEMM per
-        1024 columns; see ``sparseflow.kernels.readback``)."""
+        1024 columns; see ``sparseflow.kernels.readback``). ``rows`` (a, b): rows a..b-1 only."""
         if self._resident is None:
-            return self.values.to(device or self.device), self.meta.to(device or self.device)
+            values, meta = (
+                (self.values, self.meta) if rows is None else (self.values[slice(*rows)], self.meta[slice(*rows)])
+            )
+            return values.to(device or self.device), meta.to(device or self.device)
         from sparseflow.kernels import KERNELS
         from sparseflow.kernels.readback import portable_from_layout
 
         kernel = KERNELS[self._resident]
         layout = self._layouts[(self._resident, kernel.cache_key(None))]
         with torch.no_grad():
-            return portable_from_layout(kernel, layout, self.shape, self.dtype, self.device, device)
+            return portable_from_layout(kernel, layout, self.shape, self.dtype, self.device, device, rows)
 
     def materialized(self) -> Sparse24Weight:
         """This weight with its portable form held (``self`` unless ``keep_only`` freed it; then

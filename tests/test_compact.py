@@ -40,6 +40,17 @@ def test_readback_returns_the_weight_exactly(dtype, k):
     assert torch.equal(values, w.values) and torch.equal(meta, w.meta)  # compress_2_4's canonical form
 
 
+@pytest.mark.parametrize("rows", [(0, 8), (8, 30), (30, 40)])
+def test_readback_of_a_row_range_is_those_rows_of_the_weight(rows):
+    """A projection of a fused stack reads back its own rows only."""
+    dense = _weight(40, 200, torch.float16, seed=3)
+    w = sf.compress_2_4(dense)
+    layout = KERNELS["dense"].pack(w)
+    values, meta = portable_from_layout(KERNELS["dense"], layout, (40, 200), torch.float16, "cpu", rows=rows)
+    a, b = rows
+    assert values.shape == (b - a, 100) and torch.equal(values, w.values[a:b]) and torch.equal(meta, w.meta[a:b])
+
+
 def test_keep_only_frees_the_portable_form_and_reads_it_back():
     dense = _weight()
     w = sf.compress_2_4(dense)
@@ -52,6 +63,8 @@ def test_keep_only_frees_the_portable_form_and_reads_it_back():
     assert w.nbytes == 48 * 100 * 2 + 48 * 25  # the portable form's size, held or not
     got_v, got_m = w.portable()
     assert torch.equal(got_v, values) and torch.equal(got_m, meta)
+    got_v, got_m = w.portable(rows=(5, 17))
+    assert torch.equal(got_v, values[5:17]) and torch.equal(got_m, meta[5:17])
     assert torch.equal(w.decompress(), dense)
     assert torch.equal(w.indices(), sf.compress_2_4(dense).indices())
     w.validate()

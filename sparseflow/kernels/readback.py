@@ -31,18 +31,28 @@ def dense_columns(kernel: Kernel, layout, n: int, k: int, dtype: torch.dtype, de
 
 
 def portable_from_layout(
-    kernel: Kernel, layout, shape: tuple[int, int], dtype: torch.dtype, device, out_device=None
+    kernel: Kernel,
+    layout,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device,
+    out_device=None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The portable (values, meta) of the weight ``layout`` holds, written to ``out_device``
-    (default: ``device``). Positions of kept zeros may differ from the form it was packed from
-    (non-zeros first, as ``compress_2_4`` orders them); the weight they describe is the same."""
+    (default: ``device``); ``rows`` (a, b): only rows a..b-1 (one projection of a fused stack),
+    compressed and written without the others. Positions of kept zeros may differ from the form
+    it was packed from (non-zeros first, as ``compress_2_4`` orders them); the weight they
+    describe is the same."""
     from sparseflow.format import compress_2_4
 
     n, k = shape
+    a, b = (0, n) if rows is None else rows
     out_device = device if out_device is None else out_device
-    values = torch.empty(n, k // 2, dtype=dtype, device=out_device)
-    meta = torch.empty(n, (k + 7) // 8, dtype=torch.uint8, device=out_device)
+    values = torch.empty(b - a, k // 2, dtype=dtype, device=out_device)
+    meta = torch.empty(b - a, (k + 7) // 8, dtype=torch.uint8, device=out_device)
     for c0, cols in dense_columns(kernel, layout, n, k, dtype, device):
+        cols = cols[a:b]
         part = compress_2_4(cols)
         c1 = c0 + cols.shape[1]
         values[:, c0 // 2 : c1 // 2].copy_(part.values)

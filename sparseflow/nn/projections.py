@@ -118,10 +118,13 @@ class ProjectionGroup:
         return y[..., a:b]
 
     def portable(self, member: SparseLinear, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The member's (values, meta), read back from the fused layout onto ``device``."""
-        values, meta = self.fused.weight_2_4.portable(device)
-        a, b = member.__dict__["_group_rows"]
-        return values[a:b].clone(), meta[a:b].clone()
+        """The member's (values, meta), read back from the fused layout onto ``device``: its rows
+        only (a state_dict of a group reads the layout once per member)."""
+        w = self.fused.weight_2_4
+        values, meta = w.portable(device, rows=member.__dict__["_group_rows"])
+        if w.resident is None:  # views of the stack the fused layer holds: the caller gets its own
+            values, meta = values.clone(), meta.clone()
+        return values, meta
 
 
 def fuse_projections(model: nn.Module) -> int:
