@@ -139,6 +139,10 @@ class Sparse24Weight:
         """(values, meta) on ``device`` (default: the weight's): the held tensors, or, after
         ``keep_only``, new ones read back from the resident layout (one identity GEMM per
         1024 columns; see ``sparseflow.kernels.readback``). ``rows`` (a, b): rows a..b-1 only."""
+        if rows is not None and not (len(rows) == 2 and 0 <= rows[0] <= rows[1] <= self.shape[0]):
+            raise ValueError(
+                f"Sparse24Weight.portable: rows must be (a, b) with 0 <= a <= b <= {self.shape[0]}, got {rows!r}"
+            )
         if self._resident is None:
             values, meta = (
                 (self.values, self.meta) if rows is None else (self.values[slice(*rows)], self.meta[slice(*rows)])

@@ -65,6 +65,10 @@ def test_keep_only_frees_the_portable_form_and_reads_it_back():
     assert torch.equal(got_v, values) and torch.equal(got_m, meta)
     got_v, got_m = w.portable(rows=(5, 17))
     assert torch.equal(got_v, values[5:17]) and torch.equal(got_m, meta[5:17])
+    with pytest.raises(ValueError, match="rows must be"):
+        w.portable(rows=(17, 5))
+    with pytest.raises(ValueError, match="rows must be"):
+        w.portable(rows=(0, 49))
     assert torch.equal(w.decompress(), dense)
     assert torch.equal(w.indices(), sf.compress_2_4(dense).indices())
     w.validate()

@@ -121,6 +121,11 @@ def test_memory_bytes_share_the_fused_layout(monkeypatch):
     ]
 
 
+def test_fuse_projections_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        fuse_projections({"q_proj": None})
+
+
 def test_fuse_projections_takes_only_three_2_4_layers_of_one_width():
     class Attn(nn.Module):
         def __init__(self, v_dense: bool) -> None:

@@ -134,6 +134,8 @@ def fuse_projections(model: nn.Module) -> int:
     runs fused once built: by ``SparseLinear.make_resident`` (which ``sparsify`` and
     ``from_pretrained`` call) in the compact mode on a GPU. Encoder-decoder models are left
     alone: their cross-attention feeds k/v another tensor than q."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_projections: model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return 0
     made = 0
