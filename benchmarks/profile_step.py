@@ -21,7 +21,6 @@ Writes ``<out>/profile_<gpu>_<step>.json``; the last stdout line starts with ``P
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
@@ -33,10 +32,8 @@ import torch
 
 import sparseflow as sf
 
-_spec = importlib.util.spec_from_file_location("bench_model", Path(__file__).with_name("bench_model.py"))
-bm = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench_model", bm)
-_spec.loader.exec_module(bm)
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_model as bm  # the benchmarks are scripts side by side, not a package
 
 # (class, pattern on the lower-cased kernel name); the first match wins. CUTLASS's sparse mainloop
 # and cuSPARSELt's kernels both say "sparse"; cuBLAS's own CUTLASS-built kernels do not.
