@@ -14,7 +14,7 @@
 #   PROBE_M=1 runs scripts/probe_m_sweep.py (PROBE_M_ARGS: its options; every CUTLASS configuration per (shape, M))
 #   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack;
 #     HOST_ARGS="--generate" for a small Llama's eager generate, dense and 2:4, with a host profile)
-#   STEP_PROFILE=1 runs benchmarks/profile_step.py (STEP_PROFILE_ARGS: e.g. "--batch 16" or "--prefill 2048";
+#   STEP_PROFILE=1 runs benchmarks/profile_step.py (STEP_PROFILE_ARGS: e.g. "--batch 16;--prefill 2048", runs split on ';';
 #     where a compiled model step's GPU time goes, dense and 2:4, per kernel class)
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 #   A benchmark cut short by the call's time limit goes on in the next call: copy the returned
@@ -75,9 +75,13 @@ if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config,
   timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
   summary+=("$(grep '^MODEL' "$OUT/model.log")")
 fi
-if [ "${STEP_PROFILE:-0}" = 1 ]; then
-  timeout ${STEP_PROFILE_TIMEOUT:-300} $PY benchmarks/profile_step.py --out "$OUT" ${STEP_PROFILE_ARGS:-} 2>&1 | tee "$OUT/step_profile.log" | grep -v "^PROFILE"
-  summary+=("$(grep '^PROFILE' "$OUT/step_profile.log")")
+if [ "${STEP_PROFILE:-0}" = 1 ]; then  # STEP_PROFILE_ARGS: one run's options, runs separated by ';'
+  IFS=';' read -ra runs <<<"${STEP_PROFILE_ARGS:---batch 16}"
+  for i in "${!runs[@]}"; do
+    timeout ${STEP_PROFILE_TIMEOUT:-300} $PY benchmarks/profile_step.py --out "$OUT" ${runs[$i]} 2>&1 \
+      | tee "$OUT/step_profile_$i.log" | grep -v "^PROFILE"
+    summary+=("$(grep '^PROFILE' "$OUT/step_profile_$i.log")")
+  done
 fi
 if [ "${LOADMEM:-0}" = 1 ]; then  # loading a 2:4 checkpoint straight to the GPU: peak over what stays
   timeout ${LOADMEM_TIMEOUT:-300} $PY benchmarks/load_memory.py --device cuda:0 ${LOADMEM_ARGS:---hidden 4096 --intermediate 14336 --layers 8} \
