@@ -5,7 +5,8 @@ Diagnostic, one GPU call:
     python scripts/probe_host_cost.py [--calls 3000] [--reps 5]
     python scripts/probe_host_cost.py --generate [--out DIR]   # a small Llama's eager generate:
         ms per token dense and 2:4 (compact, after sf.autotune), and where the 2:4 model's host
-        time goes (cProfile of its generate, top functions to DIR/host_generate_profile.txt)
+        time goes (cProfile of its generate, top functions to DIR/host_generate_profile.txt, and of
+        dense's to DIR/host_generate_profile_dense.txt)
 """
 
 import argparse
@@ -96,27 +97,33 @@ def generate_probe(args: argparse.Namespace) -> None:
             out.append((time.perf_counter() - t0) * 1e3 / args.new_tokens)
         return statistics.median(out)
 
+    def host_profile() -> cProfile.Profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        torch.cuda.synchronize()
+        prof.disable()
+        return prof
+
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
         dense = ms_per_token()
         gen = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
         dense_syncs = synchronizing_calls(gen)
+        dense_prof = host_profile()  # the baseline the 2:4 profile is read against
         sf.sparsify(model, fallback="never")
         sf.autotune(model, tokens=(1, args.context))
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
         sparse = ms_per_token()
         linears = sum(isinstance(m, sf.SparseLinear) for m in model.modules())
         syncs = synchronizing_calls(gen)
-        prof = cProfile.Profile()
-        prof.enable()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-        torch.cuda.synchronize()
-        prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+        prof = host_profile()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "host_generate_profile.txt").write_text(text.getvalue())
+    for name, p in (("host_generate_profile_dense.txt", dense_prof), ("host_generate_profile.txt", prof)):
+        text = io.StringIO()
+        pstats.Stats(p, stream=text).sort_stats("tottime").print_stats(40)
+        (out / name).write_text(text.getvalue())
     extra_us = (sparse - dense) * 1e3 / max(linears, 1)
     print(text.getvalue()[:6000])
     for where, count in syncs.most_common(10):
