@@ -24,8 +24,9 @@ Also: bytes of the converted linears' weights, GPU memory allocated after each m
 (compiled graphs and their memory pools freed first), peak memory per phase.
 
 Dense is measured first and the same model is then converted, so two 16 GB models never coexist.
-Writes ``<out>/model_<gpu>.json`` (``model_<gpu>_qwen2.5-7b.json`` for Qwen) and ``.png``; the last
-stdout line starts with ``MODEL``.
+Writes ``<out>/model_<gpu>.json`` (``model_<gpu>_qwen2.5-7b.json`` for Qwen, ``..._attn-<name>`` with
+``--attn``: transformers' attention implementation for both models) and ``.png``; the last stdout line
+starts with ``MODEL``.
 
     python benchmarks/bench_model.py [--arch qwen2.5-7b] [--layers 32]   # H100/H200: compiles dominate
     python benchmarks/bench_model.py --tiny --device cpu --out /tmp/bm --modes eager,compiled \
@@ -87,9 +88,16 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], type[nn.Module], str]] = {
 }
 
 
-def model_config(arch: str, tiny: bool, layers: int | None) -> PretrainedConfig:
+def model_config(arch: str, tiny: bool, layers: int | None, attn: str | None = None) -> PretrainedConfig:
     """The published shapes of ``arch``; ``tiny``: a small config of the same architecture (Qwen2 keeps its
-    q/k/v biases and untied lm_head)."""
+    q/k/v biases and untied lm_head); ``attn``: transformers' attention implementation (None: its default)."""
+    cfg = _shapes(arch, tiny, layers)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    return cfg
+
+
+def _shapes(arch: str, tiny: bool, layers: int | None) -> PretrainedConfig:
     small = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
     if arch == "qwen2.5-7b":
         big = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4}
@@ -529,6 +537,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: smoke tests)")
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before decode steps and generate")
+    ap.add_argument("--attn", default=None, help="attention implementation for both models (sdpa, eager, ...)")
     ap.add_argument("--prefill", type=comma_list(PREFILL), default=list(PREFILL), help="comma list of shapes")
     ap.add_argument(
         "--decode-batches",
@@ -558,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name) if cuda else None
     tag = match.group(1).lower() if match else ("gpu" if cuda else "cpu")
-    cfg = model_config(args.arch, args.tiny, args.layers)
+    cfg = model_config(args.arch, args.tiny, args.layers, args.attn)
     skipped = {} if cuda or "graph" not in args.modes else {"graph": "no CUDA device: CUDA graph decode skipped"}
     if skipped:
         print(f"note: {skipped['graph']}")
@@ -666,6 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"model_{tag}"
         + ("" if args.arch == "llama3-8b" else f"_{args.arch}")
         + ("_fast" if args.memory == "fast" else "")
+        + (f"_attn-{args.attn}" if args.attn else "")
     )
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     report(result)

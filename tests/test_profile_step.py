@@ -82,3 +82,11 @@ def test_reclassify_moves_kernels_to_their_class_now():
     }
     classes = ps.reclassify(profiled)["classes"]
     assert classes == {"inductor fused": {"us": 10.0, "count": 1}, "2:4 GEMM, CUTLASS": {"us": 20.0, "count": 2}}
+
+
+def test_attn_option_reaches_the_model_and_the_file_name(tmp_path):
+    ps = _profile_step()
+    argv = ["--tiny", "--device", "cpu", "--layers", "1", "--compile-mode", "default", "--compile-backend", "aot_eager"]
+    ps.main([*argv, "--context", "8", "--steps", "1", "--batch", "1", "--attn", "eager", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "profile_cpu_decode_b1_attn-eager.json").read_text())
+    assert result["settings"]["attn"] == "eager"
