@@ -79,17 +79,13 @@ def profile(call: Callable[[], Any], device: torch.device, steps: int) -> dict[s
         for _ in range(steps):
             call()
         bm.sync(device)
-    per_class: dict[str, dict[str, float]] = {}
-    per_kernel: dict[str, dict[str, Any]] = {}
+    per_kernel: dict[tuple[str, str], dict[str, float]] = {}  # by (name as stored, class of the full name)
     for name, us in kernels(prof, cuda):
-        cls = kernel_class(name)
-        c = per_class.setdefault(cls, {"us": 0.0, "count": 0})
-        c["us"] += us / steps
-        c["count"] += 1 / steps
-        k = per_kernel.setdefault(name[:160], {"class": cls, "us": 0.0, "count": 0})
+        k = per_kernel.setdefault((name[:160], kernel_class(name)), {"us": 0.0, "count": 0})
         k["us"] += us / steps
         k["count"] += 1 / steps
-    ranked = [{"name": n} | v for n, v in sorted(per_kernel.items(), key=lambda kv: -kv[1]["us"])]
+    ranked = [{"name": n, "class": c} | v for (n, c), v in sorted(per_kernel.items(), key=lambda kv: -kv[1]["us"])]
+    per_class = class_sums(ranked)
     return {
         "total_us": sum(c["us"] for c in per_class.values()),
         "classes": per_class,
@@ -98,15 +94,21 @@ def profile(call: Callable[[], Any], device: torch.device, steps: int) -> dict[s
     }
 
 
-def reclassify(profiled: dict[str, Any]) -> dict[str, Any]:
-    """``profile``'s result with its classes derived again from its kernels by today's ``CLASSES``."""
+def class_sums(ranked: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Microseconds and count per step of each class, summed over its kernels."""
     per_class: dict[str, dict[str, float]] = {}
-    for k in profiled["kernels"]:
-        k["class"] = kernel_class(k["name"])
+    for k in ranked:
         c = per_class.setdefault(k["class"], {"us": 0.0, "count": 0})
         c["us"] += k["us"]
         c["count"] += k["count"]
-    return profiled | {"classes": per_class}
+    return per_class
+
+
+def reclassify(profiled: dict[str, Any]) -> dict[str, Any]:
+    """``profile``'s result with its classes derived again from its kernels by today's ``CLASSES``."""
+    for k in profiled["kernels"]:
+        k["class"] = kernel_class(k["name"])
+    return profiled | {"classes": class_sums(profiled["kernels"])}
 
 
 def step_call(model, cfg, device: torch.device, args: argparse.Namespace) -> Callable[[], Any]:
