@@ -37,8 +37,8 @@ import bench_model as bm  # the benchmarks are scripts side by side, not a packa
 
 # (class, pattern on the lower-cased kernel name); the first match wins. Inductor's kernels come
 # first: their names list the ops they fused, and a kernel fused with our op's neighbours is called
-# "triton_..._sparse_linear_8" (an H100 run counted 96 such kernels per step as cuSPARSELt's before
-# this order). Those fused with attention's inputs (rotary, mask, GQA's repeated k/v) are a class
+# "triton_..._sparse_linear_8", which the 2:4 patterns below would take for a 2:4 GEMM. Those fused
+# with attention's inputs (rotary, mask, GQA's repeated k/v) are a class
 # of their own: dense's step pays them as much as 2:4's. CUTLASS's sparse mainloop and
 # cuSPARSELt's kernels both say "sparse"; cuBLAS's own CUTLASS-built kernels do not.
 CLASSES: tuple[tuple[str, str], ...] = (
