@@ -23,9 +23,9 @@ from sparseflow.format import Sparse24Weight
 from sparseflow.kernels import KERNELS
 from sparseflow.kernels.cusparselt import CSLT_ALIGN, cslt_layout, cslt_unsupported
 from sparseflow.kernels.cusparselt import cache_key as cslt_cache_key
-from sparseflow.kernels.cutlass import PaddedRun, token_tile
+from sparseflow.kernels.cutlass import PaddedRun, PlannedRun
 from sparseflow.kernels.decode import DECODE_MAX_M, portable_ok, portable_view
-from sparseflow.kernels.dispatch import DISPATCHER, default_sparse, m_bucket
+from sparseflow.kernels.dispatch import DISPATCHER, cutlass_steps, default_sparse, m_bucket
 
 __all__ = ["BACKENDS", "sparse_mm"]
 
@@ -95,15 +95,17 @@ def _sparse_linear_cpu(x, values, meta, bias, handle, backend):
     return _reference(x, _lookup(values, meta, handle), bias)
 
 
-def _cutlass_route(w: Sparse24Weight, d) -> tuple:
-    """(run, cfg) for CUTLASS: the configuration measured fastest at this M-bucket (else 0, which
-    runs at every M), with x padded to whole token tiles where that measured faster
-    (``Decision.cutlass_pad``)."""
+def _cutlass_route(w: Sparse24Weight, d, m: int) -> tuple:
+    """(run, cfg) for CUTLASS at M's bucket: the configuration measured fastest there per M
+    (``cutlass_steps``; else 0, which runs at every M), with x padded to whole token tiles where
+    that measured faster."""
     if d is None or d.cutlass_ms is None:
         return KERNELS["cutlass"].run, KERNELS["cutlass"].readback_cfg
-    if not d.cutlass_pad:
-        return KERNELS["cutlass"].run, d.cutlass_cfg
-    return PaddedRun(token_tile(w.dtype, d.cutlass_cfg)), d.cutlass_cfg
+    steps = cutlass_steps(d, m_bucket(m), w.dtype)
+    if len(steps) > 1:
+        return PlannedRun(steps), steps[-1].cfg
+    step = steps[0]
+    return (PaddedRun(step.tile) if step.tile else KERNELS["cutlass"].run), step.cfg
 
 
 def _resident_route(w: Sparse24Weight, m: int) -> Route:
@@ -119,7 +121,7 @@ def _resident_route(w: Sparse24Weight, m: int) -> Route:
     else:
         d = DISPATCHER.decide(w, m, only=kernel)
     if kernel == "cutlass":
-        run, cfg = _cutlass_route(w, d)
+        run, cfg = _cutlass_route(w, d, m)
     elif kernel == "cusparselt":
         same_buffer = d is not None and d.sparse_ms is not None and cslt_cache_key(d.layout) == cslt_cache_key(1)
         cfg = (d.cfg, d.layout) if same_buffer else KERNELS[kernel].readback_cfg
@@ -161,7 +163,7 @@ def _route(w: Sparse24Weight, m: int, backend: int) -> Route:
         why = KERNELS["cutlass"].refusal(w.device, w.dtype, *w.shape)
         if why:  # reached only by backend='cutlass'
             raise ValueError(f"sparseflow: backend='cutlass' cannot run {w}: {why}; use backend='auto'")
-        run, cfg = _cutlass_route(w, d)
+        run, cfg = _cutlass_route(w, d, m)
         return Route(w.values._version, run, w.layout("cutlass"), cfg)
     why = cslt_unsupported(*w.shape)
     if why:  # reached only by a forced 2:4 backend at an M the decode kernel cannot take

@@ -407,15 +407,16 @@ def test_a_failing_cutlass_configuration_is_skipped_not_fatal(monkeypatch):
     monkeypatch.setattr(cutlass, "cutlass_mm", fake_mm)
     xs = (torch.randn(8, 256), torch.randn(1, 256))
     # (configuration, rows) -> ms: configuration 2 is faster at the top of the bucket, 0 at its
-    # bottom, where 2 loses to dense (1.0 ms at both ends): the worse end decides, 0 wins
+    # bottom; both are timed at both ends, the fastest at the top first
     times = {(0, 8): 2.0, (2, 8): 1.5, (0, 1): 1.0, (2, 1): 3.0}
     monkeypatch.setattr(dispatch, "_median_ms", lambda fn: times[fn()])
     with pytest.warns(RuntimeWarning, match="CUTLASS configuration 1 failed"):
-        assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) == (2.0, 1.0, 0, False)
+        found = dispatch._time_cutlass(w, xs)
+    assert found == [dispatch.Variant(2, False, 1.5, 3.0), dispatch.Variant(0, False, 2.0, 1.0)]
     w.drop_layouts("cutlass")
     monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert dispatch._time_cutlass(w, xs, (1.0, 1.0)) is None
+        assert dispatch._time_cutlass(w, xs) == []
 
 
 def test_cutlass_padding_to_whole_tiles_is_timed_and_kept_only_when_faster(monkeypatch):
@@ -443,15 +444,80 @@ def test_cutlass_padding_to_whole_tiles_is_timed_and_kept_only_when_faster(monke
     # to 384 rows (the same tile count); configuration 1 (160-token tiles) pads to 480 rows
     times = {(0, 333): 165.0, (0, 384): 119.0, (0, 321): 150.0, (1, 333): 200.0, (1, 480): 180.0, (1, 321): 170.0}
     monkeypatch.setattr(dispatch, "_median_ms", timed(times))
-    assert dispatch._time_cutlass(w, xs, (130.0, 125.0)) == (119.0, 119.0, 0, True)
-    # where the plain run is faster, it is kept
+    found = dispatch._time_cutlass(w, xs)
+    assert found[0] == dispatch.Variant(0, True, 119.0, 119.0)
+    assert [(v.cfg, v.pad) for v in found] == [(0, True), (0, False), (1, True), (1, False)]
+    # where the plain run is faster, it comes first
     times.update({(0, 333): 100.0, (0, 321): 98.0})
-    assert dispatch._time_cutlass(w, xs, (130.0, 125.0)) == (100.0, 98.0, 0, False)
+    assert dispatch._time_cutlass(w, xs)[0] == dispatch.Variant(0, False, 100.0, 98.0)
     # a top M of whole tiles has no padded variant to time
     ran_rows = []
     monkeypatch.setattr(dispatch, "_median_ms", lambda fn, **kw: ran.clear() or fn() or ran_rows.append(ran[-1]) or 1.0)
-    dispatch._time_cutlass(w, (torch.randn(320, 128), torch.randn(289, 128)), (1.0, 1.0))
+    dispatch._time_cutlass(w, (torch.randn(320, 128), torch.randn(289, 128)))
     assert (0, 320) in ran_rows and (0, 384) not in ran_rows and (1, 320) in ran_rows
+
+
+def test_only_the_fastest_or_tile_stepping_variants_are_timed_at_the_bucket_bottom(monkeypatch):
+    """Beyond the fastest _CUTLASS_RETIMED at the top, a variant is timed at the bottom only if
+    its token-tile count is lower there and its top time is within _CUTLASS_STEP_SLACK."""
+    from sparseflow.kernels import cutlass, dispatch
+
+    ran = []
+    tiles = [192, 160, 128, 64, 96, 256]
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: [f"128x{t}x128" for t in tiles])
+    monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, w, cfg: ran.append((cfg, x.shape[0])))
+    monkeypatch.setattr(cutlass, "mm_unchecked", lambda x, w, cfg, bias=None: ran.append((cfg, x.shape[0])) or x)
+    monkeypatch.setattr(dispatch, "_CUTLASS_RETIMED", 1)
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    monkeypatch.setattr(type(w), "layout", lambda self, kernel, key=None, keep=True: "cw")
+    # bucket 1281-1408; the top's time is the configuration's index + 1 (plain) or + 1.5 (padded)
+    timed_at = []
+
+    def median_ms(fn, **kw):
+        ran.clear()
+        fn()
+        cfg, rows = ran[-1]
+        timed_at.append((cfg, rows))
+        return cfg + 1.0 + (0.5 if rows % tiles[cfg] == 0 and rows not in (1281, 1408) else 0.0)
+
+    monkeypatch.setattr(dispatch, "_median_ms", median_ms)
+    found = dispatch._time_cutlass(w, (torch.randn(1408, 128), torch.randn(1281, 128)))
+    # 192-token tiles: 7 at 1281, 8 at 1408 (steps); 160: 9 at both; 128: 11 at both; 64: 21 and 22
+    # (steps, but 4.0 > 1.6 x 1.0); 96: 14 and 15 (5.0, too slow); 256: 6 at both
+    bottom = {cfg for cfg, rows in timed_at if rows in (1281, 1344)}
+    assert bottom == {0} and [v.cfg for v in found] == [0, 0]
+    monkeypatch.setattr(dispatch, "_CUTLASS_STEP_SLACK", 4.5)
+    timed_at.clear()
+    found = dispatch._time_cutlass(w, (torch.randn(1408, 128), torch.randn(1281, 128)))
+    assert {cfg for cfg, rows in timed_at if rows in (1281, 1344)} == {v.cfg for v in found} == {0, 3}
+
+
+def test_cutlass_plan_picks_per_m_by_token_tile_count():
+    """Qwen's down layer on the H100 at the bucket 1281-1408: 192-token tiles (7 full at 1344,
+    8 above) against 160-token tiles padded (9 at every M); the plan takes the first up to 1344."""
+    from sparseflow.kernels.dispatch import Step, Variant, cutlass_plan, estimate_ms
+
+    tile = {9: 192, 10: 160}
+    v9, v10 = Variant(9, False, 306.0, 241.8), Variant(10, True, 276.0, 279.8)
+    assert estimate_ms(v9, 1337, 1281, 1408, 192) == 241.8  # 7 tiles, as at 1281
+    assert estimate_ms(v9, 1345, 1281, 1408, 192) == 306.0  # 8 tiles, as at 1408
+    assert abs(estimate_ms(v10, 1344, 1281, 1408, 160) - (279.8 - 3.8 * 63 / 127)) < 1e-9  # same count: in M
+    plan = cutlass_plan([v10, v9], 1281, 1408, tile.get)
+    assert plan == [Step(1344, 9, 0), Step(1408, 10, 160)]
+    assert cutlass_plan([v10], 1281, 1408, tile.get) == [Step(1408, 10, 160)]
+    assert cutlass_plan([], 1281, 1408, tile.get) == []
+    assert cutlass_plan([v9], 8, 8, tile.get) == [Step(8, 9, 0)]  # a one-row bucket
+
+
+def test_planned_run_picks_the_step_by_rows(monkeypatch):
+    from sparseflow.kernels import cutlass
+
+    seen = []
+    monkeypatch.setattr(cutlass, "mm_unchecked", lambda x, w, cfg, bias=None: seen.append((cfg, x.shape[0])) or x)
+    run = cutlass.PlannedRun([cutlass.Step(1344, 9, 0), cutlass.Step(1408, 10, 160)])
+    for m in (1281, 1344, 1345, 1408):
+        assert run(torch.randn(m, 4), "cw", -1, None).shape == (m, 4)
+    assert seen == [(9, 1281), (9, 1344), (10, 1440), (10, 1440)]
 
 
 def test_padded_run_pads_x_and_returns_its_rows(monkeypatch):
@@ -523,7 +589,10 @@ def test_measuring_one_kernel_times_only_it_beside_dense(monkeypatch):
     monkeypatch.setattr(dispatch, "cutlass_wanted", lambda w: True)
     monkeypatch.setattr(dispatch, "cslt_unsupported", lambda n, k: None)
     monkeypatch.setattr(dispatch, "cslt_candidates", list)  # no layout searched
-    monkeypatch.setattr(dispatch, "_time_cutlass", lambda w, xs, dense: calls.append("cutlass") or (0.5, 0.5, 3, True))
+    monkeypatch.setattr(
+        dispatch, "_time_cutlass", lambda w, xs: calls.append("cutlass") or [dispatch.Variant(3, True, 0.5, 0.5)]
+    )
+    monkeypatch.setattr(dispatch.cutlass, "token_tile", lambda dtype, cfg: 64)
     monkeypatch.setattr(
         dispatch.Dispatcher, "_cslt_plans", lambda self, w, bucket, only=None: calls.append(("plans", only)) or []
     )

@@ -11,6 +11,7 @@ beside cuSPARSELt, our decode kernel and dense cuBLAS, and keeps the fastest per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,8 @@ __all__ = [
     "CutlassKernel",
     "CutlassWeight",
     "PaddedRun",
+    "PlannedRun",
+    "Step",
     "available",
     "configs",
     "cutlass_mm",
@@ -184,6 +187,37 @@ class PaddedRun:
 
     def __call__(self, x: torch.Tensor, layout: CutlassWeight, cfg: int, bias: torch.Tensor | None) -> torch.Tensor:
         return mm_padded(x, layout, cfg, padded_rows(x.shape[0], self.tile), bias)
+
+
+class Step(NamedTuple):
+    """Up to ``m_end`` rows (from the previous step's end), run configuration ``cfg``, padding x
+    to whole tiles of ``tile`` rows (0: as it is)."""
+
+    m_end: int
+    cfg: int
+    tile: int
+
+
+class PlannedRun:
+    """``CutlassKernel.run`` with the configuration chosen by x's row count from ``steps``
+    (``sparseflow.kernels.dispatch.cutlass_plan``): one route serves an M-bucket, and inside it the
+    fastest configuration changes where its token-tile count does."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps) -> None:
+        self.steps = tuple(steps)
+
+    def __call__(self, x: torch.Tensor, layout: CutlassWeight, cfg: int, bias: torch.Tensor | None) -> torch.Tensor:
+        m = x.shape[0]
+        step = self.steps[-1]
+        for s in self.steps:
+            if m <= s.m_end:
+                step = s
+                break
+        if step.tile:
+            return mm_padded(x, layout, step.cfg, padded_rows(m, step.tile), bias)
+        return mm_unchecked(x, layout, step.cfg, bias)
 
 
 class CutlassKernel(Kernel):

@@ -11,7 +11,9 @@ default ``~/.cache/sparseflow``), so a new process neither searches nor measures
 Buckets are narrow (``m_bucket``: steps of 8 tokens up to 128, then 8 per octave) and every
 candidate is timed at both ends of its bucket: a kernel is chosen only if it beats dense at both.
 Dense cuBLAS's time falls with M while a tiled 2:4 kernel's falls in steps, so a choice measured at
-the top of a wide (power-of-two) bucket could lose 2x at its bottom. The cuSPARSELt tuner's sweep
+the top of a wide (power-of-two) bucket could lose 2x at its bottom. Inside a bucket CUTLASS's
+configuration is chosen per M (``cutlass_plan``): a configuration whose token tiles are full at
+M = 1337 may need one more tile at the bucket's top (1408), where it measures slow. The cuSPARSELt tuner's sweep
 (seconds) runs at power-of-two anchors only; the buckets between re-time the anchors' plans beside
 the library's own in-process search.
 """
@@ -24,9 +26,10 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from sparseflow._ext import _C, CSLT_LAYOUT_OVERRIDE, env_number, warn_once
 from sparseflow.kernels import cusparselt, cutlass
 from sparseflow.kernels.cusparselt import cslt_candidates, cslt_unsupported, search_works
+from sparseflow.kernels.cutlass import Step
 from sparseflow.kernels.decode import DECODE_MAX_M
 from sparseflow.kernels.timing import median_ms
 
@@ -69,7 +73,7 @@ def _worth_measuring(layout: int, dense_ms: float) -> bool:
 
 
 # Cache format version: bump when Decision's meaning changes so old files are not misread.
-_CACHE_VERSION = 14
+_CACHE_VERSION = 15
 # The decode kernel reading the portable form in place is used when it is at most this much slower
 # than its packed-layout variants: it saves the packed copy (0.5625x the dense weight per layer).
 # H200 (benchmarks/NOTES.md): the in-place ring pipeline ties the packed ring one at
@@ -85,8 +89,10 @@ SPARSE_MIN_GAIN = 1.03
 # layer keeps the layout of and runs at every M.
 _SCOPES = ("cutlass", "cusparselt")
 # CUTLASS variants (configuration, padded or not) timed at the bottom of a bucket too: the
-# fastest ones at its top.
+# fastest ones at its top, and those within _CUTLASS_STEP_SLACK of the fastest whose token-tile
+# count steps inside the bucket (the top's extra tile makes them look slower than they are below it).
 _CUTLASS_RETIMED = 4
+_CUTLASS_STEP_SLACK = 1.6
 
 
 # (largest M, step): M is rounded up to a multiple of the step of the first range that holds it.
@@ -140,6 +146,10 @@ class Decision:
     # above are at its largest M. A kernel's standing is its worse ratio to dense over the two.
     m_lo: int = 0
     lo_ms: dict[str, float] = field(default_factory=dict)
+    # CUTLASS variants timed at both ends, [cfg, pad, ms at the top, ms at m_lo], those that win
+    # at some M of the bucket by ``cutlass_plan``'s estimate; cutlass_ms and lo_ms["cutlass"] are
+    # the fastest of them at each end.
+    cutlass_variants: list[list] = field(default_factory=list)
 
     def _sparse_times(self) -> dict[str, float]:
         times = {"cusparselt": self.sparse_ms, "cutlass": self.cutlass_ms, "decode": self.decode_ms}
@@ -173,6 +183,61 @@ class Decision:
         ``SPARSE_MIN_GAIN`` at both ends of the bucket, else dense."""
         speedup = self.speedup
         return self.best_sparse if speedup is not None and speedup >= SPARSE_MIN_GAIN else "dense"
+
+
+class Variant(NamedTuple):
+    """One CUTLASS way of running a bucket: a configuration, with x padded to whole token tiles
+    or not, and its times at the bucket's top and bottom M."""
+
+    cfg: int
+    pad: bool
+    hi_ms: float
+    lo_ms: float
+
+
+def estimate_ms(v: Variant, m: int, m_lo: int, m_hi: int, tile: int) -> float:
+    """A variant's time at M rows inside [m_lo, m_hi], from its two measured ends. A tiled
+    kernel's time is set by its token-tile count ceil(M / tile): it is interpolated between the
+    two ends' counts, or in M where both ends have the same count."""
+    t_lo, t_hi = -(-m_lo // tile), -(-m_hi // tile)
+    if t_hi == t_lo:
+        frac = (m - m_lo) / (m_hi - m_lo) if m_hi > m_lo else 0.0
+    else:
+        frac = (-(-m // tile) - t_lo) / (t_hi - t_lo)
+    return v.lo_ms + frac * (v.hi_ms - v.lo_ms)
+
+
+def cutlass_plan(variants: Sequence[Variant], m_lo: int, m_hi: int, tile_of: Callable[[int], int]) -> list[Step]:
+    """Which variant runs at each M of [m_lo, m_hi]: the one with the lowest ``estimate_ms``, as
+    steps of consecutive M (usually one or two). ``tile_of``: a configuration's token tile."""
+    if not variants:
+        return []
+    tiles = {v.cfg: tile_of(v.cfg) for v in variants}
+    steps: list[Step] = []
+    for m in range(m_lo, m_hi + 1):
+        v = min(variants, key=lambda v: estimate_ms(v, m, m_lo, m_hi, tiles[v.cfg]))
+        step = Step(m, v.cfg, tiles[v.cfg] if v.pad else 0)
+        if steps and steps[-1][1:] == step[1:]:
+            steps[-1] = step
+        else:
+            steps.append(step)
+    return steps
+
+
+def cutlass_steps(d: Decision, bucket: int, dtype: torch.dtype) -> list[Step]:
+    """``cutlass_plan`` of a decision's CUTLASS variants over its bucket (computed once per
+    decision and dtype), or its one configuration where it kept no variants."""
+    cached = d.__dict__.setdefault("_steps", {})
+    steps = cached.get(dtype)
+    if steps is None:
+        tile_of = functools.partial(cutlass.token_tile, dtype)
+        variants = [Variant(*v) for v in d.cutlass_variants]
+        lo = d.m_lo or bucket_range(bucket)[0]
+        steps = cutlass_plan(variants, lo, bucket, tile_of) if variants else []
+        if not steps:
+            steps = [Step(bucket, d.cutlass_cfg, tile_of(d.cutlass_cfg) if d.cutlass_pad else 0)]
+        cached[dtype] = steps
+    return steps
 
 
 def static_decision(m: int) -> Decision:
@@ -268,22 +333,21 @@ def _tuner_checked(weight, cfg: list[int], layout: int, ms: set[int]) -> bool:
     return True
 
 
-def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[float, float]):
-    """The CUTLASS configuration with the best worse-end ratio to dense over the bucket, as
-    (time at its largest M, time at its smallest M, configuration, padded), or None if none ran.
-    ``xs``/``dense``: inputs and dense times at the (largest, smallest) M.
+def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant]:
+    """CUTLASS's variants timed at both ends of the bucket (``xs``: inputs at its largest and
+    smallest M), fastest at the top first; empty if none ran.
 
     Each configuration is timed at the largest M as it is and, where M is not a whole number of
     its token tiles, with x padded to whole tiles (``mm_padded``: a part-filled last tile can cost
-    more than a full one). The fastest few of these variants are timed at the smallest M too, the
-    same way; ``padded``: the winner pads, and so does the route at every M of the bucket. A
-    failure costs that configuration (reported once), never the forward."""
+    more than a full one). The fastest few of these are timed at the smallest M too, the same way,
+    and so are those whose token-tile count is lower there (``_CUTLASS_STEP_SLACK``).
+    A failure costs that configuration (reported once), never the forward."""
     configs, cutlass_mm, mm_padded = cutlass.configs, cutlass.cutlass_mm, cutlass.mm_padded
     try:
         cw = weight.layout("cutlass")
     except RuntimeError as exc:
         warn_once(f"cutlass-pack:{exc}", f"sparseflow: CUTLASS's 2:4 form could not be built ({exc}); not used")
-        return None
+        return []
 
     def call(x: torch.Tensor, cfg: int, pad: bool):
         if not pad:
@@ -291,10 +355,11 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[fl
         rows = cutlass.padded_rows(x.shape[0], cutlass.token_tile(weight.dtype, cfg))
         return lambda: mm_padded(x, cw, cfg, rows)
 
+    m_hi, m_lo = xs[0].shape[0], xs[1].shape[0]
     top = []
     for cfg in range(len(configs(weight.dtype))):
         pads = [False]
-        if xs[0].shape[0] % cutlass.token_tile(weight.dtype, cfg):
+        if m_hi % cutlass.token_tile(weight.dtype, cfg):
             pads.append(True)
         try:
             for x in xs:
@@ -304,13 +369,15 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor], dense: tuple[fl
             warn_once(f"cutlass:{cfg}:{exc}", f"sparseflow: CUTLASS configuration {cfg} failed ({exc}); not used")
             continue
         top += [(_median_ms(call(xs[0], cfg, pad)), cfg, pad) for pad in pads]
-    best = None
-    for t_hi, cfg, pad in sorted(top)[:_CUTLASS_RETIMED]:  # the fastest at the top, timed at the bottom too
-        t_lo = t_hi if xs[1] is xs[0] else _median_ms(call(xs[1], cfg, pad))
-        worst = max(t_hi / dense[0], t_lo / dense[1])
-        if best is None or worst < best[0]:
-            best = (worst, t_hi, t_lo, cfg, pad)
-    return best[1:] if best else None
+    top.sort()
+    variants = []
+    for i, (t_hi, cfg, pad) in enumerate(top):
+        tile = cutlass.token_tile(weight.dtype, cfg)
+        steps = -(-m_lo // tile) < -(-m_hi // tile)
+        if i < _CUTLASS_RETIMED or (steps and t_hi <= _CUTLASS_STEP_SLACK * top[0][0]):
+            t_lo = t_hi if xs[1] is xs[0] else _median_ms(call(xs[1], cfg, pad))
+            variants.append(Variant(cfg, pad, t_hi, t_lo))
+    return variants
 
 
 def _unchosen(d: Decision, had: set) -> list[tuple]:
@@ -498,9 +565,14 @@ class Dispatcher:
                 if best:
                     _, d.sparse_ms, d.lo_ms["cusparselt"], d.cfg, d.layout, d.search = best
             if only in (None, "cutlass") and cutlass_wanted(weight):
-                found = _time_cutlass(weight, (x, x_lo), (d.dense_ms, d.lo_ms["dense"]))
-                if found:
-                    d.cutlass_ms, d.lo_ms["cutlass"], d.cutlass_cfg, d.cutlass_pad = found
+                variants = _time_cutlass(weight, (x, x_lo))
+                if variants:
+                    tile_of = functools.partial(cutlass.token_tile, weight.dtype)
+                    used = {(s.cfg, s.tile > 0) for s in cutlass_plan(variants, lo, hi, tile_of)}
+                    d.cutlass_variants = [list(v) for v in variants if (v.cfg, v.pad) in used]
+                    d.cutlass_ms = min(v.hi_ms for v in variants)
+                    d.lo_ms["cutlass"] = min(v.lo_ms for v in variants)
+                    d.cutlass_cfg, d.cutlass_pad = variants[0].cfg, variants[0].pad  # the fastest at the top
             if only is None and bucket <= DECODE_MAX_M:
                 w = weight.layout("decode")
 
