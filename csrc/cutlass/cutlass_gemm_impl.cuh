@@ -119,7 +119,18 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            // few row tiles at M = 300-700 (qkv 6144 x 4096 at M = 300: the
                            // 128 x 64 tiles make 240 tiles, 1.8 waves of 132 SMs, 0.92x dense)
                            Gemm24<T, 128, 64, 128, 1, 1, Coop, StreamK>,
-                           Gemm24<T, 128, 96, 128, 1, 1, Coop, StreamK>>;
+                           Gemm24<T, 128, 96, 128, 1, 1, Coop, StreamK>,
+                           // 14-19: fewer reads of x through L2 for layers of few row tiles at
+                           // M = 300-1400 (qkv, and Qwen's 3584-wide o and down), where every
+                           // configuration above ran at 0.83-0.97x dense on the H100. Each row tile
+                           // reads all of x's K: 256-row tiles read it half as often, and a 2 x 1
+                           // cluster multicasts one x tile to both of its row tiles.
+                           Gemm24<T, 128, 128, 128, 2, 1, Coop, StreamK>,
+                           Gemm24<T, 128, 192, 128, 2, 1, Coop, StreamK>,
+                           Gemm24<T, 128, 256, 128, 2, 1, Coop, StreamK>,
+                           Gemm24<T, 256, 64, 128, 1, 1, Coop, StreamK>,
+                           Gemm24<T, 256, 96, 128, 1, 1, Coop, StreamK>,
+                           Gemm24<T, 256, 128, 128, 1, 1, Coop, StreamK>>;
 
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
