@@ -33,7 +33,7 @@ import sparseflow as sf
 from sparseflow.kernels import cutlass, timing
 from sparseflow.kernels.cusparselt_tuner import TUNER
 from sparseflow.kernels.decode import DECODE_MAX_M, decode_mm, decode_mm_portable, portable_ok
-from sparseflow.kernels.dispatch import m_bucket
+from sparseflow.kernels.dispatch import cutlass_steps, m_bucket
 from sparseflow.nn import SparseLinear
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -136,6 +136,9 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, skip=()):
     row["cusparselt_layout"] = d.layout if d and d.sparse_ms else None  # 1: searched in-process, 4: tuner
     row["cutlass_cfg"] = cutlass.configs(dtype)[d.cutlass_cfg] if d and d.cutlass_ms is not None else None
     row["cutlass_pad"] = d.cutlass_pad if d and d.cutlass_ms is not None else None  # x padded to the bucket top
+    # what runs at this M: the bucket's plan picks a configuration per M by token-tile count
+    step = next((s for s in cutlass_steps(d, m_bucket(m), dtype) if m <= s.m_end), None) if row["cutlass_cfg"] else None
+    row["cutlass_at_m"] = [cutlass.configs(dtype)[step.cfg], step.tile > 0] if step else None
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest
     # What the dispatcher measured (L2 scrubbed, one weight) when it chose: beside the columns
