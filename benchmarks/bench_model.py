@@ -676,6 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ("" if args.arch == "llama3-8b" else f"_{args.arch}")
         + ("_fast" if args.memory == "fast" else "")
         + (f"_attn-{args.attn}" if args.attn else "")
+        + ("" if set(args.modes) == set(MODES) else "_" + "-".join(args.modes))  # a part of the runs
     )
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     report(result)

@@ -7,7 +7,7 @@
 #   BENCH_ARGS="--no-square --ms 1,4,8,16" scripts/gpu_check.sh   # extra benchmark arguments
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 #   SANITIZE=1 runs compute-sanitizer (SANITIZE_TOOLS, default memcheck racecheck synccheck) on the decode kernel
-#   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS for its options)
+#   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS: its options; several runs separated by ';')
 #   LOADMEM=1 runs benchmarks/load_memory.py on the GPU (LOADMEM_ARGS: its shape options)
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
@@ -71,9 +71,13 @@ if [ "${HOST:-0}" = 1 ]; then
   timeout ${HOST_TIMEOUT:-300} $PY scripts/probe_host_cost.py --out "$OUT" ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
   summary+=("$(grep '^HOST' "$OUT/host.log")")
 fi
-if [ "${MODEL:-0}" = 1 ]; then  # issue 5: whole-model speed (Llama-3-8B config, random weights)
-  timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" | grep -v "^MODEL"
-  summary+=("$(grep '^MODEL' "$OUT/model.log")")
+if [ "${MODEL:-0}" = 1 ]; then  # whole-model speed; MODEL_ARGS: runs separated by ';', MODEL_TIMEOUT per run
+  IFS=';' read -ra runs <<<"${MODEL_ARGS:-}"
+  [ ${#runs[@]} = 0 ] && runs=("")
+  for i in "${!runs[@]}"; do
+    timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${runs[$i]} 2>&1 | tee "$OUT/model_$i.log" | grep -v "^MODEL"
+    summary+=("$(grep '^MODEL' "$OUT/model_$i.log")")
+  done
 fi
 if [ "${STEP_PROFILE:-0}" = 1 ]; then  # STEP_PROFILE_ARGS: one run's options, runs separated by ';'
   IFS=';' read -ra runs <<<"${STEP_PROFILE_ARGS:---batch 16}"
