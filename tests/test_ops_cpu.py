@@ -509,6 +509,40 @@ def test_cutlass_plan_picks_per_m_by_token_tile_count():
     assert cutlass_plan([v9], 8, 8, tile.get) == [Step(8, 9, 0)]  # a one-row bucket
 
 
+def test_a_decisions_cutlass_variants_survive_the_cache_and_route_per_m(monkeypatch):
+    """Variants written to the cache file come back as the same plan; a bucket whose plan has two
+    steps routes through one PlannedRun, a one-step plan through the plain run or PaddedRun."""
+    import json
+    from dataclasses import asdict
+
+    from sparseflow import ops
+    from sparseflow.kernels import KERNELS, cutlass
+    from sparseflow.kernels.dispatch import Decision, cutlass_steps
+
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: [f"128x{t}x128" for t in (64, 192, 160)])
+    d = Decision("cutlass", dense_ms=1.0, cutlass_ms=0.8, cutlass_cfg=2, cutlass_pad=True, m_lo=1281)
+    d.cutlass_variants = [[1, False, 0.95, 0.70], [2, True, 0.80, 0.81]]
+    back = Decision(**json.loads(json.dumps(asdict(d))))
+    assert back == d and "_steps" not in asdict(back)
+    steps = cutlass_steps(back, 1408, torch.float16)
+    assert steps == [cutlass.Step(1344, 1, 0), cutlass.Step(1408, 2, 160)]
+    assert cutlass_steps(back, 1408, torch.float16) is steps  # computed once per decision
+
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(128, 256, dtype=torch.float16)))
+    monkeypatch.setattr(KERNELS["cutlass"], "pack", lambda weight, key=None: "CUTLASS")
+    monkeypatch.setattr(ops.DISPATCHER, "decide", lambda weight, m, only=None: back)
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: back)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(cutlass, "unavailable_reason", lambda device: None)
+    route = ops._route(w, 1337, ops.BACKENDS["cutlass"])
+    assert isinstance(route.run, cutlass.PlannedRun) and route.run.steps == tuple(steps)
+    one = Decision("cutlass", dense_ms=1.0, cutlass_ms=0.8, cutlass_cfg=2, cutlass_pad=True, m_lo=1281)
+    one.cutlass_variants = [[2, True, 0.80, 0.81]]
+    monkeypatch.setattr(ops.DISPATCHER, "lookup", lambda *a, only=None: one)
+    route = ops._route(w, 1337, ops.BACKENDS["cutlass"])
+    assert isinstance(route.run, cutlass.PaddedRun) and route.run.tile == 160 and route.cfg == 2
+
+
 def test_planned_run_picks_the_step_by_rows(monkeypatch):
     from sparseflow.kernels import cutlass
 
