@@ -13,9 +13,9 @@ candidate is timed at both ends of its bucket: a kernel is chosen only if it bea
 Dense cuBLAS's time falls with M while a tiled 2:4 kernel's falls in steps, so a choice measured at
 the top of a wide (power-of-two) bucket could lose 2x at its bottom. Inside a bucket CUTLASS's
 configuration is chosen per M (``cutlass_plan``): a configuration whose token tiles are full at
-M = 1337 may need one more tile at the bucket's top (1408), where it measures slow. The cuSPARSELt tuner's sweep
-(seconds) runs at power-of-two anchors only; the buckets between re-time the anchors' plans beside
-the library's own in-process search.
+M = 1337 may need one more tile at the bucket's top (1408), where it measures slow. The cuSPARSELt
+tuner's sweep (seconds) runs at power-of-two anchors only; the buckets between re-time the
+anchors' plans beside the library's own in-process search.
 """
 
 from __future__ import annotations
