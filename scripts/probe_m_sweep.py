@@ -2,10 +2,11 @@
 
 For each layer shape and M: F.linear, each CUTLASS configuration, cuSPARSELt (layout 1, the
 library's search at that exact M, and the plan searched at the power-of-two bucket above it
-applied at M), and SparseLinear as dispatched. With --pad, each CUTLASS configuration is also
-timed with x padded to a whole number of its token tiles (does a part-filled last tile cost more
-than a full one?). Times are the dispatcher's own (CUDA-graph replay,
-L2 scrubbed). Prints one line per (shape, M) and writes JSON to --out.
+applied at M), and SparseLinear as dispatched, with the configuration its bucket's CUTLASS plan
+runs at M, the plan's estimate and that configuration's time measured here. With --pad, each
+CUTLASS configuration is also timed with x padded to a whole number of its token tiles (does a
+part-filled last tile cost more than a full one?). Times are the dispatcher's own (CUDA-graph
+replay, L2 scrubbed). Prints one line per (shape, M) and writes JSON to --out.
 
     python scripts/probe_m_sweep.py --out /tmp/probe
 """
@@ -28,7 +29,7 @@ import sparseflow as sf
 from benchmarks.bench_dense_vs_sparse import LLAMA3_8B, QWEN25_7B
 from sparseflow._ext import _C
 from sparseflow.kernels import cutlass
-from sparseflow.kernels.dispatch import DISPATCHER, _median_ms, m_bucket
+from sparseflow.kernels.dispatch import DISPATCHER, Variant, _median_ms, cutlass_steps, estimate_ms, m_bucket
 
 # the layer widths the layer benchmark measures (benchmarks/bench_dense_vs_sparse.py), by name
 SHAPES = {f"llama_{name}": shape for name, shape in LLAMA3_8B.items()} | QWEN25_7B
@@ -66,10 +67,27 @@ def _row(a, name, n, k, m, dtype, w, cw, packed, layer, ncfg) -> dict:
             r["choice_cfg"] = d.cutlass_cfg if d else None
             r["pad"] = bool(d and d.cutlass_pad)
             r["resident"] = layer.resident
+            _plan(r, DISPATCHER.lookup(w.device, dtype, n, k, m, only="cutlass") or d, m, dtype)
         except Exception:  # noqa: BLE001 -- a probe: report and go on with the kernels
             traceback.print_exc()
             a.dispatch = 0
     return _print(r, name, m)
+
+
+def _plan(r: dict, d, m: int, dtype: torch.dtype) -> None:
+    """What the bucket's CUTLASS plan runs at this M, the time it estimated for it, and that
+    configuration's time measured here (is ``cutlass_plan``'s interpolation by tile count right?)."""
+    if d is None or d.cutlass_ms is None:
+        return
+    steps = cutlass_steps(d, m_bucket(m), dtype)
+    step = next((s for s in steps if m <= s.m_end), steps[-1])
+    r["plan"] = [step.cfg, step.tile > 0]
+    v = next((Variant(*v) for v in d.cutlass_variants if (v[0], v[1]) == (step.cfg, step.tile > 0)), None)
+    if v is not None:
+        r["plan_estimate"] = estimate_ms(v, m, d.m_lo, m_bucket(m), cutlass.token_tile(dtype, step.cfg))
+    measured = r.get("cutlass_padded" if step.tile else "cutlass")
+    if measured:
+        r["plan_measured"] = measured[step.cfg]
 
 
 def _print(r: dict, name: str, m: int) -> dict:
@@ -82,7 +100,12 @@ def _print(r: dict, name: str, m: int) -> dict:
         + f"cslt_own={r.get('cslt_own', 0) * 1e3:.1f} cslt_bkt={r.get('cslt_bucketcfg', 0) * 1e3:.1f} "
         f"SL={r.get('sparselinear', 0) * 1e3:.1f} ({r['dense'] / r.get('sparselinear', r['dense']):.2f}x "
         f"{r.get('choice')}/{r.get('choice_cfg')}{'/pad' if r.get('pad') else ''} runs {r.get('resident')} "
-        f"{r.get('measure_s', 0):.1f}s)",
+        f"{r.get('measure_s', 0):.1f}s)"
+        + (
+            f" plan={r['plan']} est={r.get('plan_estimate', 0) * 1e3:.1f} meas={r.get('plan_measured', 0) * 1e3:.1f}"
+            if "plan" in r
+            else ""
+        ),
         flush=True,
     )
     return r
