@@ -137,7 +137,7 @@ def bench_row(name, m, n, k, dtype, samples, torch_budget_ms=2000.0, skip=()):
     row["cutlass_cfg"] = cutlass.configs(dtype)[d.cutlass_cfg] if d and d.cutlass_ms is not None else None
     row["cutlass_pad"] = d.cutlass_pad if d and d.cutlass_ms is not None else None  # x padded to the bucket top
     # what runs at this M: the bucket's plan picks a configuration per M by token-tile count
-    step = next((s for s in cutlass_steps(d, m_bucket(m), dtype) if m <= s.m_end), None) if row["cutlass_cfg"] else None
+    step = cutlass.step_at(cutlass_steps(d, m_bucket(m), dtype), m) if row["cutlass_cfg"] else None
     row["cutlass_at_m"] = [cutlass.configs(dtype)[step.cfg], step.tile > 0] if step else None
     row["decode_split"] = d.decode_split if d else None
     row["decode_ring"] = d.decode_ring if d else None  # which weight pipeline the dispatcher timed fastest

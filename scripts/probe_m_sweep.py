@@ -79,8 +79,7 @@ def _plan(r: dict, d, m: int, dtype: torch.dtype) -> None:
     configuration's time measured here (is ``cutlass_plan``'s interpolation by tile count right?)."""
     if d is None or d.cutlass_ms is None:
         return
-    steps = cutlass_steps(d, m_bucket(m), dtype)
-    step = next((s for s in steps if m <= s.m_end), steps[-1])
+    step = cutlass.step_at(cutlass_steps(d, m_bucket(m), dtype), m)
     r["plan"] = [step.cfg, step.tile > 0]
     v = next((Variant(*v) for v in d.cutlass_variants if (v[0], v[1]) == (step.cfg, step.tile > 0)), None)
     if v is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "pack_cutlass",
     "padded_rows",
     "refusal",
+    "step_at",
     "token_tile",
     "unsupported",
 ]
@@ -198,6 +199,14 @@ class Step(NamedTuple):
     tile: int
 
 
+def step_at(steps, m: int) -> Step:
+    """The step of a plan (``Step``s in ascending ``m_end``) that serves M rows; the last beyond it."""
+    for s in steps:
+        if m <= s.m_end:
+            return s
+    return steps[-1]
+
+
 class PlannedRun:
     """``CutlassKernel.run`` with the configuration chosen by x's row count from ``steps``
     (``sparseflow.kernels.dispatch.cutlass_plan``): one route serves an M-bucket, and inside it the
@@ -210,11 +219,7 @@ class PlannedRun:
 
     def __call__(self, x: torch.Tensor, layout: CutlassWeight, cfg: int, bias: torch.Tensor | None) -> torch.Tensor:
         m = x.shape[0]
-        step = self.steps[-1]
-        for s in self.steps:
-            if m <= s.m_end:
-                step = s
-                break
+        step = step_at(self.steps, m)
         if step.tile:
             return mm_padded(x, layout, step.cfg, padded_rows(m, step.tile), bias)
         return mm_unchecked(x, layout, step.cfg, bias)
