@@ -90,11 +90,62 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], type[nn.Module], str]] = {
 
 def model_config(arch: str, tiny: bool, layers: int | None, attn: str | None = None) -> PretrainedConfig:
     """The published shapes of ``arch``; ``tiny``: a small config of the same architecture (Qwen2 keeps its
-    q/k/v biases and untied lm_head); ``attn``: transformers' attention implementation (None: its default)."""
+    q/k/v biases and untied lm_head); ``attn``: transformers' attention implementation (None: its default),
+    or ``sdpa_packed_gqa`` (below)."""
     cfg = _shapes(arch, tiny, layers)
+    if attn == PACKED_GQA:
+        register_packed_gqa()
     if attn is not None:
         cfg._attn_implementation = attn
     return cfg
+
+
+PACKED_GQA = "sdpa_packed_gqa"
+
+
+def packed_gqa_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except at a one-token decode step of grouped-query attention.
+
+    With a static cache the step has a mask, and transformers' SDPA path then repeats k and v to one copy
+    per query head (``repeat_kv``) before calling SDPA: 4x the cache's bytes written and read again in every
+    layer of every step (Llama-3-8B: 32 query heads on 8 k/v heads). Here the query heads that share a k/v
+    head become that head's rows instead: query (b, heads, 1, d) -> (b, kv_heads, groups, d), so SDPA reads
+    the cache as stored. The rows are heads of one token, not positions: no causal mask among them, and the
+    step's mask (b, 1, 1, kv) applies to each alike. Every other call is transformers' own ``sdpa``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q_len, d = query.shape
+    mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1))
+    if groups == 1 or q_len != 1 or not mask_ok or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    rows = query.reshape(b, heads // groups, groups, d)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False
+    )
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def register_packed_gqa() -> None:
+    """Make ``sdpa_packed_gqa`` a transformers attention implementation, with SDPA's mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_GQA, packed_gqa_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_GQA, sdpa_mask)
 
 
 def _shapes(arch: str, tiny: bool, layers: int | None) -> PretrainedConfig:
@@ -537,7 +588,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: smoke tests)")
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before decode steps and generate")
-    ap.add_argument("--attn", default=None, help="attention implementation for both models (sdpa, eager, ...)")
+    ap.add_argument(
+        "--attn",
+        default=None,
+        help=f"attention implementation for both models (sdpa, eager, {PACKED_GQA}: decode steps without repeat_kv)",
+    )
     ap.add_argument("--prefill", type=comma_list(PREFILL), default=list(PREFILL), help="comma list of shapes")
     ap.add_argument(
         "--decode-batches",

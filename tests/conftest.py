@@ -1,4 +1,5 @@
 import importlib.util
+import sys
 import os
 from pathlib import Path
 
@@ -35,5 +36,6 @@ def benchmark_script(name: str):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch.compile looks a traced function's module up by name
     spec.loader.exec_module(module)
     return module
