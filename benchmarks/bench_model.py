@@ -55,6 +55,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, Qwen2C
 
 import sparseflow as sf
 from sparseflow.nn import SparseGatedMLP, SparseLinear
+from sparseflow.nn.attention import PACKED_GQA, register_packed_gqa
 
 # Prompt lengths that are not powers of two too: real prompts are 300 or 1337 tokens long.
 PREFILL = {"b1x2048": (1, 2048), "b8x512": (8, 512), "b1x300": (1, 300), "b1x1337": (1, 1337), "b4x700": (4, 700)}
@@ -91,61 +92,13 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], type[nn.Module], str]] = {
 def model_config(arch: str, tiny: bool, layers: int | None, attn: str | None = None) -> PretrainedConfig:
     """The published shapes of ``arch``; ``tiny``: a small config of the same architecture (Qwen2 keeps its
     q/k/v biases and untied lm_head); ``attn``: transformers' attention implementation (None: its default),
-    or ``sdpa_packed_gqa`` (below)."""
+    or ``sdpa_packed_gqa`` (``sparseflow.nn.attention``: decode steps without repeat_kv)."""
     cfg = _shapes(arch, tiny, layers)
     if attn == PACKED_GQA:
         register_packed_gqa()
     if attn is not None:
         cfg._attn_implementation = attn
     return cfg
-
-
-PACKED_GQA = "sdpa_packed_gqa"
-
-
-def packed_gqa_sdpa(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, except at a one-token decode step of grouped-query attention.
-
-    With a static cache the step has a mask, and transformers' SDPA path then repeats k and v to one copy
-    per query head (``repeat_kv``) before calling SDPA: 4x the cache's bytes written and read again in every
-    layer of every step (Llama-3-8B: 32 query heads on 8 k/v heads). Here the query heads that share a k/v
-    head become that head's rows instead: query (b, heads, 1, d) -> (b, kv_heads, groups, d), so SDPA reads
-    the cache as stored. The rows are heads of one token, not positions: no causal mask among them, and the
-    step's mask (b, 1, 1, kv) applies to each alike. Every other call is transformers' own ``sdpa``.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    b, heads, q_len, d = query.shape
-    mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1))
-    if groups == 1 or q_len != 1 or not mask_ok or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    rows = query.reshape(b, heads // groups, groups, d)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False
-    )
-    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-
-
-def register_packed_gqa() -> None:
-    """Make ``sdpa_packed_gqa`` a transformers attention implementation, with SDPA's mask."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(PACKED_GQA, packed_gqa_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_GQA, sdpa_mask)
 
 
 def _shapes(arch: str, tiny: bool, layers: int | None) -> PretrainedConfig:

@@ -49,39 +49,3 @@ def test_tiny_cpu_smoke_writes_eager_and_compiled_figures(arch, prefill, tmp_pat
     assert result["compiled_prefill_speedup_b4x700"] is None
     assert result["headline"]["gpu_memory_vs_dense"] is None and "gpu_memory_vs_dense" in result
     assert result["linear_weight_bytes"]["converted"] == 7  # q, k, v, o, gate, up, down of the one layer
-
-
-def test_packed_gqa_attention_matches_transformers_at_decode_steps_eager_and_compiled():
-    """``--attn sdpa_packed_gqa`` runs a one-token step on the k/v heads as stored (no repeat_kv): its logits
-    equal transformers' eager attention (which repeats k/v and multiplies out), eager and traced, on a static
-    cache whose mask hides the unfilled slots; prefill goes to transformers' own SDPA."""
-    import torch
-    from transformers import AttentionInterface
-
-    bm = _bench_model()
-    seen = []
-
-    def spy(module, query, key, value, mask, **kw):
-        seen.append((query.shape[2], None if mask is None else tuple(mask.shape)))
-        return bm.packed_gqa_sdpa(module, query, key, value, mask, **kw)
-
-    logits = {}
-    for run in ("eager", bm.PACKED_GQA, "compiled"):
-        attn = "eager" if run == "eager" else bm.PACKED_GQA
-        cfg = bm.model_config("llama3-8b", True, 2, attn)
-        assert cfg.num_attention_heads // cfg.num_key_value_heads == 2  # grouped-query attention
-        if attn == bm.PACKED_GQA:
-            AttentionInterface.register(bm.PACKED_GQA, spy)
-        torch.manual_seed(0)
-        model = bm.build_model("llama3-8b", cfg, torch.device("cpu"), torch.float32)
-        forward = model.forward
-        if run == "compiled":
-            forward = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=False)
-        torch.manual_seed(1)  # the same prompt and step token in each run, each on a fresh cache
-        kw = bm.decode_inputs(model, cfg, torch.device("cpu"), 3, 16, 1)
-        logits[run] = forward(**kw).logits
-    assert (16, None) in seen  # the prompt: transformers' SDPA path
-    steps = [mask for q_len, mask in seen if q_len == 1]
-    assert len(steps) == 4 and all(m is not None and m[:3] == (3, 1, 1) and m[3] > 17 for m in steps)  # masked
-    for name in (bm.PACKED_GQA, "compiled"):
-        torch.testing.assert_close(logits[name], logits["eager"], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,70 @@
+"""``sparseflow.nn.register_packed_gqa``: transformers' SDPA attention with one-token decode steps of grouped-query
+attention run on the k/v heads as stored. Checked against transformers' eager attention (repeat_kv and
+matmuls) on tiny Llama and Qwen2 models, eager, traced and through ``generate`` with a static cache."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+import sparseflow as sf
+from sparseflow.nn.attention import PACKED_GQA, packed_gqa_sdpa
+from tests.conftest import benchmark_script
+
+
+@pytest.mark.parametrize("arch", ["llama3-8b", "qwen2.5-7b"])
+def test_packed_gqa_matches_transformers_at_decode_steps_eager_and_compiled(arch):
+    """``--attn sdpa_packed_gqa`` runs a one-token step on the k/v heads as stored (no repeat_kv): its logits
+    equal transformers' eager attention (which repeats k/v and multiplies out), eager and traced, on a static
+    cache whose mask hides the unfilled slots; prefill goes to transformers' own SDPA."""
+    seen = []
+
+    def spy(module, query, key, value, mask, **kw):
+        seen.append((query.shape[2], None if mask is None else tuple(mask.shape)))
+        return packed_gqa_sdpa(module, query, key, value, mask, **kw)
+
+    logits = {}
+    try:
+        _decode_steps(arch, spy, logits)
+    finally:
+        sf.nn.register_packed_gqa()  # the real function again
+    assert (16, None) in seen  # the prompt: transformers' SDPA path
+    steps = [mask for q_len, mask in seen if q_len == 1]
+    assert len(steps) == 4 and all(m is not None and m[:3] == (3, 1, 1) and m[3] > 17 for m in steps)  # masked
+    for name in (PACKED_GQA, "compiled"):
+        torch.testing.assert_close(logits[name], logits["eager"], rtol=1e-4, atol=1e-5)
+
+
+def _decode_steps(arch, spy, logits):
+    """One decode step's logits after a 16-token prompt: eager attention, packed, packed and traced."""
+    bm = benchmark_script("bench_model")  # its tiny configs, weights and static-cache step
+    for run in ("eager", PACKED_GQA, "compiled"):
+        attn = "eager" if run == "eager" else PACKED_GQA
+        cfg = bm.model_config(arch, True, 2, attn)
+        assert cfg.num_attention_heads // cfg.num_key_value_heads == 2  # grouped-query attention
+        if attn == PACKED_GQA:
+            AttentionInterface.register(PACKED_GQA, spy)
+        torch.manual_seed(0)
+        model = bm.build_model(arch, cfg, torch.device("cpu"), torch.float32)
+        forward = model.forward
+        if run == "compiled":
+            forward = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=False)
+        torch.manual_seed(1)  # the same prompt and step token in each run, each on a fresh cache
+        kw = bm.decode_inputs(model, cfg, torch.device("cpu"), 3, 16, 1)
+        logits[run] = forward(**kw).logits
+
+
+def test_generate_with_a_static_cache_gives_the_same_greedy_tokens():
+    """What a user runs: ``attn_implementation="sdpa_packed_gqa"`` after ``register_packed_gqa()``, and
+    ``generate`` with transformers' static cache, on a 2:4 model."""
+    bm = benchmark_script("bench_model")
+    tokens = {}
+    for attn in ("sdpa", sf.nn.register_packed_gqa()):
+        cfg = bm.model_config("llama3-8b", True, 2, attn)
+        torch.manual_seed(0)
+        model = bm.build_model("llama3-8b", cfg, torch.device("cpu"), torch.float32)
+        sf.sparsify(model, method="magnitude", fallback="never", progress=False, verbose=False)
+        ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+        kw = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+        tokens[attn] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    assert tokens["sdpa"].shape == (2, 15)
+    assert torch.equal(tokens["sdpa"], tokens[PACKED_GQA])
