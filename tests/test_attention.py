@@ -68,3 +68,17 @@ def test_generate_with_a_static_cache_gives_the_same_greedy_tokens():
         tokens[attn] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     assert tokens["sdpa"].shape == (2, 15)
     assert torch.equal(tokens["sdpa"], tokens[PACKED_GQA])
+
+
+def test_a_step_with_what_sdpa_cannot_do_goes_to_transformers():
+    """Logit soft-capping (Gemma 2) is not something SDPA does: the step is handed to transformers'
+    ``sdpa``, which refuses it by name, instead of running packed without the cap."""
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    out, _ = packed_gqa_sdpa(module, q, kv, kv, None)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1))
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    with pytest.raises(ValueError, match="softcap"):
+        packed_gqa_sdpa(module, q, kv, kv, None, softcap=30.0)

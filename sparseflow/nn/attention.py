@@ -46,7 +46,10 @@ def packed_gqa_sdpa(
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and tuple(attention_mask.shape[1:3]) == (1, 1))
-    if groups == 1 or q_len != 1 or not mask_ok or kwargs.get("position_bias") is not None:
+    # what SDPA's call here would drop (logit soft-capping, attention sinks, a position bias) goes
+    # to transformers' function, which applies it or says it cannot
+    extras = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux", "sinks"))
+    if groups == 1 or q_len != 1 or not mask_ok or extras or kwargs.get("output_attentions"):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
