@@ -559,6 +559,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--memory", choices=["compact", "fast"], default="compact", help="the 2:4 layers' memory mode (SparseLinear)"
     )
+    ap.add_argument(
+        "--tag", default="", help="appended to the result file's name (runs of one call keep their own files)"
+    )
     return ap.parse_args(argv)
 
 
@@ -685,6 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ("_fast" if args.memory == "fast" else "")
         + (f"_attn-{args.attn}" if args.attn else "")
         + ("" if set(args.modes) == set(MODES) else "_" + "-".join(args.modes))  # a part of the runs
+        + (f"_{args.tag}" if args.tag else "")
     )
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     report(result)
