@@ -89,13 +89,18 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], type[nn.Module], str]] = {
 }
 
 
-def model_config(arch: str, tiny: bool, layers: int | None, attn: str | None = None) -> PretrainedConfig:
+def model_config(
+    arch: str, tiny: bool, layers: int | None, attn: str | None = None, causal_prefill: bool = False
+) -> PretrainedConfig:
     """The published shapes of ``arch``; ``tiny``: a small config of the same architecture (Qwen2 keeps its
     q/k/v biases and untied lm_head); ``attn``: transformers' attention implementation (None: its default),
-    or ``sdpa_packed_gqa`` (``sparseflow.nn.attention``: decode steps without repeat_kv)."""
+    or ``sdpa_packed_gqa`` (``sparseflow.nn.attention``: decode steps without repeat_kv; ``causal_prefill``:
+    and compiled prompts without a mask, as this benchmark's prompts are not packed)."""
     cfg = _shapes(arch, tiny, layers)
     if attn == PACKED_GQA:
-        register_packed_gqa()
+        register_packed_gqa(causal_prefill=causal_prefill)
+    elif causal_prefill:
+        raise ValueError(f"--causal-prefill needs --attn {PACKED_GQA}")
     if attn is not None:
         cfg._attn_implementation = attn
     return cfg
@@ -578,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name) if cuda else None
     tag = match.group(1).lower() if match else ("gpu" if cuda else "cpu")
-    cfg = model_config(args.arch, args.tiny, args.layers, args.attn)
+    cfg = model_config(args.arch, args.tiny, args.layers, args.attn, args.causal_prefill)
     skipped = {} if cuda or "graph" not in args.modes else {"graph": "no CUDA device: CUDA graph decode skipped"}
     if skipped:
         print(f"note: {skipped['graph']}")
@@ -646,6 +651,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"prefill": {n: PREFILL[n] for n in args.prefill}, "context": args.context}
         | {"decode_batches": args.decode_batches, "decode_steps": args.decode_steps, "reps": REPS}
         | {"new_tokens": args.new_tokens, "attn": getattr(model.config, "_attn_implementation", None)}
+        | {"causal_prefill": args.causal_prefill}
         | {"modes": args.modes, "skipped": skipped or None},
         "compile": {"mode": args.compile_mode, "requested": requested_mode, "backend": args.compile_backend}
         | {"fullgraph": True, "dynamic": False, "auto_dense_decode_tok_s_b1": auto},
@@ -687,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ("" if args.arch == "llama3-8b" else f"_{args.arch}")
         + ("_fast" if args.memory == "fast" else "")
         + (f"_attn-{args.attn}" if args.attn else "")
+        + ("-causal" if args.causal_prefill else "")
         + ("" if set(args.modes) == set(MODES) else "_" + "-".join(args.modes))  # a part of the runs
         + (f"_{args.tag}" if args.tag else "")
     )

@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prefill", type=int, default=0, help="profile a 1 x N prefill instead of a decode step")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--attn", default=None, help="attention implementation for both models (sdpa, eager, ...)")
+    ap.add_argument("--causal-prefill", action="store_true", help="bench_model.py's option of that name")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (per-step figures are their mean)")
     ap.add_argument("--compile-mode", default="reduce-overhead")
     ap.add_argument("--compile-backend", default="inductor")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    cfg = bm.model_config(args.arch, args.tiny, args.layers, args.attn)
+    cfg = bm.model_config(args.arch, args.tiny, args.layers, args.attn, args.causal_prefill)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name) if cuda else None
     tag = match.group(1).lower() if match else ("gpu" if cuda else "cpu")
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["settings"] = {k: getattr(args, k) for k in ("context", "steps", "compile_mode", "compile_backend")}
     model = bm.build_model(args.arch, cfg, device, dtype)
     result["settings"]["attn"] = model.config._attn_implementation
+    result["settings"]["causal_prefill"] = args.causal_prefill
     with torch.no_grad():
         result["dense"] = profile(step_call(model, cfg, device, args), device, args.steps)
         bm.free(device)
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"profile_{tag}_{step}" + ("" if args.arch == "llama3-8b" else f"_{args.arch}")
     stem += f"_attn-{args.attn}" if args.attn else ""
+    stem += "-causal" if args.causal_prefill else ""
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     gemm = ("2:4 GEMM", "dense GEMM")
     share = {

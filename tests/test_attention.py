@@ -82,3 +82,60 @@ def test_a_step_with_what_sdpa_cannot_do_goes_to_transformers():
     torch.testing.assert_close(out, ref.transpose(1, 2))
     with pytest.raises(ValueError, match="softcap"):
         packed_gqa_sdpa(module, q, kv, kv, None, softcap=30.0)
+
+
+@pytest.mark.parametrize("arch", ["llama3-8b", "qwen2.5-7b"])
+def test_causal_prefill_runs_compiled_prompts_without_a_mask(arch):
+    """``register_packed_gqa(causal_prefill=True)``: a compiled forward over a prompt with no cache and no
+    attention_mask reaches SDPA with no mask (so ``is_causal=True``), and its logits equal transformers'
+    eager attention, which multiplies out the full causal mask."""
+    bm = benchmark_script("bench_model")
+    seen, logits = [], {}
+
+    def spy(module, query, key, value, mask, **kw):
+        seen.append(mask is None)
+        return packed_gqa_sdpa(module, query, key, value, mask, **kw)
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    try:
+        for run in ("eager", "compiled"):
+            attn = "eager" if run == "eager" else PACKED_GQA
+            cfg = bm.model_config(arch, True, 2, attn, causal_prefill=attn == PACKED_GQA)
+            if run == "compiled":
+                AttentionInterface.register(PACKED_GQA, spy)
+            torch.manual_seed(0)
+            model = bm.build_model(arch, cfg, torch.device("cpu"), torch.float32)
+            forward = model.forward
+            if run == "compiled":
+                forward = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=False)
+            logits[run] = forward(input_ids=ids, use_cache=False).logits
+    finally:
+        sf.nn.register_packed_gqa()
+    assert seen and all(seen)  # every layer's prompt attention ran without a mask
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-4, atol=1e-5)
+
+
+def test_causal_prefill_keeps_the_mask_where_it_is_needed():
+    """Eager packed sequences (position_ids restarting inside a row), an attention_mask with padding, and a
+    prompt after cached tokens keep transformers' mask: logits equal eager attention's."""
+    bm = benchmark_script("bench_model")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(6))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    cases = {"packed": {"position_ids": pos}, "padded": {"attention_mask": mask}}
+    try:
+        for name, kw in cases.items():
+            out = {}
+            for attn in ("eager", PACKED_GQA):
+                cfg = bm.model_config("llama3-8b", True, 2, attn, causal_prefill=attn == PACKED_GQA)
+                torch.manual_seed(0)
+                model = bm.build_model("llama3-8b", cfg, torch.device("cpu"), torch.float32)
+                first = model(input_ids=ids[:, :5], use_cache=True)  # 5 cached tokens, then the rest
+                later = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values).logits
+                out[attn] = (model(input_ids=ids, use_cache=False, **kw).logits, later)
+            for got, want in zip(out[PACKED_GQA], out["eager"]):
+                keep = slice(None) if name == "packed" else (1, slice(3, None))  # padded rows' pad logits vary
+                torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+    finally:
+        sf.nn.register_packed_gqa()
