@@ -565,6 +565,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory", choices=["compact", "fast"], default="compact", help="the 2:4 layers' memory mode (SparseLinear)"
     )
     ap.add_argument(
+        "--causal-prefill",
+        action="store_true",
+        help=f"with --attn {PACKED_GQA}: compiled prompts run causal flash attention, not a materialised mask",
+    )
+    ap.add_argument(
         "--tag", default="", help="appended to the result file's name (runs of one call keep their own files)"
     )
     return ap.parse_args(argv)
