@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from sparseflow.nn import register_packed_gqa
 from tests.conftest import benchmark_script
 
 
@@ -49,3 +50,21 @@ def test_tiny_cpu_smoke_writes_eager_and_compiled_figures(arch, prefill, tmp_pat
     assert result["compiled_prefill_speedup_b4x700"] is None
     assert result["headline"]["gpu_memory_vs_dense"] is None and "gpu_memory_vs_dense" in result
     assert result["linear_weight_bytes"]["converted"] == 7  # q, k, v, o, gate, up, down of the one layer
+
+
+def test_causal_prefill_and_tag_name_the_result_file(tmp_path):
+    """``--attn sdpa_packed_gqa --causal-prefill --tag t``: the run says it used causal prefill, in its settings
+    and file name, and ``--causal-prefill`` without that attention is refused by name."""
+    bm = _bench_model()
+    argv = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--layers", "1", "--modes", "compiled"]
+    argv += ["--compile-backend", "aot_eager", "--prefill", "b1x300", "--decode-batches", "1", "--context", "16"]
+    argv += ["--decode-steps", "1", "--reps", "1"]
+    try:
+        bm.main([*argv, "--attn", "sdpa_packed_gqa", "--causal-prefill", "--tag", "t"])
+    finally:
+        register_packed_gqa()  # the default mask again for the tests after this one
+    result = json.loads((tmp_path / "model_cpu_attn-sdpa_packed_gqa-causal_compiled_t.json").read_text())
+    assert result["settings"]["causal_prefill"] is True and result["settings"]["attn"] == "sdpa_packed_gqa"
+    assert result["compiled_prefill_speedup_b1x300"] > 0
+    with pytest.raises(ValueError, match="--causal-prefill needs --attn sdpa_packed_gqa"):
+        bm.main([*argv, "--causal-prefill"])
