@@ -38,19 +38,27 @@ def _decode_steps(arch, spy, logits):
     """One decode step's logits after a 16-token prompt: eager attention, packed, packed and traced."""
     bm = benchmark_script("bench_model")  # its tiny configs, weights and static-cache step
     for run in ("eager", PACKED_GQA, "compiled"):
-        attn = "eager" if run == "eager" else PACKED_GQA
-        cfg = bm.model_config(arch, True, 2, attn)
+        model, cfg, forward = _tiny(bm, arch, run, spy)
         assert cfg.num_attention_heads // cfg.num_key_value_heads == 2  # grouped-query attention
-        if attn == PACKED_GQA:
-            AttentionInterface.register(PACKED_GQA, spy)
-        torch.manual_seed(0)
-        model = bm.build_model(arch, cfg, torch.device("cpu"), torch.float32)
-        forward = model.forward
-        if run == "compiled":
-            forward = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=False)
         torch.manual_seed(1)  # the same prompt and step token in each run, each on a fresh cache
         kw = bm.decode_inputs(model, cfg, torch.device("cpu"), 3, 16, 1)
         logits[run] = forward(**kw).logits
+
+
+def _tiny(bm, arch, run, spy, causal_prefill=False):
+    """(model, config, forward) of a tiny ``arch`` with seeded weights: ``run`` "eager" is transformers' eager
+    attention; otherwise ``sdpa_packed_gqa`` with ``spy`` as its attention function, "compiled" traced
+    whole (fullgraph) by aot_eager."""
+    attn = "eager" if run == "eager" else PACKED_GQA
+    cfg = bm.model_config(arch, True, 2, attn, causal_prefill=causal_prefill and attn == PACKED_GQA)
+    if attn == PACKED_GQA:
+        AttentionInterface.register(PACKED_GQA, spy)
+    torch.manual_seed(0)
+    model = bm.build_model(arch, cfg, torch.device("cpu"), torch.float32)
+    forward = model.forward
+    if run == "compiled":
+        forward = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=False)
+    return model, cfg, forward
 
 
 def test_generate_with_a_static_cache_gives_the_same_greedy_tokens():
@@ -99,15 +107,7 @@ def test_causal_prefill_runs_compiled_prompts_without_a_mask(arch):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
     try:
         for run in ("eager", "compiled"):
-            attn = "eager" if run == "eager" else PACKED_GQA
-            cfg = bm.model_config(arch, True, 2, attn, causal_prefill=attn == PACKED_GQA)
-            if run == "compiled":
-                AttentionInterface.register(PACKED_GQA, spy)
-            torch.manual_seed(0)
-            model = bm.build_model(arch, cfg, torch.device("cpu"), torch.float32)
-            forward = model.forward
-            if run == "compiled":
-                forward = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=False)
+            _, _, forward = _tiny(bm, arch, run, spy, causal_prefill=True)
             logits[run] = forward(input_ids=ids, use_cache=False).logits
     finally:
         sf.nn.register_packed_gqa()
