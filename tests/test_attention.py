@@ -128,9 +128,7 @@ def test_causal_prefill_keeps_the_mask_where_it_is_needed():
         for name, kw in cases.items():
             out = {}
             for attn in ("eager", PACKED_GQA):
-                cfg = bm.model_config("llama3-8b", True, 2, attn, causal_prefill=attn == PACKED_GQA)
-                torch.manual_seed(0)
-                model = bm.build_model("llama3-8b", cfg, torch.device("cpu"), torch.float32)
+                model, _, _ = _tiny(bm, "llama3-8b", attn, packed_gqa_sdpa, causal_prefill=True)
                 first = model(input_ids=ids[:, :5], use_cache=True)  # 5 cached tokens, then the rest
                 later = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values).logits
                 out[attn] = (model(input_ids=ids, use_cache=False, **kw).logits, later)
