@@ -78,18 +78,27 @@ def test_generate_with_a_static_cache_gives_the_same_greedy_tokens():
     assert torch.equal(tokens["sdpa"], tokens[PACKED_GQA])
 
 
-def test_a_step_with_what_sdpa_cannot_do_goes_to_transformers():
-    """Logit soft-capping (Gemma 2) is not something SDPA does: the step is handed to transformers'
-    ``sdpa``, which refuses it by name, instead of running packed without the cap."""
+def test_what_sdpa_cannot_do_is_refused_by_name():
+    """Logit soft-capping (Gemma 2) and attention sinks are not something SDPA does: the call is refused
+    by name instead of running without them (transformers 5.17's own ``sdpa`` drops a soft-cap silently).
+    A position bias, which transformers folds into the mask, is handed to its ``sdpa``."""
     from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
     q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     out, _ = packed_gqa_sdpa(module, q, kv, kv, None)
     ref = torch.nn.functional.scaled_dot_product_attention(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1))
     torch.testing.assert_close(out, ref.transpose(1, 2))
-    with pytest.raises(ValueError, match="softcap"):
-        packed_gqa_sdpa(module, q, kv, kv, None, softcap=30.0)
+    for extra in ("softcap", "sinks", "s_aux"):
+        with pytest.raises(ValueError, match=f"cannot apply {extra}"):
+            packed_gqa_sdpa(module, q, kv, kv, None, **{extra: torch.zeros(4) if extra != "softcap" else 30.0})
+    bias = torch.randn(1, 4, 1, 5)
+    out, _ = packed_gqa_sdpa(module, q, kv, kv, None, position_bias=bias)
+    ref, _ = sdpa_attention_forward(module, q, kv, kv, None, position_bias=bias)
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(out, packed_gqa_sdpa(module, q, kv, kv, None)[0])  # the bias changed the result
 
 
 @pytest.mark.parametrize("arch", ["llama3-8b", "qwen2.5-7b"])

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 PACKED_GQA = "sdpa_packed_gqa"
+_NOT_SDPA = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
 
 
 def packed_gqa_sdpa(
@@ -53,9 +54,17 @@ def packed_gqa_sdpa(
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and tuple(attention_mask.shape[1:3]) == (1, 1))
-    # what SDPA's call here would drop (logit soft-capping, attention sinks, a position bias) goes
-    # to transformers' function, which applies it or says it cannot
-    extras = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux", "sinks"))
+    # SDPA has no logit soft-capping and no attention sinks. transformers' own ``sdpa`` refuses a
+    # soft-cap in some releases and drops it without a word in others (5.17), so refuse here.
+    refused = [name for name in _NOT_SDPA if kwargs.get(name) is not None]
+    if refused:
+        raise ValueError(
+            f"attn_implementation={PACKED_GQA!r}: SDPA cannot apply {', '.join(refused)} "
+            f"({', '.join(_NOT_SDPA[n] for n in refused)}), which this model asks for; "
+            "load it with attn_implementation='eager' or 'flex_attention'"
+        )
+    # a position bias is something transformers' function folds into the mask
+    extras = kwargs.get("position_bias") is not None
     if groups == 1 or q_len != 1 or not mask_ok or extras or kwargs.get("output_attentions"):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
