@@ -302,7 +302,9 @@ def test_save_refuses_an_existing_checkpoint_unless_overwrite(tmp_path, llama):
 def test_save_accepts_the_gguf_config_of_a_dequantized_model(tmp_path, llama):
     """transformers leaves a `gguf` quantization_config on models it dequantized from a .gguf file."""
     model = sparsify(tiny("llama"))
-    model.config.quantization_config = T.GgufConfig(dequantize=True)
+    # a GgufConfig object where transformers has the class (5.17 on); the plain dict form follows
+    gguf = getattr(T, "GgufConfig", None)
+    model.config.quantization_config = gguf(dequantize=True) if gguf else {"quant_method": "gguf"}
     save_pretrained(model, tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["quantization_config"]["quant_method"] == "sparseflow"
