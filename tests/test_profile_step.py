@@ -56,7 +56,7 @@ def test_tiny_cpu_smoke_writes_both_profiles(tmp_path):
     assert result["step"] == "decode_b2" and result["settings"]["steps"] == 2
     for model in ("dense", "sparse"):
         r = result[model]
-        assert r["total_us"] > 0 and r["top"]
+        assert r["total_us"] > 0 and r["top"] and r["wall_us"] > 0
         assert sum(c["us"] for c in r["classes"].values()) == pytest.approx(r["total_us"])
         assert sum(k["us"] for k in r["kernels"]) == pytest.approx(r["total_us"])
         again = ps.reclassify(json.loads(json.dumps(r)))

@@ -202,7 +202,7 @@ def _measure(
     if reason is None:
         reason = cslt_unsupported(n, k)
     if reason is not None:
-        return False, reason, None
+        return False, f"{n}x{k}: {reason}", None
     probe = _probe_weight(n, k, dtype, device)
     # compact: the layer will run the one kernel whose layout it keeps, at every M
     kept = default_resident(probe) if memory == "compact" else None
@@ -219,8 +219,8 @@ def _measure(
         if loses or (s is not None and s < min_speedup):
             slower.append(int(m))
     if slower:
-        return False, f"2:4 measured slower than dense at M={slower}", speedups
-    return True, f"2:4 measured faster at M={[int(m) for m in expected_tokens]}", speedups
+        return False, f"{n}x{k}: 2:4 measured slower than dense at M={slower}", speedups
+    return True, f"{n}x{k}: 2:4 measured faster at M={[int(m) for m in expected_tokens]}", speedups
 
 
 def decide_fallback(
