@@ -24,6 +24,8 @@ Also: bytes of the converted linears' weights, GPU memory allocated after each m
 (compiled graphs and their memory pools freed first), peak memory per phase.
 
 Dense is measured first and the same model is then converted, so two 16 GB models never coexist.
+Stopped by SIGTERM (``timeout`` at a time limit), it still writes the JSON: what it had not measured is
+null and ``stopped`` says where it stopped (exit status 124).
 Writes ``<out>/model_<gpu>.json`` (``model_<gpu>_qwen2.5-7b.json`` for Qwen, ``..._attn-<name>`` with
 ``--attn``: transformers' attention implementation for both models) and ``.png``; the last stdout line
 starts with ``MODEL``.
@@ -42,7 +44,9 @@ import importlib
 import inspect
 import json
 import re
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +68,16 @@ MODES = ("eager", "graph", "compiled")
 AUTO_COMPILE_MODES = ("reduce-overhead", "default")  # what --compile-mode auto chooses between
 REPS = 3  # timed samples per metric (median); --reps
 WARMUP_CALLS = 3  # untimed compiled calls: compile, then (reduce-overhead) the CUDA graph recording
+
+
+class OutOfTime(BaseException):
+    """SIGTERM (what ``timeout`` sends at a device call's time limit) during the measurements: the
+    run stops measuring and still writes its JSON, with what was not measured as null. A
+    BaseException, so that ``attempt`` (which records a failed metric and goes on) lets it through."""
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise OutOfTime(f"signal {signum}")
 
 
 def _speedups() -> dict[str, tuple[str, str, str]]:
@@ -378,12 +392,12 @@ def measure(
     args: argparse.Namespace,
     tag: str,
     known: dict[str, tuple] | None = None,
+    res: dict | None = None,
 ) -> dict:
-    """tokens/s per mode; ``known``: compiled results measured already (the dense decode b1 that chose the
-    compile mode), not compiled a second time."""
-    res: dict[str, Any] = {"tag": tag, "errors": {}, "decode_graph_error": {}, "compile_seconds": {}, "compiled": {}}
-    for key, (tok_key, _, _) in SPEEDUPS.items():
-        res[tok_key] = None
+    """tokens/s per mode, into ``res`` (``new_result``) as each is measured, so an ``OutOfTime`` leaves
+    what was measured before it there; ``finish`` it afterwards. ``known``: compiled results measured
+    already (the dense decode b1 that chose the compile mode), not compiled a second time."""
+    res = new_result(tag) if res is None else res
     known = known or {}
     prefill = {name: PREFILL[name] for name in args.prefill}
     compile_fn = compiler(args.compile_backend, args.compile_mode)
@@ -412,6 +426,17 @@ def measure(
                     res, key, compiled_decode_tok_s, model, cfg, device, b, args.context, args.decode_steps, compile_fn
                 )
                 res[f"compiled_decode_tok_s_b{b}"], res["compiled"][f"decode_b{b}"] = out or (None, None)
+    return res
+
+
+def new_result(tag: str) -> dict:
+    """One model's figures before any is measured: every tokens/s key present, as None."""
+    res: dict[str, Any] = {"tag": tag, "errors": {}, "decode_graph_error": {}, "compile_seconds": {}, "compiled": {}}
+    return res | {tok_key: None for tok_key, _, _ in SPEEDUPS.values()}
+
+
+def finish(res: dict) -> dict:
+    """``measure``'s figures as the JSON holds them: per-compile records split by kind, empties as None."""
     compiled = {k: v for k, v in res.pop("compiled").items() if v}
     res["compile_seconds"] = {k: v["seconds"] for k, v in compiled.items()}
     res["compile_graphs"] = {k: v["graphs"] for k, v in compiled.items()}
@@ -575,39 +600,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    global REPS
-    args = parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():  # else an 8B model is built in host memory and OOM-killed
-        raise SystemExit("bench_model: needs a CUDA GPU (use --tiny for a small CPU smoke test)")
-    REPS = args.reps
-    transformers.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.float16 if cuda else torch.float32
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name) if cuda else None
-    tag = match.group(1).lower() if match else ("gpu" if cuda else "cpu")
-    cfg = model_config(args.arch, args.tiny, args.layers, args.attn, args.causal_prefill)
-    skipped = {} if cuda or "graph" not in args.modes else {"graph": "no CUDA device: CUDA graph decode skipped"}
-    if skipped:
-        print(f"note: {skipped['graph']}")
-
-    t0 = time.perf_counter()
-    model = build_model(args.arch, cfg, device, dtype)
-    sync(device)
-    peaks = {"build": peak(device, reset=True)}
-    print(f"built {cfg.num_hidden_layers}-layer {args.arch} on {name} ({dtype}) in {time.perf_counter() - t0:.1f}s")
-    dense_w = linear_bytes(model)
-    requested_mode, auto, known = args.compile_mode, None, {}
-    if "compiled" in args.modes and args.compile_mode == "auto":
-        args.compile_mode, auto, chosen = choose_compile_mode(model, cfg, device, args)
-        known = {"compiled_decode_b1": chosen} if chosen else {}
-    dense = measure(model, cfg, device, args, "dense", known)
-    peaks["dense"] = peak(device, reset=True)
-    free(device)
-    mem_before = torch.cuda.memory_allocated(device) if cuda else None
-
+def convert(model: nn.Module, args: argparse.Namespace, device: torch.device, peaks: dict) -> tuple:
+    """Sparsify the model in place and run ``sf.autotune`` for every M the 2:4 runs use: (sparsify
+    seconds, autotune seconds, autotune's records)."""
     t0 = time.perf_counter()
     sf.sparsify(model, method="magnitude", fallback="never", progress=False, verbose=False)
     sf.set_memory(model, args.memory)
@@ -634,11 +629,68 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if ratios:  # > 1.05: the decode kernel keeps a packed copy of those layers
         print("decode kernel, in place / packed time:", ", ".join(ratios))
-    sparse = measure(model, cfg, device, args, "2:4")
-    peaks["sparse"] = peak(device)
-    free(device)
-    mem_after = torch.cuda.memory_allocated(device) if cuda else None
+    return convert_s, autotune_s, tuned
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global REPS
+    args = parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():  # else an 8B model is built in host memory and OOM-killed
+        raise SystemExit("bench_model: needs a CUDA GPU (use --tiny for a small CPU smoke test)")
+    REPS = args.reps
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name) if cuda else None
+    tag = match.group(1).lower() if match else ("gpu" if cuda else "cpu")
+    cfg = model_config(args.arch, args.tiny, args.layers, args.attn, args.causal_prefill)
+    skipped = {} if cuda or "graph" not in args.modes else {"graph": "no CUDA device: CUDA graph decode skipped"}
+    if skipped:
+        print(f"note: {skipped['graph']}")
+
+    t0 = time.perf_counter()
+    model = build_model(args.arch, cfg, device, dtype)
+    sync(device)
+    peaks = {"build": peak(device, reset=True)}
+    print(f"built {cfg.num_hidden_layers}-layer {args.arch} on {name} ({dtype}) in {time.perf_counter() - t0:.1f}s")
+    dense_w = linear_bytes(model)
+    requested_mode, auto, known = args.compile_mode, None, {}
+    dense, sparse = new_result("dense"), new_result("2:4")
+    convert_s = autotune_s = mem_before = mem_after = stopped = None
+    tuned: list[dict] = []
+    phase = "dense"
+    # A device call's time limit ends this run with SIGTERM (gpu_check.sh runs it under `timeout`):
+    # what was measured by then is still written.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
+    try:
+        if "compiled" in args.modes and args.compile_mode == "auto":
+            args.compile_mode, auto, chosen = choose_compile_mode(model, cfg, device, args)
+            known = {"compiled_decode_b1": chosen} if chosen else {}
+        measure(model, cfg, device, args, "dense", known, dense)
+        peaks["dense"] = peak(device, reset=True)
+        free(device)
+        mem_before = torch.cuda.memory_allocated(device) if cuda else None
+        phase = "the conversion"
+        convert_s, autotune_s, tuned = convert(model, args, device, peaks)
+        phase = "2:4"
+        measure(model, cfg, device, args, "2:4", None, sparse)
+        peaks["sparse"] = peak(device)
+        free(device)
+        mem_after = torch.cuda.memory_allocated(device) if cuda else None
+    except OutOfTime as e:
+        stopped = f"stopped ({e}, a time limit) while measuring {phase}: what was not measured is null"
+        print(stopped)
+        free(device)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    finish(dense)
+    finish(sparse)
     sparse_w = linear_bytes(model)
+    peaks = {"dense": None, "sparse": None} | peaks  # the phases a time limit stopped peaked at nothing known
     dense["peak_memory_bytes"], sparse["peak_memory_bytes"] = peaks["dense"], peaks["sparse"]
 
     speedups = {k: ratio(sparse[tok_key], dense[tok_key]) for k, (tok_key, _, _) in SPEEDUPS.items()}
@@ -690,6 +742,7 @@ def main(argv: list[str] | None = None) -> dict:
         "convert_seconds": convert_s,
         "autotune_seconds": autotune_s,
         "kernel_choices": tuned,  # per distinct layer shape and M: dense / decode / cusparselt, speedup
+        "stopped": stopped,  # None, or where a time limit stopped the measurements
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -721,10 +774,13 @@ def main(argv: list[str] | None = None) -> dict:
         + " ".join(f"compiled_prefill_{n}={s[f'compiled_prefill_speedup_{n}']}" for n in pre)
         + " "
         + " ".join(f"compiled_decode_b{b}={s[f'compiled_decode_speedup_b{b}']}" for b in DECODE_BATCHES)
-        + f" linear_weight_mem={s['linear_weight_memory_ratio']} gpu_mem={s['gpu_mem']} convert={convert_s:.1f}s"
+        + f" linear_weight_mem={s['linear_weight_memory_ratio']} gpu_mem={s['gpu_mem']}"
+        + ("" if convert_s is None else f" convert={convert_s:.1f}s")
+        + (" STOPPED by a time limit" if stopped else "")
     )
     return result
 
 
 if __name__ == "__main__":
-    main()
+    if main().get("stopped"):
+        raise SystemExit(124)

@@ -7,7 +7,8 @@
 #   BENCH_ARGS="--no-square --ms 1,4,8,16" scripts/gpu_check.sh   # extra benchmark arguments
 #   DEMO=0 skips the sparsify-on-GPU demo; PROBE=<seconds> adds the cuSPARSELt algorithm probe
 #   SANITIZE=1 runs compute-sanitizer (SANITIZE_TOOLS, default memcheck racecheck synccheck) on the decode kernel
-#   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS: its options; several runs separated by ';')
+#   MODEL=1 runs benchmarks/bench_model.py (MODEL_ARGS: its options; several runs separated by ';'); at
+#     MODEL_TIMEOUT a run is sent SIGTERM and writes what it measured (give it ~30 s before the call's limit)
 #   LOADMEM=1 runs benchmarks/load_memory.py on the GPU (LOADMEM_ARGS: its shape options)
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
@@ -75,7 +76,7 @@ if [ "${MODEL:-0}" = 1 ]; then  # whole-model speed; MODEL_ARGS: runs separated 
   IFS=';' read -ra runs <<<"${MODEL_ARGS:-}"
   [ ${#runs[@]} = 0 ] && runs=("")
   for i in "${!runs[@]}"; do
-    timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${runs[$i]} 2>&1 | tee "$OUT/model_$i.log" | grep -v "^MODEL"
+    timeout -k 60 ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$OUT" ${runs[$i]} 2>&1 | tee "$OUT/model_$i.log" | grep -v "^MODEL"
     summary+=("$(grep '^MODEL' "$OUT/model_$i.log")")
   done
 fi

@@ -68,3 +68,37 @@ def test_causal_prefill_and_tag_name_the_result_file(tmp_path):
     assert result["compiled_prefill_speedup_b1x300"] > 0
     with pytest.raises(ValueError, match="--causal-prefill needs --attn sdpa_packed_gqa"):
         bm.main([*argv, "--causal-prefill"])
+
+
+def test_a_time_limit_stops_the_run_and_what_it_measured_is_written(tmp_path, monkeypatch):
+    """SIGTERM (``timeout`` at a device call's limit) in the middle of the 2:4 measurements: the run stops
+    there, writes the JSON with the dense figures it has and nulls for the rest, says where it stopped,
+    and gives SIGTERM its previous handler back."""
+    import os
+    import signal
+
+    bm = _bench_model()
+    real = bm.compiled_prefill_tok_s
+    calls = []
+
+    def limited(model, *args):
+        calls.append(type(model.model.layers[0].mlp).__name__)
+        if len(calls) == 2:  # the 2:4 model's prompt: the limit strikes during its measurement
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, *args)
+
+    monkeypatch.setattr(bm, "compiled_prefill_tok_s", limited)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--layers", "1", "--modes", "compiled"]
+    argv += ["--compile-backend", "aot_eager", "--prefill", "b1x300", "--decode-batches", "1", "--context", "16"]
+    argv += ["--decode-steps", "1", "--reps", "1"]
+    bm.main(argv)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert calls == ["LlamaMLP", "SparseGatedMLP"]
+    result = json.loads((tmp_path / "model_cpu_compiled.json").read_text())
+    assert "while measuring 2:4" in result["stopped"]
+    assert result["dense"]["compiled_prefill_tok_s_b1x300"] > 0 and result["dense"]["compiled_decode_tok_s_b1"] > 0
+    assert result["sparse"]["compiled_prefill_tok_s_b1x300"] is None
+    assert result["sparse"]["compiled_decode_tok_s_b1"] is None  # never reached
+    assert result["compiled_prefill_speedup_b1x300"] is None and result["autotune_seconds"] is not None
+    assert result["dense"]["compile_seconds"]["prefill_b1x300"] > 0
