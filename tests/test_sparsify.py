@@ -436,13 +436,15 @@ def test_fallback_measured_on_gpu_uses_the_dispatcher(monkeypatch, memory):
     got = {t.name: (t.action, t.speedup) for t in targets}
     assert got["0"] == ("sparse", {16: 1.2, 2048: 1.5}) and got["2"][0] == "sparse"
     assert got["1"] == ("dense-fallback", {16: 0.8, 2048: 1.3})
-    assert "slower than dense at M=[16]" in targets[1].reason
+    # the reason names the shape, as the no-GPU rule's do (the CLI's refusal quotes it after the layer name)
+    assert targets[1].reason == "1024x4096: 2:4 measured slower than dense at M=[16]"
     targets = walker.collect_targets(model)
     walker.decide_fallback(targets, "auto", (2048,), 1.0, device=torch.device("cuda"))
     assert all(t.action == "sparse" for t in targets)
     targets = walker.collect_targets(model.float())
     walker.decide_fallback(targets, "auto", (2048,), 1.0, device=torch.device("cuda"))
     assert all(t.action == "dense-fallback" and "no 2:4 tensor-core path" in t.reason for t in targets)
+    assert targets[1].reason.startswith("1024x4096: torch.float32 has no 2:4")
 
 
 def test_compact_fallback_judges_the_kernel_the_layer_would_keep(monkeypatch):
