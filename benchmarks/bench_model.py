@@ -732,7 +732,10 @@ def main(argv: list[str] | None = None) -> dict:
         "resident_layouts": {
             k: sum(1 for r in tuned if r.get("resident") == k) for k in ("cutlass", "cusparselt", "dense")
         },
-        "linear_weight_memory_ratio": ratio(sparse_w["sparse"] + sparse_w["dense"], dense_w["dense"]),
+        # (None where a time limit stopped the run before the model was converted)
+        "linear_weight_memory_ratio": ratio(sparse_w["sparse"] + sparse_w["dense"], dense_w["dense"])
+        if phase == "2:4"
+        else None,
         # torch.cuda.memory_allocated after each model's measurements, compiled graphs freed
         "gpu_memory_before_bytes": mem_before,
         "gpu_memory_after_bytes": mem_after,

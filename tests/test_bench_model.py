@@ -102,3 +102,4 @@ def test_a_time_limit_stops_the_run_and_what_it_measured_is_written(tmp_path, mo
     assert result["sparse"]["compiled_decode_tok_s_b1"] is None  # never reached
     assert result["compiled_prefill_speedup_b1x300"] is None and result["autotune_seconds"] is not None
     assert result["dense"]["compile_seconds"]["prefill_b1x300"] > 0
+    assert result["linear_weight_memory_ratio"] > 0  # stopped after the conversion: its bytes are known
