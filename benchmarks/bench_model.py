@@ -390,14 +390,12 @@ def measure(
     cfg: PretrainedConfig,
     device: torch.device,
     args: argparse.Namespace,
-    tag: str,
+    res: dict,
     known: dict[str, tuple] | None = None,
-    res: dict | None = None,
 ) -> dict:
     """tokens/s per mode, into ``res`` (``new_result``) as each is measured, so an ``OutOfTime`` leaves
     what was measured before it there; ``finish`` it afterwards. ``known``: compiled results measured
     already (the dense decode b1 that chose the compile mode), not compiled a second time."""
-    res = new_result(tag) if res is None else res
     known = known or {}
     prefill = {name: PREFILL[name] for name in args.prefill}
     compile_fn = compiler(args.compile_backend, args.compile_mode)
@@ -669,14 +667,14 @@ def main(argv: list[str] | None = None) -> dict:
         if "compiled" in args.modes and args.compile_mode == "auto":
             args.compile_mode, auto, chosen = choose_compile_mode(model, cfg, device, args)
             known = {"compiled_decode_b1": chosen} if chosen else {}
-        measure(model, cfg, device, args, "dense", known, dense)
+        measure(model, cfg, device, args, dense, known)
         peaks["dense"] = peak(device, reset=True)
         free(device)
         mem_before = torch.cuda.memory_allocated(device) if cuda else None
         phase = "the conversion"
         convert_s, autotune_s, tuned = convert(model, args, device, peaks)
         phase = "2:4"
-        measure(model, cfg, device, args, "2:4", None, sparse)
+        measure(model, cfg, device, args, sparse)
         peaks["sparse"] = peak(device)
         free(device)
         mem_after = torch.cuda.memory_allocated(device) if cuda else None
@@ -734,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         # (None where a time limit stopped the run before the model was converted)
         "linear_weight_memory_ratio": ratio(sparse_w["sparse"] + sparse_w["dense"], dense_w["dense"])
-        if phase == "2:4"
+        if convert_s is not None
         else None,
         # torch.cuda.memory_allocated after each model's measurements, compiled graphs freed
         "gpu_memory_before_bytes": mem_before,

@@ -202,7 +202,7 @@ def _measure(
     if reason is None:
         reason = cslt_unsupported(n, k)
     if reason is not None:
-        return False, f"{n}x{k}: {reason}", None
+        return False, reason, None
     probe = _probe_weight(n, k, dtype, device)
     # compact: the layer will run the one kernel whose layout it keeps, at every M
     kept = default_resident(probe) if memory == "compact" else None
@@ -219,8 +219,8 @@ def _measure(
         if loses or (s is not None and s < min_speedup):
             slower.append(int(m))
     if slower:
-        return False, f"{n}x{k}: 2:4 measured slower than dense at M={slower}", speedups
-    return True, f"{n}x{k}: 2:4 measured faster at M={[int(m) for m in expected_tokens]}", speedups
+        return False, f"2:4 measured slower than dense at M={slower}", speedups
+    return True, f"2:4 measured faster at M={[int(m) for m in expected_tokens]}", speedups
 
 
 def decide_fallback(
@@ -251,8 +251,11 @@ def decide_fallback(
             if dev is None:
                 keep, why = shape_rule(t.out_features, t.in_features)
                 cache[key] = (keep, why, None)
-            else:
-                cache[key] = _measure(t.out_features, t.in_features, w.dtype, dev, expected_tokens, min_speedup, memory)
+            else:  # the reason names the shape, as shape_rule's refusals do
+                keep, why, speedup = _measure(
+                    t.out_features, t.in_features, w.dtype, dev, expected_tokens, min_speedup, memory
+                )
+                cache[key] = (keep, f"{t.out_features}x{t.in_features}: {why}", speedup)
         keep, t.reason, t.speedup = cache[key]
         if not keep:
             t.action = "dense-fallback"
