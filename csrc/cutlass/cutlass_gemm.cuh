@@ -9,8 +9,9 @@
 // The GEMM is posed with W as CUTLASS's sparse A (N x K row-major), x as B (K x M column-major,
 // i.e. x's own M x K row-major bytes) and the output D as N x M column-major, i.e. y (M x N)
 // row-major: no copies. W's CUTLASS form (values + metadata in the sm90 order) is built once on
-// the device by CUTLASS's own compressor from the dense 2:4 weight; every configuration here
-// has tile K = 128 and so reads the same form.
+// the device by CUTLASS's own compressor from the dense 2:4 weight. Configurations with tile
+// K >= 128 read that form as it is; the tile K = 64 ones read the same values with the metadata
+// in another order (a permutation, see sparseflow/kernels/cutlass.py).
 #pragma once
 
 #include <cstdint>
@@ -27,7 +28,7 @@ constexpr int64_t kAlignN = 64;
 constexpr int64_t kAlignK = 128;
 // Configurations per element type (Configs in cutlass_gemm_impl.cuh, one file each in
 // csrc/cutlass/inst/; a static_assert there keeps the three in step).
-constexpr int kConfigs = 20;
+constexpr int kConfigs = 22;
 
 struct Sizes {
   int64_t a_elems;  // compressed values (with CUTLASS's padding)

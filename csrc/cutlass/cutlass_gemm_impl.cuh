@@ -130,7 +130,18 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            Gemm24<T, 128, 256, 128, 2, 1, Coop, StreamK>,
                            Gemm24<T, 256, 64, 128, 1, 1, Coop, StreamK>,
                            Gemm24<T, 256, 96, 128, 1, 1, Coop, StreamK>,
-                           Gemm24<T, 256, 128, 128, 1, 1, Coop, StreamK>>;
+                           Gemm24<T, 256, 128, 128, 1, 1, Coop, StreamK>,
+                           // 20, 21: tile K = 64, for full token tiles at large M. A stage then
+                           // holds half the x tile, so the 128 x 256 tile gets 5 pipeline stages
+                           // instead of 2 (CUTLASS's StageCountAutoCarveout), as cuBLAS's own
+                           // 128 x 256 x 64 kernel has 4. Measured on the H100 with every
+                           // configuration at K = 64 (benchmarks/NOTES.md): 1.38-1.45x dense at
+                           // M = 2048 against 1.21-1.25x, but slower at M = 300-1337 and at decode
+                           // sizes, hence only these two. They read the metadata in the K = 64
+                           // order, which sparseflow/kernels/cutlass.py permutes from the resident
+                           // (K = 128) form into a temporary on each call (1/16 of the dense bytes).
+                           Gemm24<T, 128, 256, 64, 2, 1, Coop>,
+                           Gemm24<T, 128, 256, 64, 2, 1, Coop, StreamK>>;
 
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
@@ -223,7 +234,7 @@ int64_t workspace(int n, int m, int k, int device) {
 
 template <class T>
 struct Compress {
-  using Sparse = typename Cfg<T, 0>::Op::CollectiveMainloop::SparseConfig;  // the same for every config
+  using Sparse = typename Cfg<T, 0>::Op::CollectiveMainloop::SparseConfig;  // the resident form (tile K 128)
   using ElementE = typename Cfg<T, 0>::Op::CollectiveMainloop::ElementE;
   using StrideA = cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>;
   using Util = cutlass::transform::kernel::StructuredSparseCompressorUtility<Problem, T, cutlass::layout::RowMajor,

@@ -29,11 +29,13 @@ __all__ = [
     "available",
     "configs",
     "cutlass_mm",
+    "meta_k64",
     "mm_padded",
     "pack_cutlass",
     "padded_rows",
     "refusal",
     "step_at",
+    "tile_k",
     "token_tile",
     "unsupported",
 ]
@@ -107,6 +109,34 @@ def pack_cutlass(weight) -> CutlassWeight:
     return CutlassWeight(A, E, n, k)
 
 
+def meta_k64(e: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The resident form's metadata (``CutlassWeight.E``, written by CUTLASS's compressor for tile
+    K = 128) in the order the tile K = 64 configurations read: a new tensor, 1/16 of the dense
+    weight's bytes. The values are the same in both forms; only the metadata differs.
+
+    CUTLASS 4.2's sm90 sparse builder lays the metadata of an N x K weight (one byte per 8 columns)
+    out in atoms of 64 rows x min(tile K, 128) columns, the atoms of one column block after each
+    other (``Sm90GemmSparseConfig::fill_layoutE``; printed with ``cute::print`` for both tile Ks).
+    Within an atom, byte (row r, column byte j) sits at, for tile K = 128,
+    ``16 r0 + 2 r1 + 256 r2 + j0 + 128 j1 + 4 j2`` (r = r0 + 8 r1 + 16 r2; j = j0 + 2 j1 + 4 j2,
+    j2 < 4) and, for tile K = 64, at ``8 r0 + 2 r1 + 128 r2 + j0 + 64 j1 + 4 j2`` (j2 < 2). So a
+    K = 128 atom is two K = 64 atoms with the high bit of j2 (which of the two) moved inward: one
+    permutation of a view. ``tests/test_cutlass_cpu.py`` checks it against both layouts written out
+    coordinate by coordinate, and ``tests/test_cutlass.py`` against the float64 reference on the GPU.
+    """
+    if e.numel() != n * k // 8 or n % 64 or k % 128:
+        raise ValueError(f"meta_k64: {e.numel()} metadata bytes for a {n} x {k} weight; expected {n * k // 8}")
+    return e.view(k // 128, n // 64, 4, 2, 8, 2, 2, 2, 2).permute(0, 5, 1, 2, 3, 4, 6, 7, 8).reshape(-1)
+
+
+def tile_k(dtype: torch.dtype, cfg: int) -> int:
+    """Tile K of configuration ``cfg`` (the last number of its tile, "rows x tokens x K")."""
+    return int(configs(dtype)[cfg].split()[0].split("x")[2])
+
+
+# Configurations that read the metadata in the tile K = 64 order (the same for both dtypes).
+_K64 = frozenset(i for i in range(len(configs(torch.float16))) if tile_k(torch.float16, i) == 64)
+
 _WORKSPACE: dict[tuple, int] = {}
 
 
@@ -139,7 +169,8 @@ def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int, bias: torch.Tensor
         if len(_WORKSPACE) > 4096:  # one entry per distinct M: bounded for servers with varying M
             _WORKSPACE.clear()
         need = _WORKSPACE[key] = _CUTLASS.workspace(x.dtype == torch.bfloat16, cfg, w.n, m, w.k, dev)
-    y, err = _CUTLASS.linear(x, w.A, w.E, w.n, need, cfg)  # y and the workspace allocated in C++
+    e = meta_k64(w.E, w.n, w.k) if cfg in _K64 else w.E
+    y, err = _CUTLASS.linear(x, w.A, e, w.n, need, cfg)  # y and the workspace allocated in C++
     if err:
         raise RuntimeError(
             f"sparseflow: CUTLASS 2:4 GEMM ({configs(x.dtype)[cfg]}, M = {m}, N = {w.n}, K = {w.k}) failed: {err}"
