@@ -38,12 +38,12 @@ def test_meta_k64_is_the_k64_layout_of_the_same_bytes(n, k):
     for o in (o128, o64):  # each layout is one-to-one, and keeps a metadata byte's 8 columns together
         assert o.unique().numel() == n * k
         assert (o // 8 == (o[:, ::8] // 8).repeat_interleave(8, dim=1)).all()
-    byte_id = torch.arange(n)[:, None] * (k // 8) + torch.arange(k)[None, :] // 8  # (row, column byte)
-    e128 = torch.empty(n * k // 8, dtype=torch.long)
-    e128[o128.flatten() // 8] = byte_id.flatten()
+    e128 = torch.randint(0, 256, (n * k // 8,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    expected = torch.empty_like(e128)
+    expected[o64.flatten() // 8] = e128[o128.flatten() // 8]  # each (row, column)'s byte, moved
     e64 = cutlass.meta_k64(e128, n, k)
-    assert e64.shape == e128.shape and e64.data_ptr() != e128.data_ptr()
-    assert torch.equal(e64[o64.flatten() // 8], byte_id.flatten())
+    assert e64.dtype == torch.uint8 and e64.data_ptr() != e128.data_ptr()
+    assert torch.equal(e64, expected)
 
 
 def test_meta_k64_refuses_a_size_it_does_not_know():

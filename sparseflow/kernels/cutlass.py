@@ -126,7 +126,11 @@ def meta_k64(e: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """
     if e.numel() != n * k // 8 or n % 64 or k % 128:
         raise ValueError(f"meta_k64: {e.numel()} metadata bytes for a {n} x {k} weight; expected {n * k // 8}")
-    return e.view(k // 128, n // 64, 4, 2, 8, 2, 2, 2, 2).permute(0, 5, 1, 2, 3, 4, 6, 7, 8).reshape(-1)
+    # The last three factors (j2's low bit, r1, j0) are 8 bytes in the same order in both forms:
+    # moved as int64 (8x fewer elements than bytes: the byte-wise copy took about 50 us on
+    # gate/up's 14.7 MB on the H100, most of what the K = 64 tiles gained at M = 2048).
+    words = e.view(torch.int64).view(k // 128, n // 64, 4, 2, 8, 2)
+    return words.permute(0, 5, 1, 2, 3, 4).reshape(-1).view(torch.uint8)
 
 
 def tile_k(dtype: torch.dtype, cfg: int) -> int:
