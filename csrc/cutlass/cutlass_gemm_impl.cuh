@@ -134,10 +134,11 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            // 20, 21: tile K = 64, for full token tiles at large M. A stage then
                            // holds half the x tile, so the 128 x 256 tile gets 5 pipeline stages
                            // instead of 2 (CUTLASS's StageCountAutoCarveout), as cuBLAS's own
-                           // 128 x 256 x 64 kernel has 4. Measured on the H100 with every
-                           // configuration at K = 64 (benchmarks/NOTES.md): 1.38-1.45x dense at
-                           // M = 2048 against 1.21-1.25x, but slower at M = 300-1337 and at decode
-                           // sizes, hence only these two. They read the metadata in the K = 64
+                           // 128 x 256 x 64 kernel has 4. With every configuration at K = 64
+                           // (H100, benchmarks/NOTES.md) the prefill tiles ran 1.37-1.43x dense at
+                           // M = 2048-4096 but lost at M = 300-1337 and at decode sizes, hence
+                           // only these two; beside the twenty they are 0-3% faster than the best
+                           // of them at M = 2048 and 2-8% at 4096. They read the metadata in the K = 64
                            // order, which sparseflow/kernels/cutlass.py permutes from the resident
                            // (K = 128) form into a temporary on each call (1/16 of the dense bytes).
                            Gemm24<T, 128, 256, 64, 2, 1, Coop>,
