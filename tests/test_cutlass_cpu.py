@@ -49,7 +49,7 @@ def test_meta_k64_is_the_k64_layout_of_the_same_bytes(n, k):
 def test_meta_k64_refuses_a_size_it_does_not_know():
     with pytest.raises(ValueError, match="expected 4096"):
         cutlass.meta_k64(torch.zeros(4000, dtype=torch.uint8), 256, 128)
-    with pytest.raises(ValueError, match="96 x 128"):
+    with pytest.raises(ValueError, match="96 x 128 weight; N must be a multiple of 64"):
         cutlass.meta_k64(torch.zeros(96 * 16, dtype=torch.uint8), 96, 128)
 
 
@@ -58,3 +58,4 @@ def test_tile_k_reads_the_configuration_name(monkeypatch):
         cutlass, "configs", lambda dtype: ["128x256x128 cluster 2x1 cooperative", "128x256x64 ping-pong"]
     )
     assert [cutlass.tile_k(torch.float16, i) for i in (0, 1)] == [128, 64]
+    assert [cutlass.token_tile(torch.float16, i) for i in (0, 1)] == [256, 256]

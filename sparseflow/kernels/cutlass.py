@@ -124,7 +124,9 @@ def meta_k64(e: torch.Tensor, n: int, k: int) -> torch.Tensor:
     permutation of a view. ``tests/test_cutlass_cpu.py`` checks it against both layouts written out
     coordinate by coordinate, and ``tests/test_cutlass.py`` against the float64 reference on the GPU.
     """
-    if e.numel() != n * k // 8 or n % 64 or k % 128:
+    if n % 64 or k % 128:
+        raise ValueError(f"meta_k64: a {n} x {k} weight; N must be a multiple of 64 and K of 128")
+    if e.numel() != n * k // 8:
         raise ValueError(f"meta_k64: {e.numel()} metadata bytes for a {n} x {k} weight; expected {n * k // 8}")
     # The last three factors (j2's low bit, r1, j0) are 8 bytes in the same order in both forms:
     # moved as int64 (8x fewer elements than bytes: the byte-wise copy took about 50 us on
@@ -133,9 +135,15 @@ def meta_k64(e: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return words.permute(0, 5, 1, 2, 3, 4).reshape(-1).view(torch.uint8)
 
 
+def _tile(dtype: torch.dtype, cfg: int) -> tuple[int, int, int]:
+    """(rows, tokens, K) of configuration ``cfg``'s tile: its name's first word, "rows x tokens x K"."""
+    rows, tokens, k = configs(dtype)[cfg].split()[0].split("x")
+    return int(rows), int(tokens), int(k)
+
+
 def tile_k(dtype: torch.dtype, cfg: int) -> int:
-    """Tile K of configuration ``cfg`` (the last number of its tile, "rows x tokens x K")."""
-    return int(configs(dtype)[cfg].split()[0].split("x")[2])
+    """Tile K of configuration ``cfg``."""
+    return _tile(dtype, cfg)[2]
 
 
 # Configurations that read the metadata in the tile K = 64 order (the same for both dtypes).
@@ -187,7 +195,7 @@ def mm_unchecked(x: torch.Tensor, w: CutlassWeight, cfg: int, bias: torch.Tensor
 def token_tile(dtype: torch.dtype, cfg: int) -> int:
     """Token rows per tile of configuration ``cfg`` (the middle number of its name, "rows x tokens
     x K"). Read when a route or a measurement is made, not per call."""
-    return int(configs(dtype)[cfg].split("x")[1])
+    return _tile(dtype, cfg)[1]
 
 
 def padded_rows(m: int, tile: int) -> int:
