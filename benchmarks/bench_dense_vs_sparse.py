@@ -416,7 +416,9 @@ def main(argv=None) -> int:
     print("-" * len(hdr))
     t_start = time.time()
     for name, m, n, k, dtype in grid:
+        t_row = time.time()
         r = bench_row(name, m, n, k, dtype, args.samples, skip=set(args.skip) | ({"portable"} if args.lean else set()))
+        r["seconds"] = time.time() - t_row  # the row's wall time, first-use measurements included
         rows.append(r)
         args.out.mkdir(parents=True, exist_ok=True)  # rows so far, in case the run is cut short
         (args.out / f"linear_{tag}.json").write_text(json.dumps({"device": gpu, "rows": rows, "partial": True}))

@@ -142,7 +142,16 @@ using Configs = std::tuple<Gemm24<T, 128, 128, 128, 1, 2, Coop>,  // 0: M 256-10
                            // order, which sparseflow/kernels/cutlass.py permutes from the resident
                            // (K = 128) form into a temporary on each call (1/16 of the dense bytes).
                            Gemm24<T, 128, 256, 64, 2, 1, Coop>,
-                           Gemm24<T, 128, 256, 64, 2, 1, Coop, StreamK>>;
+                           Gemm24<T, 128, 256, 64, 2, 1, Coop, StreamK>,
+                           // 22-25: still fewer reads of x through L2 for the narrow layers at
+                           // M = 256-1400 (Qwen qkv 4608 and o 3584 rows), where the best of the
+                           // twenty ran 0.90-0.96x dense on the H100: 256-row tiles in 2 x 1
+                           // clusters (each x tile read once per 512 rows) and 128-row tiles in
+                           // 4 x 1 clusters (once per 512 rows, with twice the CTAs of the former).
+                           Gemm24<T, 256, 64, 128, 2, 1, Coop, StreamK>,
+                           Gemm24<T, 256, 128, 128, 2, 1, Coop, StreamK>,
+                           Gemm24<T, 128, 64, 128, 4, 1, Coop, StreamK>,
+                           Gemm24<T, 128, 128, 128, 4, 1, Coop, StreamK>>;
 
 template <class T, int I>
 using Cfg = std::tuple_element_t<I, Configs<T>>;
