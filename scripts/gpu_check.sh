@@ -13,6 +13,7 @@
 #   NCU=1 profiles the decode kernel and cuBLAS with Nsight Compute (NCU_ARGS: the driver's options)
 #   VARIANTS=1 runs scripts/probe_decode_variants.py (every decode-kernel variant, timed as the dispatcher does)
 #   PROBE_M=1 runs scripts/probe_m_sweep.py (PROBE_M_ARGS: its options; every CUTLASS configuration per (shape, M))
+#   TAIL=1 runs scripts/probe_tail_tile.py (a part-filled last token tile: extent or memory?)
 #   HOST=1 runs scripts/probe_host_cost.py (host time per call at each level of the call stack;
 #     HOST_ARGS="--generate" for a small Llama's eager generate, dense and 2:4, with a host profile)
 #   STEP_PROFILE=1 runs benchmarks/profile_step.py (STEP_PROFILE_ARGS: e.g. "--batch 16;--prefill 2048", runs split on ';';
@@ -67,6 +68,10 @@ fi
 if [ "${PROBE_M:-0}" = 1 ]; then
   timeout ${PROBE_M_TIMEOUT:-300} $PY scripts/probe_m_sweep.py --out "$OUT" ${PROBE_M_ARGS:-} 2>&1 | tee "$OUT/probe_m.log"
   summary+=("probe_m: $(grep -c ' M=' "$OUT/probe_m.log") rows, $(tail -1 "$OUT/probe_m.log")")
+fi
+if [ "${TAIL:-0}" = 1 ]; then  # why a part-filled last token tile costs more (scripts/probe_tail_tile.py)
+  timeout 120 $PY scripts/probe_tail_tile.py --out "$OUT" 2>&1 | tee "$OUT/tail.log"
+  summary+=("$(grep '^TAIL' "$OUT/tail.log")")
 fi
 if [ "${HOST:-0}" = 1 ]; then
   timeout ${HOST_TIMEOUT:-300} $PY scripts/probe_host_cost.py --out "$OUT" ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | grep -v "^HOST"
