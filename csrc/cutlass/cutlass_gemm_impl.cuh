@@ -208,23 +208,36 @@ cudaError_t setup_kernel(int& clusters) {
   return cudaSuccess;
 }
 
+// Configuration I's per-device setup (setup_kernel), done once: sets `c` to the clusters that fit
+// at once. Shared by run and workspace because a stream-K schedule's workspace depends on that
+// count: sized with CUTLASS's own estimate instead, a 4 x 1 cluster configuration asked for more
+// workspace at run time than the query had reported (H100). "" or the setup's error.
+template <class T, int I>
+std::string prepare(int device, int& c) {
+  using Kernel = typename Cfg<T, I>::Op::GemmKernel;
+  static std::atomic<int> clusters[kMaxDevices];  // setup_kernel's count + 1; 0: not set up yet
+  if (device < 0 || device >= kMaxDevices) return "device index out of range";
+  c = clusters[device].load(std::memory_order_acquire) - 1;
+  if (c < 0) {
+    cudaError_t err = setup_kernel<Kernel>(c);
+    if (err != cudaSuccess) return std::string("cudaFuncSetAttribute (shared memory): ") + cudaGetErrorString(err);
+    clusters[device].store(c + 1, std::memory_order_release);
+  }
+  return "";
+}
+
 // One GEMM with configuration I; compiled once per (T, I) by SF_CUTLASS_INSTANCE. The steps of
 // GemmUniversalAdapter::initialize + run, with the per-context setup done once per device
-// (setup_kernel), the arguments built once, and the workspace checked against what the caller holds.
+// (prepare), the arguments built once, and the workspace checked against what the caller holds.
 template <class T, int I>
 std::string run(const void* a, const void* e, const void* x, void* y, int n, int m, int k, void* ws,
                 int64_t ws_bytes, int device, cudaStream_t stream) {
   using G = Cfg<T, I>;
   using Op = typename G::Op;
   using Kernel = typename Op::GemmKernel;
-  static std::atomic<int> clusters[kMaxDevices];  // setup_kernel's count + 1; 0: not set up yet
-  if (device < 0 || device >= kMaxDevices) return "device index out of range";
-  int c = clusters[device].load(std::memory_order_acquire) - 1;
-  if (c < 0) {
-    cudaError_t err = setup_kernel<Kernel>(c);
-    if (err != cudaSuccess) return std::string("cudaFuncSetAttribute (shared memory): ") + cudaGetErrorString(err);
-    clusters[device].store(c + 1, std::memory_order_release);
-  }
+  int c = 0;
+  std::string err = prepare<T, I>(device, c);
+  if (!err.empty()) return err;
   auto args = G::args(a, e, x, y, n, m, k, device, c);
   if (int64_t(Op::get_workspace_size(args)) > ws_bytes) return "workspace too small";
   auto can = Op::can_implement(args);
@@ -236,10 +249,14 @@ std::string run(const void* a, const void* e, const void* x, void* y, int n, int
   return st == cutlass::Status::kSuccess ? "" : std::string("run: ") + cutlassGetStatusString(st);
 }
 
+// The workspace run needs for this problem (with the cluster count run uses; where the setup
+// fails, CUTLASS's estimate, and run then reports the setup's error).
 template <class T, int I>
 int64_t workspace(int n, int m, int k, int device) {
   using G = Cfg<T, I>;
-  return int64_t(G::Op::get_workspace_size(G::args(nullptr, nullptr, nullptr, nullptr, n, m, k, device)));
+  int c = 0;
+  if (!prepare<T, I>(device, c).empty()) c = 0;
+  return int64_t(G::Op::get_workspace_size(G::args(nullptr, nullptr, nullptr, nullptr, n, m, k, device, c)));
 }
 
 template <class T>

@@ -25,6 +25,9 @@ std::vector<int64_t> sizes(bool bf16, int64_t n, int64_t k) {
 }
 
 int64_t workspace(bool bf16, int64_t cfg, int64_t n, int64_t m, int64_t k, int64_t device) {
+  // the query sets the kernel up on `device` (shared memory limit, clusters that fit) as run does
+  if (device < 0 || device >= at::cuda::device_count()) return 0;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return bf16 ? Ops<true>::workspace(int(cfg), int(n), int(m), int(k), int(device))
               : Ops<false>::workspace(int(cfg), int(n), int(m), int(k), int(device));
 }
