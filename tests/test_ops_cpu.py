@@ -492,6 +492,36 @@ def test_only_the_fastest_or_tile_stepping_variants_are_timed_at_the_bucket_bott
     assert {cfg for cfg, rows in timed_at if rows in (1281, 1344)} == {v.cfg for v in found} == {0, 3}
 
 
+def test_near_ties_at_the_top_are_timed_again_before_ranking(monkeypatch):
+    """A configuration whose one timing was lucky does not win on it: finalists within
+    _CUTLASS_NEAR_TIE of the fastest are timed again and ranked by the mean of both timings;
+    one far behind is not timed again."""
+    from sparseflow.kernels import cutlass, dispatch
+
+    ran = []
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["128x128x128 a", "128x128x128 b", "128x128x128 c"])
+    monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, w, cfg: ran.append((cfg, x.shape[0])))
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    monkeypatch.setattr(type(w), "layout", lambda self, kernel, key=None, keep=True: "cw")
+    # successive timings per (configuration, rows): 1 measured 90 then 130 at the top (lucky
+    # first), 0 steadily 100, 2 far behind at 200
+    series = {(0, 256): [100.0, 100.0], (1, 256): [90.0, 130.0], (2, 256): [200.0]}
+    timed = []
+
+    def median_ms(fn, **kw):
+        ran.clear()
+        fn()
+        key = ran[-1]
+        timed.append(key)
+        return series[key].pop(0) if key in series else 50.0
+
+    monkeypatch.setattr(dispatch, "_median_ms", median_ms)
+    found = dispatch._time_cutlass(w, (torch.randn(256, 128), torch.randn(241, 128)))
+    assert [v.cfg for v in found] == [0, 1, 2]
+    assert found[0].hi_ms == 100.0 and found[1].hi_ms == 110.0 and found[2].hi_ms == 200.0
+    assert timed.count((2, 256)) == 1 and timed.count((1, 256)) == 2
+
+
 def test_cutlass_plan_picks_per_m_by_token_tile_count():
     """Qwen's down layer on the H100 at the bucket 1281-1408: 192-token tiles (7 full at 1344,
     8 above) against 160-token tiles padded (9 at every M); the plan takes the first up to 1344."""

@@ -93,6 +93,8 @@ _SCOPES = ("cutlass", "cusparselt")
 # count steps inside the bucket (the top's extra tile makes them look slower than they are below it).
 _CUTLASS_RETIMED = 4
 _CUTLASS_STEP_SLACK = 1.6
+# Finalists at the top within this factor of the fastest are timed a second time before ranking.
+_CUTLASS_NEAR_TIE = 1.15
 
 
 # (largest M, step): M is rounded up to a multiple of the step of the first range that holds it.
@@ -370,6 +372,13 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant
             continue
         top += [(_median_ms(call(xs[0], cfg, pad)), cfg, pad) for pad in pads]
     top.sort()
+    # The fastest of many single timings is partly the luckiest: the finalists are timed once
+    # more and ranked by the mean of both (H100, 26 configurations: the plan ran configuration 25
+    # on Llama q/k/v at M = 256 at 1.04x cuBLAS where configuration 0 took 1.18x in a later timing).
+    finalists = [t for t in top[:_CUTLASS_RETIMED] if t[0] <= _CUTLASS_NEAR_TIE * top[0][0]]
+    if len(finalists) > 1:
+        again = [((t + _median_ms(call(xs[0], cfg, pad))) / 2, cfg, pad) for t, cfg, pad in finalists]
+        top = sorted(again + top[len(finalists) :])
     variants = []
     for i, (t_hi, cfg, pad) in enumerate(top):
         tile = cutlass.token_tile(weight.dtype, cfg)
