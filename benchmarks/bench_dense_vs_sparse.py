@@ -52,6 +52,12 @@ SQUARE = [2048, 4096, 8192, 16384]
 ROTATE_BYTES = 256 << 20  # several times the 50-60 MB L2
 
 
+def gpu_tag(name: str) -> str:
+    """The GPU's model for result file names: "NVIDIA H100 80GB HBM3" -> "h100"."""
+    found = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name)
+    return (found.group(1) if found else re.sub(r"\W+", "_", name)).lower()
+
+
 def median_ms(fns, samples: int) -> float:
     """GPU time per call: one pass over fns captured in a CUDA graph, replayed between CUDA events
     (median of samples); eager launches where a call cannot be captured."""
@@ -381,8 +387,7 @@ def main(argv=None) -> int:
         print("bench_dense_vs_sparse: the sparseflow CUDA extension is not built", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name()
-    found = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", gpu)
-    tag = (found.group(1) if found else re.sub(r"\W+", "_", gpu)).lower()
+    tag = gpu_tag(gpu)
     grid = []
     layers = {name: nk for model in args.models for name, nk in MODELS[model].items()}
     for dtype in [getattr(torch, d) for d in args.dtypes]:

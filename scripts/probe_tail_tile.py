@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparseflow as sf
-from benchmarks.bench_dense_vs_sparse import LLAMA3_8B, QWEN25_7B
+from benchmarks.bench_dense_vs_sparse import LLAMA3_8B, QWEN25_7B, gpu_tag
 from sparseflow.kernels import cutlass
 from sparseflow.kernels.dispatch import _median_ms
 
@@ -76,8 +76,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
-    (out / f"probe_tail_{tag}_{a.dtype}.json").write_text(
+    (out / f"probe_tail_{gpu_tag(torch.cuda.get_device_name())}_{a.dtype}.json").write_text(
         json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1)
     )
     return 0
