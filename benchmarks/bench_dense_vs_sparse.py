@@ -356,7 +356,49 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def grid_of(args: argparse.Namespace) -> list[tuple]:
+    """The rows a run measures: (name, M, N, K, dtype), squares first in each dtype."""
+    grid = []
+    layers = {name: nk for model in args.models for name, nk in MODELS[model].items()}
+    for dtype in [getattr(torch, d) for d in args.dtypes]:
+        for s in [] if args.no_square else SQUARE if not args.quick else [4096]:
+            grid.append((f"square{s}", s, s, s, dtype))
+        for name, (n, k) in layers.items():
+            if args.layers and name not in args.layers:
+                continue
+            ms = args.ms or (MS if not args.quick else [1, 16, 4096])
+            for m in args.bf16_ms if (args.bf16_ms and dtype == torch.bfloat16) else ms:
+                grid.append((name, m, n, k, dtype))
+    return grid
+
+
+def summary_line(gpu: str, rows: list[dict], summary: dict, host: dict | None, conversion: dict | None) -> str:
+    """The run's one-line verdict. ``host`` and ``conversion`` are None for a run cut short before
+    it measured them (``results_tool.py finish``)."""
+
+    def ratio(v: float) -> str:  # "nan" where the run had no such rows
+        return "- (no rows)" if math.isnan(v) else f"{v:.2f}x"
+
+    def verdict(fails: list[str]) -> str:
+        return f"FAIL {len(fails)} rows below {FLOOR}x: {'; '.join(fails)}" if fails else f"all rows >= {FLOOR}x"
+
+    mem = summary["bytes_vs_dense_max"]
+    host_s = f"F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f}" if host else "not measured"
+    conv_s = f"{conversion['llama3_8b_linears_seconds']:.1f}s" if conversion else "not measured"
+    return (
+        f"SUMMARY device={gpu} rows={len(rows)} | default (compact, weight bytes <= {mem['compact']:.3f}x dense): "
+        f"{verdict(summary['below_floor'])} | "
+        f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x "
+        f"geomean M>=256={ratio(summary['sparselinear_geomean_m_ge_256'])} | "
+        f"memory='fast' (<= {mem['fast']:.2f}x): {verdict(summary['fast_below_floor'])} min={ratio(summary['fast_min_ratio'])} "
+        f"geomean M>=256={ratio(summary['fast_geomean_m_ge_256'])} | "
+        f"2:4 kernel geomean (Llama, M>=256)={ratio(summary['kernel_geomean_llama_m_ge_256'])} | "
+        f"gate_up/down M<=16 min={ratio(summary['kernel_min_gate_up_down_m_le_16'])} | "
+        f"host us/call {host_s} | prune+compress Llama-3-8B linears on GPU: {conv_s}"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rows only")
     ap.add_argument("--samples", type=int, default=10)
@@ -379,7 +421,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--resume", type=Path, help="a linear_<gpu>.json from a run cut short: keep its rows, measure the rest"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_dense_vs_sparse: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -388,17 +434,8 @@ def main(argv=None) -> int:
         return 2
     gpu = torch.cuda.get_device_name()
     tag = gpu_tag(gpu)
-    grid = []
-    layers = {name: nk for model in args.models for name, nk in MODELS[model].items()}
-    for dtype in [getattr(torch, d) for d in args.dtypes]:
-        for s in [] if args.no_square else SQUARE if not args.quick else [4096]:
-            grid.append((f"square{s}", s, s, s, dtype))
-        for name, (n, k) in layers.items():
-            if args.layers and name not in args.layers:
-                continue
-            ms = args.ms or (MS if not args.quick else [1, 16, 4096])
-            for m in args.bf16_ms if (args.bf16_ms and dtype == torch.bfloat16) else ms:
-                grid.append((name, m, n, k, dtype))
+    grid = grid_of(args)
+    planned = [[g[0], g[1], str(g[4]).replace("torch.", "")] for g in grid]  # what a cut run still owes
     rows = []
     if args.resume:  # rows a run cut short by its time limit already measured (same GPU model)
         done = json.loads(args.resume.read_text())
@@ -426,7 +463,9 @@ def main(argv=None) -> int:
         r["seconds"] = time.time() - t_row  # the row's wall time, first-use measurements included
         rows.append(r)
         args.out.mkdir(parents=True, exist_ok=True)  # rows so far, in case the run is cut short
-        (args.out / f"linear_{tag}.json").write_text(json.dumps({"device": gpu, "rows": rows, "partial": True}))
+        (args.out / f"linear_{tag}.json").write_text(
+            json.dumps({"device": gpu, "rows": rows, "partial": True, "grid": planned})
+        )
 
         def ms(v, w=8):
             return f"{v:{w}.4f}" if v else f"{'-':>{w}}"
@@ -462,6 +501,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "cusparselt": sf._ext._C.cslt_version(),
         "rows": rows,
+        "grid": planned,
         "summary": summary,
     }
     (args.out / f"linear_{tag}.json").write_text(json.dumps(data, indent=1))
@@ -490,25 +530,7 @@ def main(argv=None) -> int:
     for e in errs:
         print("torch semi-structured failure:", e)
 
-    def ratio(v: float) -> str:  # "nan" where the run had no such rows
-        return "- (no rows)" if math.isnan(v) else f"{v:.2f}x"
-
-    def verdict(fails: list[str]) -> str:
-        return f"FAIL {len(fails)} rows below {FLOOR}x: {'; '.join(fails)}" if fails else f"all rows >= {FLOOR}x"
-
-    mem = summary["bytes_vs_dense_max"]
-    print(
-        f"SUMMARY device={gpu} rows={len(rows)} | default (compact, weight bytes <= {mem['compact']:.3f}x dense): "
-        f"{verdict(summary['below_floor'])} | "
-        f"SparseLinear/cuBLAS min={summary['sparselinear_min_ratio']:.3f}x geomean={summary['sparselinear_geomean_all']:.2f}x "
-        f"geomean M>=256={ratio(summary['sparselinear_geomean_m_ge_256'])} | "
-        f"memory='fast' (<= {mem['fast']:.2f}x): {verdict(summary['fast_below_floor'])} min={ratio(summary['fast_min_ratio'])} "
-        f"geomean M>=256={ratio(summary['fast_geomean_m_ge_256'])} | "
-        f"2:4 kernel geomean (Llama, M>=256)={ratio(summary['kernel_geomean_llama_m_ge_256'])} | "
-        f"gate_up/down M<=16 min={ratio(summary['kernel_min_gate_up_down_m_le_16'])} | "
-        f"host us/call F.linear={host['F.linear']:.1f} SparseLinear={host['SparseLinear']:.1f} | "
-        f"prune+compress Llama-3-8B linears on GPU: {conversion['llama3_8b_linears_seconds']:.1f}s"
-    )
+    print(summary_line(gpu, rows, summary, host, conversion))
     return 0
 
 

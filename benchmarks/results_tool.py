@@ -9,6 +9,10 @@ change that only touches some rows (e.g. the decode kernel: M <= 64):
         --label "H200 2026-12-04 call 4"
 table: the README's Markdown table of a result file (older labels "session 12 ..." shortened to s12):
     python benchmarks/results_tool.py table benchmarks/results/linear_h200.json
+finish: a run cut short by its time limit (rows, no summary): the row-derived summary, the rows it
+did not reach (from the grid the run recorded, else the default grid), the plot and the SUMMARY
+line, with host cost and conversion time marked as not measured:
+    python benchmarks/results_tool.py finish run/linear_h100.json --out benchmarks/results/linear_h100.json
 """
 
 import argparse
@@ -18,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dense_vs_sparse import plot, summarize
+from bench_dense_vs_sparse import grid_of, parser, plot, summarize, summary_line
 
 
 def merge(base: dict, new: dict, label: str) -> dict:
@@ -48,6 +52,27 @@ def merge(base: dict, new: dict, label: str) -> dict:
         "summary": summary,
         "note": note.strip(),
     }
+
+
+def finish(data: dict) -> dict:
+    """A cut-short run's result with its summary (``data`` is left as it was). Rows the run did not
+    reach are listed under ``missing_rows``; with no rows missing it is a whole run."""
+    if "summary" in data:
+        raise ValueError("results_tool finish: the run has a summary already (it was not cut short)")
+    planned = data.get("grid") or [
+        [g[0], g[1], str(g[4]).replace("torch.", "")] for g in grid_of(parser().parse_args([]))
+    ]
+    have = {(r["name"], r["M"], r["dtype"]) for r in data["rows"]}
+    missing = [g for g in planned if tuple(g) not in have]
+    out = {k: v for k, v in data.items() if k != "partial"}
+    out["summary"] = summarize(data["rows"], float("nan"))  # the copy bandwidth is measured after the rows
+    out["missing_rows"] = missing
+    if missing:
+        out["note"] = (
+            f"{data.get('note', '')} Cut short by its time limit: {len(missing)} of {len(planned)} rows not "
+            "measured (missing_rows); host cost, conversion time and copy bandwidth not measured."
+        ).strip()
+    return out
 
 
 def markdown_table(data: dict) -> str:
@@ -91,9 +116,24 @@ def main() -> None:
     m.add_argument("--out", type=Path, help="default: overwrite base (and its .png)")
     t = sub.add_parser("table")
     t.add_argument("file", type=Path)
+    f = sub.add_parser("finish")
+    f.add_argument("file", type=Path)
+    f.add_argument("--out", type=Path, help="default: overwrite the file (and its .png)")
     args = ap.parse_args()
     if args.cmd == "table":
         print(markdown_table(json.loads(args.file.read_text())))
+        return
+    if args.cmd == "finish":
+        done = finish(json.loads(args.file.read_text()))
+        out = args.out or args.file
+        out.write_text(json.dumps(done, indent=1))
+        try:
+            plot(done["rows"], out.with_suffix(".png"), done["device"])
+        except ImportError:
+            print("(matplotlib missing: no plot)")
+        if done["missing_rows"]:
+            print(f"{out}: not measured: " + "; ".join(f"{n} {d} M={m}" for n, m, d in done["missing_rows"]))
+        print(summary_line(done["device"], done["rows"], done["summary"], None, None))
         return
     merged = merge(json.loads(args.base.read_text()), json.loads(args.new.read_text()), args.label)
     out = args.out or args.base

@@ -1,0 +1,50 @@
+"""benchmarks/results_tool.py finish: a layer grid cut short by a device call's time limit gets its
+summary from the rows it measured, and says which rows it did not reach (CPU only)."""
+
+import math
+
+import pytest
+
+from tests.conftest import benchmark_script
+
+
+def _row(name: str, m: int, dtype: str, cublas_ms: float, ours_ms: float) -> dict:
+    return {
+        "name": name,
+        "M": m,
+        "dtype": dtype,
+        "cublas_ms": cublas_ms,
+        "sparseflow_ms": ours_ms,
+        "sparseflow_fast_ms": cublas_ms,
+        "sparse_kernel_ms": None,
+        "bytes_vs_dense": {"compact": 0.5625, "fast": 1.5625},
+        "torch_error": None,
+    }
+
+
+def test_finish_summarises_the_rows_measured_and_lists_the_rest():
+    rt = benchmark_script("results_tool")
+    partial = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "partial": True,
+        "grid": [["o", 300, "float16"], ["o", 1024, "float16"], ["down", 5000, "bfloat16"]],
+        "rows": [_row("o", 300, "float16", 0.020, 0.025), _row("o", 1024, "float16", 0.040, 0.020)],
+    }
+    done = rt.finish(partial)
+
+    assert "partial" not in done and "partial" in partial  # the input is left as it was
+    assert done["missing_rows"] == [["down", 5000, "bfloat16"]]
+    s = done["summary"]
+    assert s["sparselinear_min_ratio"] == pytest.approx(0.8)
+    assert s["below_floor"] == ["o float16 M=300 0.80x"]
+    assert s["sparselinear_geomean_m_ge_256"] == pytest.approx(math.sqrt(0.8 * 2.0))
+    line = rt.summary_line(done["device"], done["rows"], s, None, None)
+    assert line.startswith("SUMMARY device=NVIDIA H100 80GB HBM3 rows=2 ")
+    assert "FAIL 1 rows below 0.98x: o float16 M=300 0.80x" in line
+    assert "host us/call not measured" in line and "1 of 3 rows not measured" in done["note"]
+
+
+def test_finish_refuses_a_run_that_has_its_summary():
+    rt = benchmark_script("results_tool")
+    with pytest.raises(ValueError, match="not cut short"):
+        rt.finish({"device": "x", "rows": [], "summary": {}})
