@@ -302,7 +302,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
     return {
         "sparselinear_min_ratio": min(r["cublas_ms"] / r["sparseflow_ms"] for r in rows),
         "below_floor": [
-            f"{r['name']} {r['dtype']} M={r['M']} {r['cublas_ms'] / r['sparseflow_ms']:.2f}x"
+            f"{r['name']} {r['dtype']} M={r['M']} {r['cublas_ms'] / r['sparseflow_ms']:.3f}x"
             for r in rows
             if r["cublas_ms"] / r["sparseflow_ms"] < FLOOR
         ],
@@ -310,7 +310,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
         # memory="fast": the fastest kernel per M-bucket (dense included), every layout it wants
         "fast_min_ratio": min((r["cublas_ms"] / r["sparseflow_fast_ms"] for r in fast), default=float("nan")),
         "fast_below_floor": [
-            f"{r['name']} {r['dtype']} M={r['M']} {r['cublas_ms'] / r['sparseflow_fast_ms']:.2f}x"
+            f"{r['name']} {r['dtype']} M={r['M']} {r['cublas_ms'] / r['sparseflow_fast_ms']:.3f}x"
             for r in fast
             if r["cublas_ms"] / r["sparseflow_fast_ms"] < FLOOR
         ],

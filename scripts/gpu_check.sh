@@ -102,6 +102,11 @@ if [ "${BENCH:-full}" != "none" ]; then
   args=(${BENCH_ARGS:-}); [ "${BENCH:-full}" = quick ] && args+=(--quick)
   timeout ${BENCH_TIMEOUT:-1800} $PY benchmarks/bench_dense_vs_sparse.py "${args[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^SUMMARY"
   summary+=("$(grep '^SUMMARY' "$OUT/bench.log")")
+  if ! grep -q '^SUMMARY' "$OUT/bench.log"; then  # cut short by BENCH_TIMEOUT: the rows so far, summarised
+    for f in "$OUT"/linear_*.json; do  # (the file itself stays as it is, for --resume)
+      [ -f "$f" ] && summary+=("cut short: $($PY benchmarks/results_tool.py finish "$f" --out /tmp/finished_$(basename "$f") 2>&1 | grep -E '^(SUMMARY|.*not measured:)' | tr '\n' ' ')")
+    done
+  fi
 fi
 if [ "${DEMO:-1}" = 1 ]; then  # issue 3's GPU path: sf.sparsify on the GPU, then SparseLinear inference
   timeout 300 $PY examples/sparsify_gpu_demo.py 2>&1 | tee "$OUT/demo.log" | grep -v "^DEMO"

@@ -36,11 +36,11 @@ def test_finish_summarises_the_rows_measured_and_lists_the_rest():
     assert done["missing_rows"] == [["down", 5000, "bfloat16"]]
     s = done["summary"]
     assert s["sparselinear_min_ratio"] == pytest.approx(0.8)
-    assert s["below_floor"] == ["o float16 M=300 0.80x"]
+    assert s["below_floor"] == ["o float16 M=300 0.800x"]
     assert s["sparselinear_geomean_m_ge_256"] == pytest.approx(math.sqrt(0.8 * 2.0))
     line = rt.summary_line(done["device"], done["rows"], s, None, None)
     assert line.startswith("SUMMARY device=NVIDIA H100 80GB HBM3 rows=2 ")
-    assert "FAIL 1 rows below 0.98x: o float16 M=300 0.80x" in line
+    assert "FAIL 1 rows below 0.98x: o float16 M=300 0.800x" in line
     assert "host us/call not measured" in line and "1 of 3 rows not measured" in done["note"]
 
 
