@@ -372,6 +372,11 @@ def grid_of(args: argparse.Namespace) -> list[tuple]:
     return grid
 
 
+def row_key(g: tuple) -> tuple:
+    """A grid entry's (name, M, dtype name), as its measured row records them."""
+    return g[0], g[1], str(g[4]).replace("torch.", "")
+
+
 def summary_line(gpu: str, rows: list[dict], summary: dict, host: dict | None, conversion: dict | None) -> str:
     """The run's one-line verdict. ``host`` and ``conversion`` are None for a run cut short before
     it measured them (``results_tool.py finish``)."""
@@ -435,7 +440,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     tag = gpu_tag(gpu)
     grid = grid_of(args)
-    planned = [[g[0], g[1], str(g[4]).replace("torch.", "")] for g in grid]  # what a cut run still owes
+    planned = [list(row_key(g)) for g in grid]  # what a cut run still owes
     rows = []
     if args.resume:  # rows a run cut short by its time limit already measured (same GPU model)
         done = json.loads(args.resume.read_text())
@@ -446,7 +451,7 @@ def main(argv=None) -> int:
             return 2
         rows = done["rows"]
         have = {(r["name"], r["M"], r["dtype"]) for r in rows}
-        grid = [g for g in grid if (g[0], g[1], str(g[4]).replace("torch.", "")) not in have]
+        grid = [g for g in grid if row_key(g) not in have]
         print(f"resuming {args.resume}: {len(rows)} rows kept, {len(grid)} to measure")
     hdr = (
         f"{'layer':>11} {'dtype':>8} {'M':>6} {'N':>6} {'K':>6} | {'cuBLAS':>8} {'torch':>8} {'cuSPLt':>8} "

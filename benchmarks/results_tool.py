@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dense_vs_sparse import grid_of, parser, plot, summarize, summary_line
+from bench_dense_vs_sparse import grid_of, parser, plot, row_key, summarize, summary_line
 
 
 def merge(base: dict, new: dict, label: str) -> dict:
@@ -59,9 +59,7 @@ def finish(data: dict) -> dict:
     reach are listed under ``missing_rows``; with no rows missing it is a whole run."""
     if "summary" in data:
         raise ValueError("results_tool finish: the run has a summary already (it was not cut short)")
-    planned = data.get("grid") or [
-        [g[0], g[1], str(g[4]).replace("torch.", "")] for g in grid_of(parser().parse_args([]))
-    ]
+    planned = data.get("grid") or [list(row_key(g)) for g in grid_of(parser().parse_args([]))]
     have = {(r["name"], r["M"], r["dtype"]) for r in data["rows"]}
     missing = [g for g in planned if tuple(g) not in have]
     out = {k: v for k, v in data.items() if k != "partial"}

@@ -48,3 +48,11 @@ def test_finish_refuses_a_run_that_has_its_summary():
     rt = benchmark_script("results_tool")
     with pytest.raises(ValueError, match="not cut short"):
         rt.finish({"device": "x", "rows": [], "summary": {}})
+
+
+def test_finish_without_a_recorded_grid_counts_against_the_default_grid():
+    rt = benchmark_script("results_tool")
+    default = [list(rt.row_key(g)) for g in rt.grid_of(rt.parser().parse_args([]))]
+    done = rt.finish({"device": "x", "rows": [_row("o", 300, "float16", 0.02, 0.01)]})
+    assert ["o", 300, "float16"] in default and len(done["missing_rows"]) == len(default) - 1
+    assert ["o", 300, "float16"] not in done["missing_rows"]
