@@ -67,6 +67,11 @@ DECODE_BATCHES = (1, 16, 64)
 MODES = ("eager", "graph", "compiled")
 AUTO_COMPILE_MODES = ("reduce-overhead", "default")  # what --compile-mode auto chooses between
 REPS = 3  # timed samples per metric (median); --reps
+# A prompt's forward is timed for at least PREFILL_MIN_S seconds: a 300-token prompt takes ~10 ms on
+# an H100, and the median of three such calls moved by up to 8% between runs of the same tree (six
+# compiled runs of 1 x 300 gave 0.93-1.12x), mostly host-side time between the kernels.
+PREFILL_MIN_S = 0.5
+MAX_SAMPLES = 50
 WARMUP_CALLS = 3  # untimed compiled calls: compile, then (reduce-overhead) the CUDA graph recording
 
 
@@ -187,12 +192,14 @@ def peak(device: torch.device, reset: bool = False) -> int | None:
     return value
 
 
-def median_s(fn: Callable[[], Any], device: torch.device, warmup: int = 2) -> float:
-    """Median seconds per call of fn over REPS samples (perf_counter between device synchronizations)."""
+def median_s(fn: Callable[[], Any], device: torch.device, warmup: int = 2, min_s: float = 0.0) -> float:
+    """Median seconds per call of fn over REPS samples (perf_counter between device synchronizations),
+    or more where ``min_s`` asks for it: samples are taken until they add up to ``min_s`` seconds
+    (at most ``MAX_SAMPLES``)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(REPS):
+    times: list[float] = []
+    while len(times) < REPS or (sum(times) < min_s and len(times) < MAX_SAMPLES):
         sync(device)
         t0 = time.perf_counter()
         fn()
@@ -250,7 +257,7 @@ def prefill_inputs(model: nn.Module, cfg: PretrainedConfig, device: torch.device
 
 def prefill_tok_s(model: nn.Module, cfg: PretrainedConfig, device: torch.device, b: int, t: int) -> float:
     kw = prefill_inputs(model, cfg, device, b, t)
-    return b * t / median_s(lambda: model(**kw), device)
+    return b * t / median_s(lambda: model(**kw), device, min_s=PREFILL_MIN_S)
 
 
 def compiled_prefill_tok_s(
@@ -261,7 +268,7 @@ def compiled_prefill_tok_s(
     model(**kw)  # eager first: sparseflow's layers pick their kernel route for this M outside the trace
     call = step_marked(compile_fn(model.forward), **kw)
     compiled = warm_up(call, device)
-    return b * t / median_s(call, device, 1), compiled
+    return b * t / median_s(call, device, 1, min_s=PREFILL_MIN_S), compiled
 
 
 def static_cache(cfg: PretrainedConfig, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> Any:

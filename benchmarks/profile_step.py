@@ -88,7 +88,7 @@ def profile(call: Callable[[], Any], device: torch.device, steps: int) -> dict[s
     per_class = class_sums(ranked)
     # The step as bench_model times it (between synchronizations, no profiler): what it takes
     # beyond the kernels' sum is time the GPU sat idle (launch gaps, host work inside the step).
-    wall_us = bm.median_s(call, device, 0) * 1e6
+    wall_us = bm.median_s(call, device, 0, min_s=bm.PREFILL_MIN_S) * 1e6
     return {
         "total_us": sum(c["us"] for c in per_class.values()),
         "wall_us": wall_us,
