@@ -377,6 +377,11 @@ def row_key(g: tuple) -> tuple:
     return g[0], g[1], str(g[4]).replace("torch.", "")
 
 
+def measured_key(r: dict) -> tuple:
+    """A measured row's (name, M, dtype name): ``row_key`` of the grid entry it measured."""
+    return r["name"], r["M"], r["dtype"]
+
+
 def summary_line(gpu: str, rows: list[dict], summary: dict, host: dict | None, conversion: dict | None) -> str:
     """The run's one-line verdict. ``host`` and ``conversion`` are None for a run cut short before
     it measured them (``results_tool.py finish``)."""
@@ -450,7 +455,7 @@ def main(argv=None) -> int:
             )
             return 2
         rows = done["rows"]
-        have = {(r["name"], r["M"], r["dtype"]) for r in rows}
+        have = {measured_key(r) for r in rows}
         grid = [g for g in grid if row_key(g) not in have]
         print(f"resuming {args.resume}: {len(rows)} rows kept, {len(grid)} to measure")
     hdr = (

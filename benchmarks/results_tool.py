@@ -17,12 +17,13 @@ line, with host cost and conversion time marked as not measured:
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dense_vs_sparse import grid_of, parser, plot, row_key, summarize, summary_line
+from bench_dense_vs_sparse import grid_of, measured_key, parser, plot, row_key, summarize, summary_line
 
 
 def merge(base: dict, new: dict, label: str) -> dict:
@@ -32,10 +33,11 @@ def merge(base: dict, new: dict, label: str) -> dict:
     if "summary" not in new:
         raise ValueError("results_tool merge: the new run has no summary (cut short?)")
     base_copy = next((v for k, v in base["summary"].items() if k.startswith("copy_bandwidth_gbps")), None)
+    # a base cut short before it measured the copy bandwidth (``finish``) has none to give its rows
+    kept = {} if base_copy is None or math.isnan(base_copy) else {"copy_bandwidth_gbps": base_copy}
     new_copy = new["summary"]["copy_bandwidth_gbps"]
-    key = lambda r: (r["name"], r["M"], r["dtype"])
-    fresh = {key(r): {**r, "run": label, "copy_bandwidth_gbps": new_copy} for r in new["rows"]}
-    rows = [fresh.pop(key(r), None) or {"copy_bandwidth_gbps": base_copy, **r} for r in base["rows"]]
+    fresh = {measured_key(r): {**r, "run": label, "copy_bandwidth_gbps": new_copy} for r in new["rows"]}
+    rows = [fresh.pop(measured_key(r), None) or {**kept, **r} for r in base["rows"]]
     rows += fresh.values()  # rows the base did not have
     slug = re.sub(r"\W+", "_", label).strip("_")
     derived = summarize(rows, new_copy)
@@ -45,13 +47,13 @@ def merge(base: dict, new: dict, label: str) -> dict:
             summary[f"{field}_{slug}"] = new["summary"][field]
     note = base.get("note", "")
     note += f" Rows with run='{label}' ({len(new['rows'])}) replace the earlier rows of the same layer, M and dtype."
-    return {
-        **base,
-        "torch": new.get("torch", base.get("torch")),
-        "rows": rows,
-        "summary": summary,
-        "note": note.strip(),
-    }
+    out = {**base, "torch": new.get("torch", base.get("torch")), "rows": rows, "summary": summary, "note": note.strip()}
+    if "missing_rows" in base:  # a cut-short base: the rows the new run measured are no longer missing
+        have = {measured_key(r) for r in rows}
+        out["missing_rows"] = [g for g in base["missing_rows"] if tuple(g) not in have]
+        if not out["missing_rows"]:
+            del out["missing_rows"]
+    return out
 
 
 def finish(data: dict) -> dict:
@@ -60,7 +62,7 @@ def finish(data: dict) -> dict:
     if "summary" in data:
         raise ValueError("results_tool finish: the run has a summary already (it was not cut short)")
     planned = data.get("grid") or [list(row_key(g)) for g in grid_of(parser().parse_args([]))]
-    have = {(r["name"], r["M"], r["dtype"]) for r in data["rows"]}
+    have = {measured_key(r) for r in data["rows"]}
     missing = [g for g in planned if tuple(g) not in have]
     out = {k: v for k, v in data.items() if k != "partial"}
     out["summary"] = summarize(data["rows"], float("nan"))  # the copy bandwidth is measured after the rows

@@ -56,3 +56,26 @@ def test_finish_without_a_recorded_grid_counts_against_the_default_grid():
     done = rt.finish({"device": "x", "rows": [_row("o", 300, "float16", 0.02, 0.01)]})
     assert ["o", 300, "float16"] in default and len(done["missing_rows"]) == len(default) - 1
     assert ["o", 300, "float16"] not in done["missing_rows"]
+
+
+def test_merge_into_a_finished_run_fills_its_missing_rows_without_inventing_a_bandwidth():
+    """A cut-short base (``finish``: no copy bandwidth) merged with a run of its missing row: the
+    row is no longer missing, and the base's rows get no copy bandwidth it never measured."""
+    rt = benchmark_script("results_tool")
+    base = rt.finish(
+        {
+            "device": "NVIDIA H100 80GB HBM3",
+            "grid": [["o", 300, "float16"], ["down", 5000, "bfloat16"]],
+            "rows": [_row("o", 300, "float16", 0.020, 0.010)],
+        }
+    )
+    new = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "rows": [_row("down", 5000, "bfloat16", 0.300, 0.200)],
+        "summary": {"copy_bandwidth_gbps": 2950.0},
+    }
+    merged = rt.merge(base, new, "later call")
+    assert "missing_rows" not in merged and base["missing_rows"] == [["down", 5000, "bfloat16"]]
+    old, added = merged["rows"]
+    assert "copy_bandwidth_gbps" not in old and added["copy_bandwidth_gbps"] == 2950.0
+    assert added["run"] == "later call" and merged["summary"]["sparselinear_min_ratio"] == pytest.approx(1.5)
