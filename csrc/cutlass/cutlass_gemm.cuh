@@ -28,7 +28,7 @@ constexpr int64_t kAlignN = 64;
 constexpr int64_t kAlignK = 128;
 // Configurations per element type (Configs in cutlass_gemm_impl.cuh, one file each in
 // csrc/cutlass/inst/; a static_assert there keeps the three in step).
-constexpr int kConfigs = 26;
+constexpr int kConfigs = 29;
 
 struct Sizes {
   int64_t a_elems;  // compressed values (with CUTLASS's padding)
