@@ -522,6 +522,28 @@ def test_near_ties_at_the_top_are_timed_again_before_ranking(monkeypatch):
     assert timed.count((2, 256)) == 1 and timed.count((1, 256)) == 2
 
 
+def test_configurations_whose_one_tile_is_mostly_empty_are_not_timed(monkeypatch):
+    """At a bucket of few rows the wide token tiles are skipped (more than twice the bucket's
+    largest M, and more than 64): at M <= 16 the 256-token tile is not timed, the 64- and 16-token
+    ones are; at M = 1408 all are."""
+    from sparseflow.kernels import cutlass, dispatch
+
+    assert dispatch.worth_timing(16, 1) and dispatch.worth_timing(64, 1) and not dispatch.worth_timing(128, 16)
+    assert dispatch.worth_timing(192, 100) and not dispatch.worth_timing(256, 100)
+    ran = []
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: ["64x16x256 a", "128x64x128 b", "256x256x128 c"])
+    monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, w, cfg: ran.append((cfg, x.shape[0])))
+    monkeypatch.setattr(cutlass, "mm_padded", lambda x, w, cfg, rows: ran.append((cfg, rows)))
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    monkeypatch.setattr(type(w), "layout", lambda self, kernel, key=None, keep=True: "cw")
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn, **kw: (fn(), 1.0)[1])
+    dispatch._time_cutlass(w, (torch.randn(16, 128), torch.randn(9, 128)))
+    assert {cfg for cfg, _ in ran} == {0, 1}
+    ran.clear()
+    dispatch._time_cutlass(w, (torch.randn(1408, 128), torch.randn(1281, 128)))
+    assert {cfg for cfg, _ in ran} == {0, 1, 2}
+
+
 def test_cutlass_plan_picks_per_m_by_token_tile_count():
     """Qwen's down layer on the H100 at the bucket 1281-1408: 192-token tiles (7 full at 1344,
     8 above) against 160-token tiles padded (9 at every M); the plan takes the first up to 1344."""

@@ -95,6 +95,12 @@ _CUTLASS_RETIMED = 4
 _CUTLASS_STEP_SLACK = 1.6
 # Finalists at the top within this factor of the fastest are timed a second time before ranking.
 _CUTLASS_NEAR_TIE = 1.15
+# Token tiles of more than this many times a bucket's largest M (and more than _CUTLASS_TILE_FLOOR
+# rows) are not timed there: one such tile is mostly empty rows. Of the 539 variants the
+# 26-configuration H100 run kept in its plans (results/dispatch_h100_notuner_cutlass26.json), two
+# had such a tile, both on test-sized weights (128 and 512 rows at M <= 24).
+_CUTLASS_TILE_OVER_M = 2
+_CUTLASS_TILE_FLOOR = 64
 
 
 # (largest M, step): M is rounded up to a multiple of the step of the first range that holds it.
@@ -335,13 +341,19 @@ def _tuner_checked(weight, cfg: list[int], layout: int, ms: set[int]) -> bool:
     return True
 
 
+def worth_timing(tile: int, m_hi: int) -> bool:
+    """Whether a CUTLASS configuration of ``tile``-token tiles is timed for a bucket whose largest
+    M is ``m_hi`` (``_CUTLASS_TILE_OVER_M``)."""
+    return tile <= max(_CUTLASS_TILE_OVER_M * m_hi, _CUTLASS_TILE_FLOOR)
+
+
 def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant]:
     """CUTLASS's variants timed at both ends of the bucket (``xs``: inputs at its largest and
     smallest M), fastest at the top first; empty if none ran.
 
-    Each configuration is timed at the largest M as it is and, where M is not a whole number of
-    its token tiles, with x padded to whole tiles (``mm_padded``: a part-filled last tile can cost
-    more than a full one). The fastest few of these are timed at the smallest M too, the same way,
+    Each configuration whose token tile fits the bucket (``worth_timing``) is timed at the largest
+    M as it is and, where M is not a whole number of its token tiles, with x padded to whole tiles
+    (``mm_padded``: a part-filled last tile can cost more than a full one). The fastest few of these are timed at the smallest M too, the same way,
     and so are those whose token-tile count is lower there (``_CUTLASS_STEP_SLACK``).
     A failure costs that configuration (reported once), never the forward."""
     configs, cutlass_mm, mm_padded = cutlass.configs, cutlass.cutlass_mm, cutlass.mm_padded
@@ -360,6 +372,8 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant
     m_hi, m_lo = xs[0].shape[0], xs[1].shape[0]
     top = []
     for cfg in range(len(configs(weight.dtype))):
+        if not worth_timing(cutlass.token_tile(weight.dtype, cfg), m_hi):
+            continue
         pads = [False]
         if m_hi % cutlass.token_tile(weight.dtype, cfg):
             pads.append(True)
