@@ -544,6 +544,26 @@ def test_configurations_whose_one_tile_is_mostly_empty_are_not_timed(monkeypatch
     assert {cfg for cfg, _ in ran} == {0, 1, 2}
 
 
+def test_untimed_configurations_are_skipped_at_every_m(monkeypatch):
+    """The configurations no measured decision used (``_CUTLASS_UNTIMED``) are not timed at any
+    bucket; the others are, where their token tile is worth it."""
+    from sparseflow.kernels import cutlass, dispatch
+
+    names = [f"128x{64 if i % 2 else 128}x128 c{i}" for i in range(29)]
+    monkeypatch.setattr(cutlass, "configs", lambda dtype: names)
+    for m_hi in (16, 300, 4096):
+        timed = dispatch.timed_configs(torch.float16, m_hi)
+        assert not set(timed) & dispatch._CUTLASS_UNTIMED
+        assert timed == [
+            c
+            for c in range(29)
+            if c not in dispatch._CUTLASS_UNTIMED and dispatch.worth_timing(cutlass.token_tile(torch.float16, c), m_hi)
+        ]
+    assert dispatch.timed_configs(torch.float16, 4096) == [c for c in range(29) if c not in {8, 16, 22, 26}]
+    small = dispatch.timed_configs(torch.float16, 16)
+    assert 0 not in small and 1 in small  # a 128-token tile is not timed at M <= 16, a 64-token one is
+
+
 def test_cutlass_plan_picks_per_m_by_token_tile_count():
     """Qwen's down layer on the H100 at the bucket 1281-1408: 192-token tiles (7 full at 1344,
     8 above) against 160-token tiles padded (9 at every M); the plan takes the first up to 1344."""

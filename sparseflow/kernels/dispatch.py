@@ -101,6 +101,14 @@ _CUTLASS_NEAR_TIE = 1.15
 # had such a tile, both on test-sized weights (128 and 512 rows at M <= 24).
 _CUTLASS_TILE_OVER_M = 2
 _CUTLASS_TILE_FLOOR = 64
+# Compiled configurations the dispatcher does not time (the probes still run them): no decision
+# of the H100 runs since configuration 23 was added used them, as the choice or as a variant of a
+# plan (results/dispatch_h100_notuner_cutlass26.json, 438 decisions; ..._cutlass29_model.json and
+# ..._cutlass29_probe.json, 108). 8 (128 x 256 stream-K) and 16 (128 x 256 in 2 x 1 clusters,
+# stream-K) last ran before configuration 23 (256 x 128 in 2 x 1 clusters) took their rows; 22
+# (256 x 64 in 2 x 1) never ran; 26 (256 x 160 in 2 x 1) ran 0.53-1.06x cuBLAS in the six-layer
+# probe where 27 and 28 (256 x 192) ran up to 1.5x. Each costs two or four timings per bucket.
+_CUTLASS_UNTIMED = frozenset({8, 16, 22, 26})
 
 
 # (largest M, step): M is rounded up to a multiple of the step of the first range that holds it.
@@ -347,16 +355,26 @@ def worth_timing(tile: int, m_hi: int) -> bool:
     return tile <= max(_CUTLASS_TILE_OVER_M * m_hi, _CUTLASS_TILE_FLOOR)
 
 
+def timed_configs(dtype: torch.dtype, m_hi: int) -> list[int]:
+    """The CUTLASS configurations timed for a bucket whose largest M is ``m_hi``: those whose
+    token tile is worth it there (``worth_timing``), less ``_CUTLASS_UNTIMED``."""
+    return [
+        cfg
+        for cfg in range(len(cutlass.configs(dtype)))
+        if cfg not in _CUTLASS_UNTIMED and worth_timing(cutlass.token_tile(dtype, cfg), m_hi)
+    ]
+
+
 def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant]:
     """CUTLASS's variants timed at both ends of the bucket (``xs``: inputs at its largest and
     smallest M), fastest at the top first; empty if none ran.
 
-    Each configuration whose token tile fits the bucket (``worth_timing``) is timed at the largest
+    Each configuration ``timed_configs`` names for the bucket is timed at the largest
     M as it is and, where M is not a whole number of its token tiles, with x padded to whole tiles
     (``mm_padded``: a part-filled last tile can cost more than a full one). The fastest few of these are timed at the smallest M too, the same way,
     and so are those whose token-tile count is lower there (``_CUTLASS_STEP_SLACK``).
     A failure costs that configuration (reported once), never the forward."""
-    configs, cutlass_mm, mm_padded = cutlass.configs, cutlass.cutlass_mm, cutlass.mm_padded
+    cutlass_mm, mm_padded = cutlass.cutlass_mm, cutlass.mm_padded
     try:
         cw = weight.layout("cutlass")
     except RuntimeError as exc:
@@ -371,9 +389,7 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant
 
     m_hi, m_lo = xs[0].shape[0], xs[1].shape[0]
     top = []
-    for cfg in range(len(configs(weight.dtype))):
-        if not worth_timing(cutlass.token_tile(weight.dtype, cfg), m_hi):
-            continue
+    for cfg in timed_configs(weight.dtype, m_hi):
         pads = [False]
         if m_hi % cutlass.token_tile(weight.dtype, cfg):
             pads.append(True)
