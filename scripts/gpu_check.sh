@@ -18,6 +18,8 @@
 #     HOST_ARGS="--generate" for a small Llama's eager generate, dense and 2:4, with a host profile)
 #   STEP_PROFILE=1 runs benchmarks/profile_step.py (STEP_PROFILE_ARGS: e.g. "--batch 16;--prefill 2048", runs split on ';';
 #     where a compiled model step's GPU time goes, dense and 2:4, per kernel class)
+#   TESTS=<paths> (default tests; "none" runs none), TEST_SHARD=i/n (the i-th of n shares of the test files),
+#     PYTEST_K, PYTEST_ARGS, TEST_TIMEOUT
 #   REBUILD=1 builds even when this (warm) machine already built the same sources
 #   A benchmark cut short by the call's time limit goes on in the next call: copy the returned
 #   dispatch-*.json into .sfcache/ and linear_<gpu>.json anywhere in the tree, carry .sfcache, and
@@ -44,10 +46,20 @@ summary+=("$(scripts/build_ext.sh "$OUT/build.log")")
 $PY -c "import sparseflow as sf; print('extension:', sf.extension_available(), sf._ext.EXT_ERROR, '| CUTLASS sm90:', sf._ext._CUTLASS is not None, sf._ext.CUTLASS_ERROR)" | tee -a "$OUT/build.log"
 
 t0=$(date +%s)
+# TEST_SHARD=i/n: the i-th of n shares of the test files (every n-th file in name order), so a
+# whole suite that outlasts one call's limit runs in n calls. The slowest tests are listed.
+tests=${TESTS:-tests}
+if [ -n "${TEST_SHARD:-}" ]; then
+  i=${TEST_SHARD%/*} n=${TEST_SHARD#*/}
+  tests=$(ls tests/test_*.py | LC_ALL=C sort | awk -v i="$i" -v n="$n" '(NR - i) % n == 0' | tr '\n' ' ')
+  echo "test shard $TEST_SHARD: $tests"
+fi
 # PYTEST_K: a -k expression (spaces kept); PYTEST_ARGS: more options, split on spaces
-timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} ${PYTEST_ARGS:-} \
-  ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log" | tail -30
-summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
+if [ "$tests" != none ]; then
+  timeout ${TEST_TIMEOUT:-1800} $PY -m pytest -q -p no:cacheprovider --durations=15 $tests ${PYTEST_ARGS:-} \
+    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log" | tail -30
+  summary+=("tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/tests.log" | tail -1) ($(( $(date +%s) - t0 ))s)")
+fi
 
 if [ "${SANITIZE:-0}" = 1 ]; then  # compute-sanitizer on the decode kernel (issue: sanitizer-clean)
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
