@@ -713,3 +713,35 @@ def test_measuring_one_kernel_times_only_it_beside_dense(monkeypatch):
     calls.clear()
     disp._measure(w, 128, only="cusparselt")
     assert calls == [("plans", "cusparselt")]
+
+
+def test_a_full_decision_takes_cutlass_times_a_compact_layer_measured(monkeypatch):
+    """Where a compact layer's CUTLASS-only decision exists for the bucket, the full decision
+    (autotune, memory="fast") takes its CUTLASS times and timing instead of timing every
+    configuration again; other buckets, and scoped decisions themselves, time CUTLASS."""
+    import contextlib
+
+    from sparseflow.kernels import dispatch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(dispatch, "_median_ms", lambda fn, **kw: 1.0)
+    monkeypatch.setattr(dispatch, "cutlass_wanted", lambda w: True)
+    monkeypatch.setattr(dispatch, "cslt_unsupported", lambda n, k: "not timed here")
+    monkeypatch.setattr(
+        dispatch, "_time_cutlass", lambda w, xs: calls.append("cutlass") or [dispatch.Variant(3, True, 0.5, 0.4)]
+    )
+    monkeypatch.setattr(dispatch.cutlass, "token_tile", lambda dtype, cfg: 64)
+    w = sf.compress_2_4(sf.prune_2_4(torch.randn(64, 128)))
+    disp = dispatch.Dispatcher()
+    scoped = disp._measure(w, 128, only="cutlass")
+    disp._decisions[disp._key(w.device, w.dtype, 64, 128, 128, "cutlass")] = scoped
+    assert calls == ["cutlass"]
+    full = disp._measure(w, 128)
+    assert calls == ["cutlass"]  # not timed again
+    assert full.cutlass_variants == scoped.cutlass_variants == [[3, True, 0.5, 0.4]]
+    assert (full.cutlass_ms, full.lo_ms["cutlass"], full.cutlass_cfg, full.cutlass_pad) == (0.5, 0.4, 3, True)
+    assert full.choice == scoped.choice == "cutlass" and full.lo_ms["dense"] == 1.0
+    disp._measure(w, 256)  # another bucket
+    disp._measure(w, 128, only="cutlass")  # a scoped decision measures for itself
+    assert calls == ["cutlass"] * 3

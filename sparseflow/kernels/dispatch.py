@@ -603,7 +603,15 @@ class Dispatcher:
                         best = (worst, t_hi, t_lo, cfg, layout, how)
                 if best:
                     _, d.sparse_ms, d.lo_ms["cusparselt"], d.cfg, d.layout, d.search = best
-            if only in (None, "cutlass") and cutlass_wanted(weight):
+            scoped = self._decisions.get(self._key(weight.device, weight.dtype, n, k, bucket, "cutlass"))
+            if only is None and scoped is not None and scoped.cutlass_ms is not None and "cutlass" in scoped.lo_ms:
+                # A compact layer of this shape measured CUTLASS here already, the same way: a full
+                # decision (sf.autotune, memory="fast") takes its times instead of timing every
+                # configuration again; dense is timed afresh beside the other kernels.
+                d.cutlass_variants = [list(v) for v in scoped.cutlass_variants]
+                d.cutlass_ms, d.lo_ms["cutlass"] = scoped.cutlass_ms, scoped.lo_ms["cutlass"]
+                d.cutlass_cfg, d.cutlass_pad = scoped.cutlass_cfg, scoped.cutlass_pad
+            elif only in (None, "cutlass") and cutlass_wanted(weight):
                 variants = _time_cutlass(weight, (x, x_lo))
                 if variants:
                     tile_of = functools.partial(cutlass.token_tile, weight.dtype)
