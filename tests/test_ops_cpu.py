@@ -522,14 +522,20 @@ def test_near_ties_at_the_top_are_timed_again_before_ranking(monkeypatch):
     assert timed.count((2, 256)) == 1 and timed.count((1, 256)) == 2
 
 
-def test_configurations_whose_one_tile_is_mostly_empty_are_not_timed(monkeypatch):
+def test_token_tiles_that_do_not_suit_the_bucket_are_not_timed(monkeypatch):
     """At a bucket of few rows the wide token tiles are skipped (more than twice the bucket's
     largest M, and more than 64): at M <= 16 the 256-token tile is not timed, the 64- and 16-token
-    ones are; at M = 1408 all are."""
+    ones are. At many rows the narrow ones are (under M / 32, up to 128): at M = 1408 the 16-token
+    tile is not timed; at M = 512 all three are."""
     from sparseflow.kernels import cutlass, dispatch
 
     assert dispatch.worth_timing(16, 1) and dispatch.worth_timing(64, 1) and not dispatch.worth_timing(128, 16)
     assert dispatch.worth_timing(192, 100) and not dispatch.worth_timing(256, 100)
+    # nor, at large M, tiles narrower than M / 32 (up to 128 rows)
+    assert dispatch.worth_timing(16, 512) and not dispatch.worth_timing(16, 520)
+    assert dispatch.worth_timing(64, 2048) and not dispatch.worth_timing(64, 2176)
+    assert dispatch.worth_timing(96, 3072) and not dispatch.worth_timing(96, 3328)
+    assert dispatch.worth_timing(128, 16384) and not dispatch.worth_timing(96, 16384)
     ran = []
     monkeypatch.setattr(cutlass, "configs", lambda dtype: ["64x16x256 a", "128x64x128 b", "256x256x128 c"])
     monkeypatch.setattr(cutlass, "cutlass_mm", lambda x, w, cfg: ran.append((cfg, x.shape[0])))
@@ -541,12 +547,16 @@ def test_configurations_whose_one_tile_is_mostly_empty_are_not_timed(monkeypatch
     assert {cfg for cfg, _ in ran} == {0, 1}
     ran.clear()
     dispatch._time_cutlass(w, (torch.randn(1408, 128), torch.randn(1281, 128)))
+    assert {cfg for cfg, _ in ran} == {1, 2}  # the 16-token tile is too narrow there (< 1408 / 32)
+    ran.clear()
+    dispatch._time_cutlass(w, (torch.randn(512, 128), torch.randn(481, 128)))
     assert {cfg for cfg, _ in ran} == {0, 1, 2}
 
 
 def test_untimed_configurations_are_skipped_at_every_m(monkeypatch):
     """The configurations no measured decision used (``_CUTLASS_UNTIMED``) are not timed at any
-    bucket; the others are, where their token tile is worth it."""
+    bucket; the others are, where their token tile is worth it (at M = 4096 the 64-token tiles,
+    the odd configurations here, are too narrow)."""
     from sparseflow.kernels import cutlass, dispatch
 
     names = [f"128x{64 if i % 2 else 128}x128 c{i}" for i in range(29)]
@@ -559,7 +569,8 @@ def test_untimed_configurations_are_skipped_at_every_m(monkeypatch):
             for c in range(29)
             if c not in dispatch._CUTLASS_UNTIMED and dispatch.worth_timing(cutlass.token_tile(torch.float16, c), m_hi)
         ]
-    assert dispatch.timed_configs(torch.float16, 4096) == [c for c in range(29) if c not in {8, 16, 22, 26}]
+    assert dispatch.timed_configs(torch.float16, 1024) == [c for c in range(29) if c not in {8, 16, 22, 26}]
+    assert dispatch.timed_configs(torch.float16, 4096) == [c for c in range(0, 29, 2) if c not in {8, 16, 22, 26}]
     small = dispatch.timed_configs(torch.float16, 16)
     assert 0 not in small and 1 in small  # a 128-token tile is not timed at M <= 16, a 64-token one is
 

@@ -101,6 +101,13 @@ _CUTLASS_NEAR_TIE = 1.15
 # had such a tile, both on test-sized weights (128 and 512 rows at M <= 24).
 _CUTLASS_TILE_OVER_M = 2
 _CUTLASS_TILE_FLOOR = 64
+# Nor are token tiles narrower than a bucket's largest M / _CUTLASS_M_OVER_TILE (up to
+# _CUTLASS_TILE_WIDE rows): they run many waves at large M, at several times cuBLAS's time, and
+# timing them was most of the tuning there (the H100 grid spent 406 of its 608 s at M >= 3000).
+# None of the 1,155 variants the H100 runs' plans kept (results/dispatch_h100_notuner_cutlass20,
+# 26, 29_model and 29_probe) had a narrower tile; with 24 instead of 32, three would have been.
+_CUTLASS_M_OVER_TILE = 32
+_CUTLASS_TILE_WIDE = 128
 # Compiled configurations the dispatcher does not time (the probes still run them): no decision
 # of the H100 runs since configuration 23 was added used them, as the choice or as a variant of a
 # plan (results/dispatch_h100_notuner_cutlass26.json, 438 decisions; ..._cutlass29_model.json and
@@ -351,8 +358,10 @@ def _tuner_checked(weight, cfg: list[int], layout: int, ms: set[int]) -> bool:
 
 def worth_timing(tile: int, m_hi: int) -> bool:
     """Whether a CUTLASS configuration of ``tile``-token tiles is timed for a bucket whose largest
-    M is ``m_hi`` (``_CUTLASS_TILE_OVER_M``)."""
-    return tile <= max(_CUTLASS_TILE_OVER_M * m_hi, _CUTLASS_TILE_FLOOR)
+    M is ``m_hi``: not mostly empty (``_CUTLASS_TILE_OVER_M``), not too narrow
+    (``_CUTLASS_M_OVER_TILE``)."""
+    wide_enough = tile * _CUTLASS_M_OVER_TILE >= min(m_hi, _CUTLASS_TILE_WIDE * _CUTLASS_M_OVER_TILE)
+    return wide_enough and tile <= max(_CUTLASS_TILE_OVER_M * m_hi, _CUTLASS_TILE_FLOOR)
 
 
 def timed_configs(dtype: torch.dtype, m_hi: int) -> list[int]:
