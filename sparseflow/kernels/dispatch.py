@@ -378,10 +378,11 @@ def _time_cutlass(weight, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Variant
     """CUTLASS's variants timed at both ends of the bucket (``xs``: inputs at its largest and
     smallest M), fastest at the top first; empty if none ran.
 
-    Each configuration ``timed_configs`` names for the bucket is timed at the largest
-    M as it is and, where M is not a whole number of its token tiles, with x padded to whole tiles
-    (``mm_padded``: a part-filled last tile can cost more than a full one). The fastest few of these are timed at the smallest M too, the same way,
-    and so are those whose token-tile count is lower there (``_CUTLASS_STEP_SLACK``).
+    Each configuration ``timed_configs`` names for the bucket is timed at the largest M as it is
+    and, where M is not a whole number of its token tiles, with x padded to whole tiles
+    (``mm_padded``: a part-filled last tile can cost more than a full one). The fastest few of
+    these are timed at the smallest M too, the same way, and so are those whose token-tile count
+    is lower there (``_CUTLASS_STEP_SLACK``).
     A failure costs that configuration (reported once), never the forward."""
     cutlass_mm, mm_padded = cutlass.cutlass_mm, cutlass.mm_padded
     try:
@@ -612,23 +613,24 @@ class Dispatcher:
                         best = (worst, t_hi, t_lo, cfg, layout, how)
                 if best:
                     _, d.sparse_ms, d.lo_ms["cusparselt"], d.cfg, d.layout, d.search = best
-            scoped = self._decisions.get(self._key(weight.device, weight.dtype, n, k, bucket, "cutlass"))
-            if only is None and scoped is not None and scoped.cutlass_ms is not None and "cutlass" in scoped.lo_ms:
-                # A compact layer of this shape measured CUTLASS here already, the same way: a full
-                # decision (sf.autotune, memory="fast") takes its times instead of timing every
-                # configuration again; dense is timed afresh beside the other kernels.
-                d.cutlass_variants = [list(v) for v in scoped.cutlass_variants]
-                d.cutlass_ms, d.lo_ms["cutlass"] = scoped.cutlass_ms, scoped.lo_ms["cutlass"]
-                d.cutlass_cfg, d.cutlass_pad = scoped.cutlass_cfg, scoped.cutlass_pad
-            elif only in (None, "cutlass") and cutlass_wanted(weight):
-                variants = _time_cutlass(weight, (x, x_lo))
-                if variants:
-                    tile_of = functools.partial(cutlass.token_tile, weight.dtype)
-                    used = {(s.cfg, s.tile > 0) for s in cutlass_plan(variants, lo, hi, tile_of)}
-                    d.cutlass_variants = [list(v) for v in variants if (v.cfg, v.pad) in used]
-                    d.cutlass_ms = min(v.hi_ms for v in variants)
-                    d.lo_ms["cutlass"] = min(v.lo_ms for v in variants)
-                    d.cutlass_cfg, d.cutlass_pad = variants[0].cfg, variants[0].pad  # the fastest at the top
+            if only in (None, "cutlass") and cutlass_wanted(weight):
+                scoped = None if only else self._measured_cutlass(weight, bucket)
+                if scoped is not None:
+                    # A compact layer of this shape measured CUTLASS here already, the same way: a
+                    # full decision (sf.autotune, memory="fast") takes its times instead of timing
+                    # every configuration again; dense is timed afresh beside the other kernels.
+                    d.cutlass_variants = [list(v) for v in scoped.cutlass_variants]
+                    d.cutlass_ms, d.lo_ms["cutlass"] = scoped.cutlass_ms, scoped.lo_ms["cutlass"]
+                    d.cutlass_cfg, d.cutlass_pad = scoped.cutlass_cfg, scoped.cutlass_pad
+                else:
+                    variants = _time_cutlass(weight, (x, x_lo))
+                    if variants:
+                        tile_of = functools.partial(cutlass.token_tile, weight.dtype)
+                        used = {(s.cfg, s.tile > 0) for s in cutlass_plan(variants, lo, hi, tile_of)}
+                        d.cutlass_variants = [list(v) for v in variants if (v.cfg, v.pad) in used]
+                        d.cutlass_ms = min(v.hi_ms for v in variants)
+                        d.lo_ms["cutlass"] = min(v.lo_ms for v in variants)
+                        d.cutlass_cfg, d.cutlass_pad = variants[0].cfg, variants[0].pad  # the fastest at the top
             if only is None and bucket <= DECODE_MAX_M:
                 w = weight.layout("decode")
 
@@ -666,6 +668,11 @@ class Dispatcher:
         # Free layouts this measurement built for kernels it did not choose (rebuilt if ever needed).
         weight.drop_layouts(*_unchosen(d, had))
         return d
+
+    def _measured_cutlass(self, weight, bucket: int) -> Decision | None:
+        """The CUTLASS-only decision of ``weight``'s shape at ``bucket``, where one timed CUTLASS."""
+        d = self._decisions.get(self._key(weight.device, weight.dtype, *weight.shape, bucket, "cutlass"))
+        return d if d is not None and d.cutlass_ms is not None and "cutlass" in d.lo_ms else None
 
     def _cslt_plans(self, weight, bucket: int, only: str | None = None) -> list[tuple[list[int], int, str]] | None:
         """cuSPARSELt plans (config, layout, how found) for a bucket between anchors: those the
